@@ -1,0 +1,189 @@
+//! `sovra generate --local`: run a model in this process and stream its answer.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use serde_json::json;
+use sovra_model::fetch::{resolve_model, sovra_home};
+use sovra_model::{
+    ChatPrompt, GgufModel, LayerRange, ModelTokenizer, SamplingParams, StopConditions, WeightMode,
+};
+use sovra_worker::{GenerateRequest, GenerationSummary, LocalPipeline, TokenEvent, generate};
+
+/// Sampling and stopping flags shared by every command that generates.
+#[derive(Debug, Clone, Args)]
+pub struct SamplingArgs {
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 256, env = "SOVRA_MAX_TOKENS")]
+    pub max_tokens: usize,
+    /// Softmax temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Sample only among the K most likely tokens.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Sample only among the most likely tokens whose probabilities add up to P.
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// Seed of the random draws (the draw at each position depends only on seed and position).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop when this string appears (repeatable); the text ends before it.
+    #[arg(long = "stop", value_name = "STR")]
+    pub stop: Vec<String>,
+    /// Keep generating past the end-of-sequence token.
+    #[arg(long)]
+    pub ignore_eos: bool,
+}
+
+impl SamplingArgs {
+    /// The sampling settings.
+    pub fn sampling(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+        }
+    }
+
+    /// The stop conditions.
+    pub fn stop(&self) -> StopConditions {
+        StopConditions {
+            max_tokens: self.max_tokens,
+            stop: self.stop.clone(),
+            ignore_eos: self.ignore_eos,
+        }
+    }
+}
+
+/// Arguments of `sovra generate`.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Run in this process (generate always runs locally; federated jobs use `sovra run`).
+    #[arg(long)]
+    pub local: bool,
+    /// Model: a known name (smollm2, fetched on first use) or a path to a .gguf file.
+    #[arg(short, long, env = "SOVRA_MODEL")]
+    pub model: String,
+    /// Wrap the prompt in the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// System turn for the chat template (implies --chat).
+    #[arg(long, value_name = "TEXT")]
+    pub system: Option<String>,
+    /// How the weights are held: gguf (the file's types), q8_0 or f32.
+    #[arg(long, default_value_t = WeightMode::DEFAULT, env = "SOVRA_DTYPE")]
+    pub dtype: WeightMode,
+    /// Split the model into this many slices chained in this process.
+    #[arg(long, default_value_t = 1)]
+    pub stages: usize,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Print JSON lines on stdout: one per token, then a summary (or an error).
+    #[arg(long)]
+    pub json: bool,
+    /// The prompt.
+    pub prompt: String,
+}
+
+/// Runs `sovra generate`.
+pub fn run(args: GenerateArgs) -> Result<ExitCode> {
+    let json = args.json;
+    match run_inner(args) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(err) if json => {
+            println!(
+                "{}",
+                json!({"type": "error", "message": format!("{err:#}")})
+            );
+            Ok(ExitCode::FAILURE)
+        }
+        Err(err) => Err(err),
+    }
+}
+
+fn run_inner(args: GenerateArgs) -> Result<()> {
+    if args.prompt.is_empty() {
+        bail!("the prompt is empty");
+    }
+    if args.stages == 0 {
+        bail!("--stages must be at least 1");
+    }
+    let path = resolve_model(&args.model, &sovra_home(), &mut crate::progress)?;
+    let model = GgufModel::open(&path)?;
+    let layers = model.spec().layers;
+    if args.stages > layers {
+        bail!(
+            "--stages {} exceeds the model's {layers} layers",
+            args.stages
+        );
+    }
+    let tokenizer = ModelTokenizer::from_gguf(model.metadata())?;
+    let text = if args.chat || args.system.is_some() {
+        ChatPrompt {
+            user: args.prompt.clone(),
+            system: args.system.clone(),
+        }
+        .render()
+    } else {
+        args.prompt.clone()
+    };
+    let prompt = tokenizer.encode(&text)?;
+    let ranges = LayerRange::split_even(layers, args.stages);
+    let pipeline = LocalPipeline::load(&model, &ranges, args.dtype, &candle_core::Device::Cpu)
+        .with_context(|| format!("loading {}", path.display()))?;
+    let request = GenerateRequest {
+        prompt,
+        sampling: args.sampling.sampling(),
+        stop: args.sampling.stop(),
+    };
+    let mut stdout = std::io::stdout().lock();
+    let json = args.json;
+    let on_token = |event: &TokenEvent| {
+        let _ = if json {
+            writeln!(
+                stdout,
+                "{}",
+                json!({"type": "token", "index": event.index, "token_id": event.token_id, "text": event.text})
+            )
+        } else {
+            write!(stdout, "{}", event.text)
+        };
+        let _ = stdout.flush();
+    };
+    let summary = generate(&pipeline, &tokenizer, &request, on_token)?;
+    print_summary(&summary, json);
+    Ok(())
+}
+
+/// Prints the summary: a JSON line on stdout, or a stats line on stderr.
+pub fn print_summary(summary: &GenerationSummary, json: bool) {
+    if json {
+        println!(
+            "{}",
+            json!({
+                "type": "summary",
+                "prompt_tokens": summary.prompt_tokens,
+                "generated_tokens": summary.generated_tokens,
+                "finish_reason": summary.finish_reason.as_str(),
+                "ttft_ms": summary.ttft_ms,
+                "prompt_tok_s": summary.prompt_tok_s,
+                "decode_tok_s": summary.decode_tok_s,
+            })
+        );
+    } else {
+        println!();
+        eprintln!(
+            "[prompt {} tokens at {:.1} tok/s | {} generated at {:.1} tok/s | first token {:.0} ms | finish: {}]",
+            summary.prompt_tokens,
+            summary.prompt_tok_s,
+            summary.generated_tokens,
+            summary.decode_tok_s,
+            summary.ttft_ms,
+            summary.finish_reason.as_str()
+        );
+    }
+}

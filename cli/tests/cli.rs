@@ -1,0 +1,226 @@
+//! The `sovra` binary as a user runs it: JSON lines, errors, stop conditions.
+
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn sovra(args: &[&str]) -> Output {
+    // Make sure the model is in the cache before timing-insensitive runs.
+    sovra_tests::smollm2_path();
+    Command::new(env!("CARGO_BIN_EXE_sovra"))
+        .args(args)
+        .env("SOVRA_THREADS", "2")
+        .output()
+        .expect("running sovra")
+}
+
+fn json_lines(out: &Output) -> Vec<Value> {
+    String::from_utf8(out.stdout.clone())
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+        .collect()
+}
+
+const FRANCE: &str = "What is the capital of France?";
+
+#[test]
+fn json_output_streams_reference_tokens_then_a_summary() {
+    let out = sovra(&[
+        "generate",
+        "--local",
+        "-m",
+        "smollm2",
+        "--chat",
+        "--dtype",
+        "f32",
+        "--ignore-eos",
+        "--max-tokens",
+        "10",
+        "--json",
+        FRANCE,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = json_lines(&out);
+    assert_eq!(lines.len(), 11);
+    let golden = &sovra_tests::golden_cases().unwrap()[0];
+    for (i, line) in lines[..10].iter().enumerate() {
+        assert_eq!(line["type"], "token");
+        assert_eq!(line["index"], i);
+        assert_eq!(line["token_id"], golden.generated_ids[i]);
+        assert!(line["text"].is_string());
+    }
+    let text: String = lines[..10]
+        .iter()
+        .map(|l| l["text"].as_str().unwrap())
+        .collect();
+    assert!(
+        text.starts_with("The capital of France is Paris."),
+        "{text}"
+    );
+    let summary = &lines[10];
+    assert_eq!(summary["type"], "summary");
+    assert_eq!(summary["prompt_tokens"], 16);
+    assert_eq!(summary["generated_tokens"], 10);
+    assert_eq!(summary["finish_reason"], "length");
+    for key in ["ttft_ms", "prompt_tok_s", "decode_tok_s"] {
+        assert!(summary[key].as_f64().unwrap() > 0.0, "{key}");
+    }
+}
+
+#[test]
+fn generation_stops_at_end_of_sequence() {
+    let out = sovra(&[
+        "generate", "--local", "-m", "smollm2", "--chat", "--dtype", "f32", "--json", FRANCE,
+    ]);
+    assert!(out.status.success());
+    let lines = json_lines(&out);
+    let summary = lines.last().unwrap();
+    assert_eq!(summary["finish_reason"], "eos");
+    // The reference reaches <|im_end|> after 7 tokens; EOS itself is not output.
+    assert_eq!(summary["generated_tokens"], 7);
+    let text: String = lines
+        .iter()
+        .filter(|l| l["type"] == "token")
+        .map(|l| l["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(text, "The capital of France is Paris.");
+}
+
+#[test]
+fn stop_string_cuts_the_text_before_it() {
+    let out = sovra(&[
+        "generate", "--local", "-m", "smollm2", "--chat", "--dtype", "f32", "--stop", " Paris",
+        "--json", FRANCE,
+    ]);
+    assert!(out.status.success());
+    let lines = json_lines(&out);
+    let text: String = lines
+        .iter()
+        .filter(|l| l["type"] == "token")
+        .map(|l| l["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(text, "The capital of France is");
+    assert_eq!(lines.last().unwrap()["finish_reason"], "stop");
+}
+
+#[test]
+fn plain_output_streams_text_and_stats_on_stderr() {
+    let out = sovra(&[
+        "generate",
+        "--local",
+        "-m",
+        "smollm2",
+        "--chat",
+        "--max-tokens",
+        "5",
+        FRANCE,
+    ]);
+    assert!(out.status.success());
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(stdout.starts_with("The capital"), "{stdout}");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.contains("tok/s") && stderr.contains("finish: length"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn temperature_sampling_is_reproducible_and_split_invariant() {
+    let args = |stages: &str| {
+        sovra(&[
+            "generate",
+            "--local",
+            "-m",
+            "smollm2",
+            "--chat",
+            "--temperature",
+            "0.8",
+            "--seed",
+            "11",
+            "--ignore-eos",
+            "--max-tokens",
+            "16",
+            "--stages",
+            stages,
+            "--json",
+            "Tell me a story.",
+        ])
+    };
+    let ids = |out: &Output| -> Vec<u64> {
+        json_lines(out)
+            .iter()
+            .filter(|l| l["type"] == "token")
+            .map(|l| l["token_id"].as_u64().unwrap())
+            .collect()
+    };
+    let one = ids(&args("1"));
+    assert_eq!(one.len(), 16);
+    assert_eq!(one, ids(&args("1")));
+    assert_eq!(one, ids(&args("3")));
+}
+
+#[test]
+fn errors_are_one_line_or_one_json_object_with_nonzero_exit() {
+    let out = sovra(&["generate", "--local", "-m", "no-such-model", "hello"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("no-such-model") && stderr.contains("smollm2"),
+        "{stderr}"
+    );
+
+    let out = sovra(&["generate", "--local", "-m", "smollm2", "--json", ""]);
+    assert!(!out.status.success());
+    let lines = json_lines(&out);
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["type"], "error");
+    assert!(lines[0]["message"].as_str().unwrap().contains("empty"));
+
+    for bad in [
+        ["--temperature", "NaN"],
+        ["--top-p", "1.5"],
+        ["--max-tokens", "0"],
+        ["--stages", "31"],
+    ] {
+        let out = sovra(&[
+            "generate", "--local", "-m", "smollm2", bad[0], bad[1], "--json", "hi",
+        ]);
+        assert!(!out.status.success(), "{bad:?}");
+        assert_eq!(json_lines(&out)[0]["type"], "error", "{bad:?}");
+    }
+}
+
+#[test]
+fn inspect_reports_the_spec_and_slice_memory() {
+    let out = sovra(&[
+        "model", "inspect", "-m", "smollm2", "--layers", "0..10", "--dtype", "gguf", "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let spec = &doc["spec"];
+    assert_eq!(spec["architecture"], "llama");
+    assert_eq!(spec["layers"], 30);
+    assert_eq!(spec["hidden_size"], 576);
+    assert_eq!(spec["heads"], 9);
+    assert_eq!(spec["kv_heads"], 3);
+    assert_eq!(spec["head_dim"], 64);
+    assert_eq!(spec["ffn_size"], 1536);
+    assert_eq!(spec["vocab_size"], 49152);
+    assert_eq!(spec["context_length"], 8192);
+    assert_eq!(spec["tied_embeddings"], true);
+    let slice = &doc["slice"];
+    assert_eq!(slice["holds_embedding"], true);
+    assert_eq!(slice["holds_head"], false);
+    assert!(slice["tensor_bytes"].as_u64().unwrap() > 10 * 2_000_000);
+}
