@@ -1,8 +1,11 @@
 //! `sovra`: the command line of the sovra federation.
 
 mod bench;
+mod daemon;
+mod fed;
 mod generate;
 mod model_cmd;
+mod units;
 
 use std::process::ExitCode;
 
@@ -23,11 +26,56 @@ struct Cli {
 enum Command {
     /// Generate text from a model in this process.
     Generate(generate::GenerateArgs),
-    /// Fetch and inspect models.
+    /// Fetch, inspect and register models.
     #[command(subcommand)]
     Model(model_cmd::ModelCommand),
     /// Measure the local runtime's speed.
     Bench(bench::BenchArgs),
+    /// Run the coordinator.
+    #[command(subcommand)]
+    Coordinator(CoordinatorCommand),
+    /// Admit, list and revoke providers; issue join tokens.
+    Provider {
+        #[command(subcommand)]
+        command: fed::ProviderCommand,
+        #[command(flatten)]
+        conn: fed::ConnectArgs,
+    },
+    /// Create and list tenants.
+    Tenant {
+        #[command(subcommand)]
+        command: fed::TenantCommand,
+        #[command(flatten)]
+        conn: fed::ConnectArgs,
+    },
+    /// Start a worker or list the fleet.
+    Worker {
+        #[command(subcommand)]
+        command: WorkerCommand,
+        #[command(flatten)]
+        conn: fed::ConnectArgs,
+    },
+    /// Show or set which worker runs which layers.
+    Placement {
+        #[command(subcommand)]
+        command: fed::PlacementCommand,
+        #[command(flatten)]
+        conn: fed::ConnectArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CoordinatorCommand {
+    /// Start the coordinator (creates its CA and operator token on first start).
+    Start(daemon::CoordinatorStartArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum WorkerCommand {
+    /// Join the federation (first start) and serve assigned slices until stopped.
+    Start(daemon::WorkerStartArgs),
+    /// List the fleet's workers.
+    List,
 }
 
 fn main() -> ExitCode {
@@ -43,10 +91,25 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Model(cmd) => model_cmd::run(cmd),
         Command::Bench(args) => bench::run(args),
+        Command::Coordinator(CoordinatorCommand::Start(args)) => {
+            block_on(daemon::coordinator_start(args))
+        }
+        Command::Provider { command, conn } => block_on(fed::provider(command, &conn)),
+        Command::Tenant { command, conn } => block_on(fed::tenant(command, &conn)),
+        Command::Worker {
+            command: WorkerCommand::Start(args),
+            ..
+        } => block_on(daemon::worker_start(args)),
+        Command::Worker {
+            command: WorkerCommand::List,
+            conn,
+        } => block_on(fed::worker_list(&conn)),
+        Command::Placement { command, conn } => block_on(fed::placement(command, &conn)),
     };
     match result {
         Ok(code) => code,
@@ -55,6 +118,17 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Runs an async command on a fresh runtime.
+fn block_on(
+    fut: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(fut)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Prints fetch progress on stderr.

@@ -19,6 +19,18 @@ pub enum ModelCommand {
     },
     /// Print a model's spec; with --layers, load that slice and report its memory.
     Inspect(InspectArgs),
+    /// Register a model with the federation (reads its spec and hash here).
+    Add {
+        #[command(flatten)]
+        args: crate::fed::ModelAddArgs,
+        #[command(flatten)]
+        conn: crate::fed::ConnectArgs,
+    },
+    /// List the federation's models.
+    List {
+        #[command(flatten)]
+        conn: crate::fed::ConnectArgs,
+    },
 }
 
 /// Arguments of `sovra model inspect`.
@@ -50,6 +62,10 @@ pub fn run(cmd: ModelCommand) -> Result<ExitCode> {
             println!("{}", path.display());
         }
         ModelCommand::Inspect(args) => inspect(args)?,
+        ModelCommand::Add { args, conn } => {
+            return crate::block_on(crate::fed::model_add(args, &conn));
+        }
+        ModelCommand::List { conn } => return crate::block_on(crate::fed::model_list(&conn)),
     }
     Ok(ExitCode::SUCCESS)
 }

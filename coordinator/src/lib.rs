@@ -1,3 +1,11 @@
 //! The sovra coordinator: the federation's source of truth (providers, workers, models,
-//! placements, tenants, jobs) behind a gRPC control plane. It is built out by the control-plane
-//! work; today the crate only reserves its place in the workspace.
+//! placements, tenants), its CA, and the gRPC control plane over TLS.
+
+pub mod error;
+pub mod federation;
+pub mod placement;
+pub mod planner;
+pub mod records;
+pub mod server;
+pub mod service;
+pub mod store;

@@ -1,5 +1,7 @@
 //! Shared helpers of sovra's integration tests: where the real model and the reference outputs
-//! are, and loading them.
+//! are, loading them, and [`federation::TestFederation`], a real coordinator with real workers.
+
+pub mod federation;
 
 use std::path::PathBuf;
 

@@ -1,10 +1,12 @@
-//! The worker side of sovra. Today it owns the in-process pipeline ([`LocalPipeline`]): a chain
-//! of model slices run in one process, which is both `sovra generate --local` and the baseline
-//! every distributed run is compared against, and the generation loop ([`generate`]) that drives
-//! a pipeline from prompt to finished text.
+//! The worker side of sovra: the agent that joins the federation and keeps its assigned model
+//! slices loaded ([`agent`]), the device and speed it reports ([`speed`]), the in-process
+//! pipeline ([`LocalPipeline`]) that is both `sovra generate --local` and the baseline every
+//! distributed run is compared against, and the generation loop ([`generate`]).
 
+pub mod agent;
 pub mod generate;
 pub mod pipeline;
+pub mod speed;
 
 pub use generate::{GenerateError, GenerateRequest, GenerationSummary, TokenEvent, generate};
 pub use pipeline::{LocalPipeline, PipelineError, PipelineSession};

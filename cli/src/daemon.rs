@@ -1,0 +1,129 @@
+//! The long-running commands: `sovra coordinator start` and `sovra worker start`. Both stop
+//! gracefully on SIGTERM or Ctrl-C.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use sovra_coordinator::federation::FederationConfig;
+use sovra_coordinator::server::{self, CoordinatorConfig};
+use sovra_worker::agent::{self, WorkerConfig};
+
+use crate::units::{parse_bytes, parse_duration};
+
+/// Arguments of `sovra coordinator start`.
+#[derive(Debug, Args)]
+pub struct CoordinatorStartArgs {
+    /// Folder of the CA, the operator token (admin.token) and the database.
+    #[arg(long, env = "SOVRA_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// Address to listen on (port 0 picks a free port, printed at start).
+    #[arg(long, env = "SOVRA_LISTEN", default_value = "127.0.0.1:7070")]
+    pub listen: SocketAddr,
+    /// Names clients reach the coordinator by, comma-separated (go into its certificate).
+    #[arg(
+        long,
+        env = "SOVRA_ADVERTISE",
+        value_delimiter = ',',
+        default_value = "localhost,127.0.0.1"
+    )]
+    pub advertise: Vec<String>,
+    /// Interval at which workers heartbeat.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub heartbeat: Duration,
+    /// Silence after which a worker is marked down.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub lease: Duration,
+    /// Tokens of KV cache reserved per layer when planning placements.
+    #[arg(long, default_value_t = 4096)]
+    pub kv_reserve_tokens: u64,
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Runs `sovra coordinator start`.
+pub async fn coordinator_start(args: CoordinatorStartArgs) -> Result<()> {
+    let config = CoordinatorConfig {
+        data_dir: args.data_dir.clone(),
+        federation: FederationConfig {
+            advertise: args
+                .advertise
+                .iter()
+                .map(|a| a.trim().to_string())
+                .filter(|a| !a.is_empty())
+                .collect(),
+            heartbeat_interval: args.heartbeat,
+            lease: args.lease,
+            kv_reserve_tokens: args.kv_reserve_tokens,
+            ..FederationConfig::default()
+        },
+    };
+    let fed = server::open(&config)?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    eprintln!(
+        "sovra coordinator listening on https://{addr} (CA {}, operator token {})",
+        args.data_dir.join("ca.pem").display(),
+        args.data_dir.join("admin.token").display()
+    );
+    println!("https://{addr}");
+    server::run(fed, listener, shutdown_signal()).await?;
+    eprintln!("sovra coordinator stopped");
+    Ok(())
+}
+
+/// Arguments of `sovra worker start`.
+#[derive(Debug, Args)]
+pub struct WorkerStartArgs {
+    /// Coordinator URL, https://host:port.
+    #[arg(long, env = "SOVRA_COORDINATOR")]
+    pub coordinator: String,
+    /// One-time join token from `sovra provider join-token` (first start only).
+    #[arg(long, env = "SOVRA_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
+    /// Folder of the worker's key, certificate and identity.
+    #[arg(long, env = "SOVRA_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// Data-plane listen address.
+    #[arg(long, env = "SOVRA_LISTEN", default_value = "127.0.0.1:7080")]
+    pub listen: SocketAddr,
+    /// Data-plane address peers dial (default: the listen address).
+    #[arg(long, env = "SOVRA_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Most memory the planner may give this worker (e.g. 2GiB).
+    #[arg(long, env = "SOVRA_MAX_MEMORY", value_parser = parse_bytes)]
+    pub max_memory: Option<u64>,
+    /// Folder holding model files (looked up by file name).
+    #[arg(long, env = "SOVRA_MODELS_DIR")]
+    pub models_dir: Option<PathBuf>,
+}
+
+/// Runs `sovra worker start`.
+pub async fn worker_start(args: WorkerStartArgs) -> Result<()> {
+    let config = WorkerConfig {
+        coordinator: args.coordinator,
+        join_token: args.join_token,
+        data_dir: args.data_dir,
+        listen: args.listen,
+        advertise: args.advertise,
+        max_memory: args.max_memory,
+        models_dir: args.models_dir,
+    };
+    agent::run(config, shutdown_signal()).await?;
+    eprintln!("sovra worker stopped");
+    Ok(())
+}

@@ -1,0 +1,308 @@
+//! The real binaries as an operator runs them: a coordinator process, worker processes of two
+//! providers, the CLI against them; then the coordinator is killed with SIGKILL and restarted on
+//! the same data dir, and everything is still there.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const SOVRA: &str = env!("CARGO_BIN_EXE_sovra");
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    url: String,
+    children: Vec<Child>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Cluster {
+    fn coord_dir(&self) -> PathBuf {
+        self.dir.path().join("coordinator")
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(SOVRA)
+            .args(args)
+            .env("SOVRA_COORDINATOR", &self.url)
+            .env("SOVRA_CA", self.coord_dir().join("ca.pem"))
+            .env("SOVRA_TOKEN_FILE", self.coord_dir().join("admin.token"))
+            .output()
+            .expect("running sovra")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "sovra {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut all: Vec<&str> = args.to_vec();
+        all.push("--json");
+        serde_json::from_str(&self.ok(&all)).expect("JSON output")
+    }
+
+    fn wait_for(&self, what: &str, timeout: Duration, mut check: impl FnMut(&Cluster) -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !check(self) {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Starts a coordinator process on `listen` and returns it with its URL (its first stdout line).
+fn start_coordinator(data_dir: &Path, listen: &str) -> (Child, String) {
+    let mut child = Command::new(SOVRA)
+        .args(["coordinator", "start", "--data-dir"])
+        .arg(data_dir)
+        .args([
+            "--listen",
+            listen,
+            "--lease",
+            "2s",
+            "--heartbeat",
+            "300ms",
+            "--kv-reserve-tokens",
+            "256",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting the coordinator");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .expect("coordinator URL");
+    (child, line.trim().to_string())
+}
+
+fn start_worker(cluster: &Cluster, name: &str, threads: &str, token: Option<&str>) -> Child {
+    let mut cmd = Command::new(SOVRA);
+    cmd.args([
+        "--threads",
+        threads,
+        "worker",
+        "start",
+        "--coordinator",
+        &cluster.url,
+        "--data-dir",
+    ])
+    .arg(cluster.dir.path().join(name))
+    .args(["--listen", "127.0.0.1:0", "--max-memory", "1GiB"])
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    if let Some(t) = token {
+        cmd.args(["--join-token", t]);
+    }
+    cmd.spawn().expect("starting a worker")
+}
+
+fn workers_up(c: &Cluster) -> Vec<Value> {
+    c.json(&["worker", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w["state"] == "up")
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn operator_workflow_survives_a_coordinator_sigkill() {
+    sovra_tests::smollm2_path();
+    let dir = tempfile::tempdir().unwrap();
+    let (coordinator, url) = start_coordinator(&dir.path().join("coordinator"), "127.0.0.1:0");
+    let mut cluster = Cluster {
+        dir,
+        url,
+        children: vec![coordinator],
+    };
+    let key_mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(cluster.coord_dir().join("admin.token"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(key_mode & 0o777, 0o600);
+
+    cluster.ok(&[
+        "provider",
+        "add",
+        "ovh-fr",
+        "--country",
+        "FR",
+        "--cert",
+        "ISO27001,SecNumCloud",
+    ]);
+    cluster.ok(&[
+        "provider",
+        "add",
+        "ionos-de",
+        "--country",
+        "DE",
+        "--cert",
+        "ISO27001",
+    ]);
+    let tenant_token = cluster.ok(&["tenant", "add", "acme"]).trim().to_string();
+    let fr_token = cluster
+        .ok(&["provider", "join-token", "ovh-fr", "--ttl", "10m"])
+        .trim()
+        .to_string();
+    let de_token = cluster
+        .ok(&["provider", "join-token", "ionos-de"])
+        .trim()
+        .to_string();
+
+    // One worker at a time, so each measures its speed on an otherwise idle machine.
+    let w1 = start_worker(&cluster, "w-fr", "1", Some(&fr_token));
+    cluster.children.push(w1);
+    cluster.wait_for("the 1-thread worker", Duration::from_secs(60), |c| {
+        workers_up(c).len() == 1
+    });
+    let w2 = start_worker(&cluster, "w-de", "2", Some(&de_token));
+    cluster.children.push(w2);
+    cluster.wait_for("the 2-thread worker", Duration::from_secs(60), |c| {
+        workers_up(c).len() == 2
+    });
+    let workers = workers_up(&cluster);
+    let speed = |provider: &str| {
+        workers.iter().find(|w| w["provider"] == provider).unwrap()["speed_gflops"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(
+        speed("ovh-fr") < speed("ionos-de"),
+        "1 thread {} vs 2 threads {} GFLOP/s",
+        speed("ovh-fr"),
+        speed("ionos-de")
+    );
+
+    // A tenant token is refused for operator commands, with a one-line reason.
+    let out = Command::new(SOVRA)
+        .args([
+            "provider",
+            "list",
+            "--coordinator",
+            &cluster.url,
+            "--token",
+            &tenant_token,
+            "--ca",
+        ])
+        .arg(cluster.coord_dir().join("ca.pem"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("acme") && stderr.trim().lines().count() == 1,
+        "{stderr}"
+    );
+
+    cluster.ok(&[
+        "model",
+        "add",
+        "smollm2",
+        "--file",
+        "smollm2",
+        "--dtype",
+        "q8_0",
+        "--country",
+        "FR,DE",
+    ]);
+    let placement = cluster.json(&["placement", "show", "smollm2"]);
+    assert_eq!(placement["version"], 1);
+    cluster.wait_for("the slices to load", Duration::from_secs(60), |c| {
+        let p = c.json(&["placement", "show", "smollm2"]);
+        p["chains"][0]["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["state"] == "ready")
+    });
+    let before = [
+        cluster.json(&["provider", "list"]),
+        cluster.json(&["tenant", "list"]),
+        cluster.json(&["model", "list"]),
+        cluster.json(&["placement", "show", "smollm2"])["chains"].clone(),
+    ];
+
+    // SIGKILL the coordinator and restart it on the same data dir and port.
+    let port = cluster.url.rsplit(':').next().unwrap().to_string();
+    let mut old = cluster.children.remove(0);
+    old.kill().unwrap();
+    old.wait().unwrap();
+    let (coordinator, url) = start_coordinator(&cluster.coord_dir(), &format!("127.0.0.1:{port}"));
+    assert_eq!(url, cluster.url);
+    cluster.children.insert(0, coordinator);
+
+    // The workers reconnect by themselves.
+    cluster.wait_for("both workers back up", Duration::from_secs(60), |c| {
+        workers_up(c).len() == 2
+    });
+    let after_providers = cluster.json(&["provider", "list"]);
+    assert_eq!(after_providers, before[0]);
+    assert_eq!(cluster.json(&["tenant", "list"]), before[1]);
+    assert_eq!(cluster.json(&["model", "list"]), before[2]);
+    let placement = cluster.json(&["placement", "show", "smollm2"]);
+    assert_eq!(placement["version"], 1);
+    let strip_state = |chains: &Value| -> Vec<(String, String)> {
+        chains[0]["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| (s["worker"].to_string(), s["layers"].to_string()))
+            .collect()
+    };
+    assert_eq!(strip_state(&placement["chains"]), strip_state(&before[3]));
+    // Reconnected workers receive their assignments again and report ready.
+    cluster.wait_for(
+        "the slices to be ready again",
+        Duration::from_secs(60),
+        |c| {
+            let p = c.json(&["placement", "show", "smollm2"]);
+            p["chains"][0]["stages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|s| s["state"] == "ready")
+        },
+    );
+    // The tenant's token still authenticates after the restart.
+    let out = Command::new(SOVRA)
+        .args([
+            "model",
+            "list",
+            "--coordinator",
+            &cluster.url,
+            "--token",
+            &tenant_token,
+            "--ca",
+        ])
+        .arg(cluster.coord_dir().join("ca.pem"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A used join token stays used across the restart.
+    let reuse = start_worker(&cluster, "w-again", "1", Some(&fr_token));
+    let output = reuse.wait_with_output().unwrap();
+    assert!(!output.status.success());
+}

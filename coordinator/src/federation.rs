@@ -1,0 +1,922 @@
+//! The coordinator's domain logic, free of gRPC: who may do what, onboarding, the fleet's
+//! liveness, models and placements. The gRPC services in [`crate::service`] translate to and
+//! from it.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sovra_model::{LayerRange, WeightMode};
+use sovra_proto::ca::{self, FederationCa};
+use sovra_proto::token::{self, JoinToken};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::error::CoordinatorError;
+use crate::placement::{self, PlacementRequest};
+use crate::records::*;
+use crate::store::{Batch, Store};
+
+/// Settings of a coordinator.
+#[derive(Debug, Clone)]
+pub struct FederationConfig {
+    /// Names (DNS or IP) the coordinator is reached at; they go into its certificate.
+    pub advertise: Vec<String>,
+    /// Interval at which workers must heartbeat.
+    pub heartbeat_interval: Duration,
+    /// Silence after which a worker is marked down.
+    pub lease: Duration,
+    /// Tokens of KV cache reserved per layer a worker holds, when planning.
+    pub kv_reserve_tokens: u64,
+    /// Validity of worker certificates, days.
+    pub worker_cert_days: u32,
+}
+
+impl Default for FederationConfig {
+    fn default() -> Self {
+        Self {
+            advertise: vec!["localhost".into(), "127.0.0.1".into()],
+            heartbeat_interval: Duration::from_secs(1),
+            lease: Duration::from_secs(5),
+            kv_reserve_tokens: 4096,
+            worker_cert_days: 365,
+        }
+    }
+}
+
+/// Who is calling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// The federation operator.
+    Operator,
+    /// A tenant, by name.
+    Tenant(String),
+}
+
+/// An order for a worker, sent over its agent stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AgentCommand {
+    /// Load a slice.
+    Assign(AssignmentOrder),
+    /// Drop a model's slice.
+    Unassign {
+        /// Model name.
+        model: String,
+    },
+}
+
+/// A slice to load.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AssignmentOrder {
+    /// Model name.
+    pub model: String,
+    /// Placement version.
+    pub version: u64,
+    /// sha256 of the file.
+    pub file_sha256: String,
+    /// File name.
+    pub file_name: String,
+    /// Registration path.
+    pub file_path: String,
+    /// Weight mode.
+    pub dtype: WeightMode,
+    /// Layers.
+    pub range: LayerRange,
+    /// Chain index.
+    pub chain: usize,
+    /// Stage index within the chain.
+    pub stage: usize,
+}
+
+/// Progress of an assignment, as a worker reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AssignmentState {
+    /// Loading.
+    Loading,
+    /// Ready to serve.
+    Ready,
+    /// Failed.
+    Failed,
+}
+
+/// What a worker says about itself when its agent stream opens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerHello {
+    /// Device.
+    pub device: DeviceRecord,
+    /// Memory offered, bytes.
+    pub offered_memory_bytes: u64,
+    /// Measured speed, GFLOP/s.
+    pub speed_gflops: f64,
+    /// Data-plane address.
+    pub advertise_addr: String,
+    /// Compute threads.
+    pub threads: u32,
+}
+
+struct LiveWorker {
+    stream: u64,
+    commands: mpsc::UnboundedSender<AgentCommand>,
+    last_heartbeat: Instant,
+}
+
+#[derive(Default)]
+struct Live {
+    workers: HashMap<String, LiveWorker>,
+    /// (model, worker) → (version, state, message).
+    statuses: HashMap<(String, String), (u64, AssignmentState, String)>,
+    next_stream: u64,
+}
+
+/// The coordinator's state: durable records in the store, live streams in memory.
+pub struct Federation {
+    store: Arc<dyn Store>,
+    ca: FederationCa,
+    config: FederationConfig,
+    live: Mutex<Live>,
+}
+
+/// Files the coordinator keeps in its data dir.
+pub struct DataDir {
+    /// The folder.
+    pub root: PathBuf,
+}
+
+impl DataDir {
+    /// CA certificate (handed to clients).
+    pub fn ca_cert(&self) -> PathBuf {
+        self.root.join("ca.pem")
+    }
+    /// CA key (0600).
+    pub fn ca_key(&self) -> PathBuf {
+        self.root.join("ca-key.pem")
+    }
+    /// Operator token (0600).
+    pub fn admin_token(&self) -> PathBuf {
+        self.root.join("admin.token")
+    }
+    /// The sled database.
+    pub fn db(&self) -> PathBuf {
+        self.root.join("db")
+    }
+}
+
+/// Writes `contents` to `path` readable by the owner only.
+pub fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(contents.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(tmp, path)
+}
+
+impl Federation {
+    /// Opens the federation kept in `dir` (creating its CA and operator token on first start).
+    pub fn open(
+        dir: &DataDir,
+        store: Arc<dyn Store>,
+        config: FederationConfig,
+    ) -> Result<Self, CoordinatorError> {
+        let ca = load_or_create_ca(dir)?;
+        if read::<String>(store.as_ref(), META, "operator_token_hash")?.is_none() {
+            let token = token::new_operator_token();
+            write_private(&dir.admin_token(), &format!("{token}\n")).map_err(|e| {
+                CoordinatorError::Io(format!("writing {}: {e}", dir.admin_token().display()))
+            })?;
+            store.apply(Batch::new().put(
+                META,
+                "operator_token_hash",
+                encode(&token::hash_secret(&token)),
+            ))?;
+            store.flush()?;
+            info!(path = %dir.admin_token().display(), "operator token created");
+        }
+        Ok(Self {
+            store,
+            ca,
+            config,
+            live: Mutex::new(Live::default()),
+        })
+    }
+
+    /// The federation CA.
+    pub fn ca(&self) -> &FederationCa {
+        &self.ca
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &FederationConfig {
+        &self.config
+    }
+
+    /// The store.
+    pub fn store(&self) -> &dyn Store {
+        self.store.as_ref()
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, Live> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Identifies the holder of an API token.
+    pub fn authenticate(&self, bearer: Option<&str>) -> Result<Caller, CoordinatorError> {
+        let token = bearer.ok_or_else(|| {
+            CoordinatorError::Unauthenticated("no API token: pass --token or --token-file".into())
+        })?;
+        let hash = token::hash_secret(token);
+        if token.starts_with(token::OPERATOR_PREFIX) {
+            let stored: Option<String> = read(self.store(), META, "operator_token_hash")?;
+            if stored.is_some_and(|s| token::constant_time_eq(&s, &hash)) {
+                return Ok(Caller::Operator);
+            }
+        } else if token.starts_with(token::TENANT_PREFIX)
+            && let Some(name) = read::<String>(self.store(), TENANT_TOKENS, &hash)?
+        {
+            return Ok(Caller::Tenant(name));
+        }
+        Err(CoordinatorError::Unauthenticated(
+            "the API token is not valid for this federation".into(),
+        ))
+    }
+
+    /// Requires the operator.
+    pub fn require_operator(&self, bearer: Option<&str>) -> Result<(), CoordinatorError> {
+        match self.authenticate(bearer)? {
+            Caller::Operator => Ok(()),
+            Caller::Tenant(name) => Err(CoordinatorError::PermissionDenied(format!(
+                "tenant `{name}` may not run operator commands"
+            ))),
+        }
+    }
+
+    /// Admits a provider.
+    pub fn add_provider(
+        &self,
+        name: &str,
+        country: &str,
+        certifications: &[String],
+    ) -> Result<ProviderRecord, CoordinatorError> {
+        validate_name("provider", name)?;
+        let country = country.trim().to_ascii_uppercase();
+        if country.len() != 2 || !country.bytes().all(|b| b.is_ascii_uppercase()) {
+            return Err(CoordinatorError::InvalidArgument(format!(
+                "country `{country}` is not a two-letter ISO code"
+            )));
+        }
+        let certifications = clean_list("certification", certifications)?;
+        let record = ProviderRecord {
+            name: name.to_string(),
+            country,
+            certifications,
+            revoked: false,
+            created_unix: now_unix(),
+        };
+        self.create(PROVIDERS, name, "provider", &record)?;
+        info!(provider = name, "provider added");
+        Ok(record)
+    }
+
+    fn create<T: serde::Serialize>(
+        &self,
+        tree: &str,
+        key: &str,
+        kind: &'static str,
+        record: &T,
+    ) -> Result<(), CoordinatorError> {
+        let batch = Batch::new()
+            .expect(tree, key, None)
+            .put(tree, key, encode(record));
+        match self.store.apply(batch) {
+            Err(crate::store::StoreError::Conflict { .. }) => {
+                Err(CoordinatorError::AlreadyExists {
+                    kind,
+                    name: key.to_string(),
+                })
+            }
+            other => Ok(other?),
+        }
+    }
+
+    /// Every provider with its worker count.
+    pub fn list_providers(&self) -> Result<Vec<(ProviderRecord, usize)>, CoordinatorError> {
+        let workers: Vec<WorkerRecord> = read_all(self.store(), WORKERS)?;
+        Ok(read_all::<ProviderRecord>(self.store(), PROVIDERS)?
+            .into_iter()
+            .map(|p| {
+                let count = workers.iter().filter(|w| w.provider == p.name).count();
+                (p, count)
+            })
+            .collect())
+    }
+
+    /// The provider of that name.
+    pub fn provider(&self, name: &str) -> Result<ProviderRecord, CoordinatorError> {
+        read(self.store(), PROVIDERS, name)?
+            .ok_or_else(|| CoordinatorError::not_found("provider", name))
+    }
+
+    /// Issues a one-time join token for a worker of `provider`.
+    pub fn create_join_token(
+        &self,
+        provider: &str,
+        ttl: Duration,
+    ) -> Result<(JoinToken, u64), CoordinatorError> {
+        let record = self.provider(provider)?;
+        if record.revoked {
+            return Err(CoordinatorError::FailedPrecondition(format!(
+                "provider `{provider}` is revoked"
+            )));
+        }
+        if ttl.is_zero() || ttl > Duration::from_secs(30 * 24 * 3600) {
+            return Err(CoordinatorError::InvalidArgument(
+                "token lifetime must be between 1 s and 30 days".into(),
+            ));
+        }
+        let token = JoinToken::generate(&self.ca.fingerprint());
+        let expires_unix = now_unix() + ttl.as_secs().max(1);
+        let record = JoinTokenRecord {
+            id: token.id.clone(),
+            secret_hash: token::hash_secret(&token.secret),
+            provider: provider.to_string(),
+            expires_unix,
+            used_by: None,
+        };
+        self.store
+            .apply(Batch::new().put(JOIN_TOKENS, &token.id, encode(&record)))?;
+        self.store.flush()?;
+        Ok((token, expires_unix))
+    }
+
+    /// Revokes a provider: its workers are refused from now on and their streams are cut.
+    pub fn revoke_provider(&self, name: &str) -> Result<ProviderRecord, CoordinatorError> {
+        let mut record = self.provider(name)?;
+        record.revoked = true;
+        self.store
+            .apply(Batch::new().put(PROVIDERS, name, encode(&record)))?;
+        self.store.flush()?;
+        let workers: Vec<WorkerRecord> = read_all(self.store(), WORKERS)?;
+        let mut live = self.live();
+        for w in workers.iter().filter(|w| w.provider == name) {
+            // Dropping the command sender ends the worker's stream.
+            live.workers.remove(&w.id);
+        }
+        drop(live);
+        for w in workers.iter().filter(|w| w.provider == name) {
+            self.set_worker_state(&w.id, WorkerState::Down)?;
+        }
+        warn!(provider = name, "provider revoked");
+        Ok(record)
+    }
+
+    /// Creates a tenant and returns its API token.
+    pub fn add_tenant(&self, name: &str) -> Result<(TenantRecord, String), CoordinatorError> {
+        validate_name("tenant", name)?;
+        let token = token::new_tenant_token();
+        let record = TenantRecord {
+            name: name.to_string(),
+            token_hash: token::hash_secret(&token),
+            created_unix: now_unix(),
+        };
+        let batch = Batch::new()
+            .expect(TENANTS, name, None)
+            .put(TENANTS, name, encode(&record))
+            .put(TENANT_TOKENS, &record.token_hash, encode(&record.name));
+        match self.store.apply(batch) {
+            Err(crate::store::StoreError::Conflict { .. }) => {
+                return Err(CoordinatorError::AlreadyExists {
+                    kind: "tenant",
+                    name: name.into(),
+                });
+            }
+            other => other?,
+        }
+        self.store.flush()?;
+        Ok((record, token))
+    }
+
+    /// Every tenant.
+    pub fn list_tenants(&self) -> Result<Vec<TenantRecord>, CoordinatorError> {
+        Ok(read_all(self.store(), TENANTS)?)
+    }
+
+    /// Consumes a join token and signs the worker's CSR.
+    pub fn join(
+        &self,
+        token_text: &str,
+        csr_pem: &str,
+        advertise_addr: &str,
+    ) -> Result<(WorkerRecord, String), CoordinatorError> {
+        let refused =
+            |why: &str| CoordinatorError::Unauthenticated(format!("join token refused: {why}"));
+        let token = JoinToken::parse(token_text).map_err(|e| refused(&e.to_string()))?;
+        if token.ca_fingerprint != self.ca.fingerprint() {
+            return Err(refused("it was issued by another federation CA"));
+        }
+        let stored_bytes = self
+            .store
+            .get(JOIN_TOKENS, token.id.as_bytes())?
+            .ok_or_else(|| refused("unknown token"))?;
+        let mut record: JoinTokenRecord = serde_json::from_slice(&stored_bytes)
+            .map_err(|e| CoordinatorError::Internal(format!("corrupt join token record: {e}")))?;
+        if !token::constant_time_eq(&record.secret_hash, &token::hash_secret(&token.secret)) {
+            return Err(refused("wrong secret"));
+        }
+        if record.used_by.is_some() {
+            return Err(refused("it has already been used"));
+        }
+        if now_unix() >= record.expires_unix {
+            return Err(refused("it has expired"));
+        }
+        let provider = self.provider(&record.provider)?;
+        if provider.revoked {
+            return Err(refused(&format!("provider `{}` is revoked", provider.name)));
+        }
+        let addresses = self.worker_addresses(advertise_addr)?;
+        let worker_id = format!("{}-{}", provider.name, token::random_hex(3));
+        let cert_pem = self
+            .ca
+            .sign_worker_csr(
+                csr_pem,
+                &worker_id,
+                &provider.name,
+                &addresses,
+                self.config.worker_cert_days,
+            )
+            .map_err(|e| CoordinatorError::InvalidArgument(e.to_string()))?;
+        let cert_der = pem_to_der(&cert_pem)?;
+        let worker = WorkerRecord {
+            id: worker_id.clone(),
+            provider: provider.name.clone(),
+            cert_fingerprint: ca::fingerprint_der(&cert_der),
+            advertise_addr: advertise_addr.to_string(),
+            joined_unix: now_unix(),
+            device: DeviceRecord::default(),
+            offered_memory_bytes: 0,
+            speed_gflops: 0.0,
+            threads: 0,
+            state: WorkerState::Joined,
+            last_seen_unix: 0,
+        };
+        record.used_by = Some(worker_id.clone());
+        // Consuming the token and creating the worker are one transaction: a token races once.
+        let batch = Batch::new()
+            .expect(JOIN_TOKENS, &token.id, Some(stored_bytes))
+            .put(JOIN_TOKENS, &token.id, encode(&record))
+            .expect(WORKERS, &worker_id, None)
+            .put(WORKERS, &worker_id, encode(&worker));
+        self.store.apply(batch).map_err(|e| match e {
+            crate::store::StoreError::Conflict { .. } => refused("it has already been used"),
+            e => e.into(),
+        })?;
+        self.store.flush()?;
+        info!(worker = %worker_id, provider = %provider.name, "worker joined");
+        Ok((worker, cert_pem))
+    }
+
+    /// The names to put in a worker's certificate for its data-plane address.
+    fn worker_addresses(&self, advertise_addr: &str) -> Result<Vec<String>, CoordinatorError> {
+        let host = host_of(advertise_addr).ok_or_else(|| {
+            CoordinatorError::InvalidArgument(format!(
+                "advertise address `{advertise_addr}` is not host:port"
+            ))
+        })?;
+        if host.parse::<std::net::IpAddr>().is_err()
+            && self
+                .config
+                .advertise
+                .iter()
+                .any(|a| a.eq_ignore_ascii_case(&host))
+        {
+            return Err(CoordinatorError::InvalidArgument(format!(
+                "a worker may not claim the coordinator's name `{host}`"
+            )));
+        }
+        Ok(vec![host])
+    }
+
+    /// Finds the worker a verified client certificate belongs to, refusing revoked providers and
+    /// superseded certificates.
+    pub fn authenticate_worker(&self, cert_der: &[u8]) -> Result<WorkerRecord, CoordinatorError> {
+        let identity = ca::worker_identity(cert_der)
+            .map_err(|e| CoordinatorError::Unauthenticated(e.to_string()))?;
+        let worker: WorkerRecord =
+            read(self.store(), WORKERS, &identity.worker_id)?.ok_or_else(|| {
+                CoordinatorError::Unauthenticated(format!(
+                    "unknown worker `{}`",
+                    identity.worker_id
+                ))
+            })?;
+        if worker.cert_fingerprint != ca::fingerprint_der(cert_der)
+            || worker.provider != identity.provider
+        {
+            return Err(CoordinatorError::Unauthenticated(
+                "this certificate is not the worker's current one".into(),
+            ));
+        }
+        if self.provider(&worker.provider)?.revoked {
+            return Err(CoordinatorError::PermissionDenied(format!(
+                "provider `{}` is revoked",
+                worker.provider
+            )));
+        }
+        Ok(worker)
+    }
+
+    /// Every worker, with its state.
+    pub fn list_workers(&self) -> Result<Vec<(WorkerRecord, ProviderRecord)>, CoordinatorError> {
+        let providers: HashMap<String, ProviderRecord> =
+            read_all::<ProviderRecord>(self.store(), PROVIDERS)?
+                .into_iter()
+                .map(|p| (p.name.clone(), p))
+                .collect();
+        Ok(read_all::<WorkerRecord>(self.store(), WORKERS)?
+            .into_iter()
+            .filter_map(|w| providers.get(&w.provider).cloned().map(|p| (w, p)))
+            .collect())
+    }
+
+    fn set_worker_state(&self, id: &str, state: WorkerState) -> Result<(), CoordinatorError> {
+        if let Some(mut w) = read::<WorkerRecord>(self.store(), WORKERS, id)? {
+            w.state = state;
+            w.last_seen_unix = now_unix();
+            self.store
+                .apply(Batch::new().put(WORKERS, id, encode(&w)))?;
+        }
+        Ok(())
+    }
+
+    /// Registers an opened agent stream; returns its stream number, the command receiver and the
+    /// assignments the worker should load now.
+    pub fn worker_connected(
+        &self,
+        worker: &WorkerRecord,
+        hello: WorkerHello,
+    ) -> Result<(u64, mpsc::UnboundedReceiver<AgentCommand>), CoordinatorError> {
+        if hello.advertise_addr != worker.advertise_addr {
+            return Err(CoordinatorError::InvalidArgument(format!(
+                "worker `{}` joined with data-plane address {} and now claims {}",
+                worker.id, worker.advertise_addr, hello.advertise_addr
+            )));
+        }
+        let mut record = worker.clone();
+        record.device = hello.device;
+        record.offered_memory_bytes = hello.offered_memory_bytes;
+        record.speed_gflops = hello.speed_gflops;
+        record.threads = hello.threads;
+        record.state = WorkerState::Up;
+        record.last_seen_unix = now_unix();
+        self.store
+            .apply(Batch::new().put(WORKERS, &record.id, encode(&record)))?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        for order in self.orders_for(&record.id)? {
+            let _ = tx.send(AgentCommand::Assign(order));
+        }
+        let mut live = self.live();
+        live.next_stream += 1;
+        let stream = live.next_stream;
+        live.workers.insert(
+            record.id.clone(),
+            LiveWorker {
+                stream,
+                commands: tx,
+                last_heartbeat: Instant::now(),
+            },
+        );
+        info!(worker = %record.id, speed_gflops = record.speed_gflops, "worker up");
+        Ok((stream, rx))
+    }
+
+    /// Records a heartbeat; false when the stream is no longer the worker's live one.
+    pub fn heartbeat(&self, worker_id: &str, stream: u64) -> bool {
+        let mut live = self.live();
+        match live.workers.get_mut(worker_id) {
+            Some(w) if w.stream == stream => {
+                w.last_heartbeat = Instant::now();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Marks a worker down when its (current) stream ends.
+    pub fn worker_disconnected(
+        &self,
+        worker_id: &str,
+        stream: u64,
+    ) -> Result<(), CoordinatorError> {
+        let removed = {
+            let mut live = self.live();
+            match live.workers.get(worker_id) {
+                Some(w) if w.stream == stream => live.workers.remove(worker_id).is_some(),
+                _ => false,
+            }
+        };
+        if removed {
+            self.set_worker_state(worker_id, WorkerState::Down)?;
+            info!(worker = worker_id, "worker stream closed, marked down");
+        }
+        Ok(())
+    }
+
+    /// Marks down every worker whose last heartbeat is older than the lease.
+    pub fn expire_leases(&self, now: Instant) -> Result<Vec<String>, CoordinatorError> {
+        let expired: Vec<String> = {
+            let mut live = self.live();
+            let ids: Vec<String> = live
+                .workers
+                .iter()
+                .filter(|(_, w)| now.duration_since(w.last_heartbeat) > self.config.lease)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in &ids {
+                live.workers.remove(id);
+            }
+            ids
+        };
+        for id in &expired {
+            warn!(worker = %id, "lease expired, marked down");
+            self.set_worker_state(id, WorkerState::Down)?;
+        }
+        Ok(expired)
+    }
+
+    /// True while the worker has a live agent stream.
+    pub fn is_live(&self, worker_id: &str) -> bool {
+        self.live().workers.contains_key(worker_id)
+    }
+
+    /// Records an assignment's progress.
+    pub fn assignment_status(
+        &self,
+        worker_id: &str,
+        model: &str,
+        version: u64,
+        state: AssignmentState,
+        message: String,
+    ) {
+        self.live().statuses.insert(
+            (model.to_string(), worker_id.to_string()),
+            (version, state, message),
+        );
+    }
+
+    /// The reported state of `worker`'s assignment for `model` at `version`.
+    pub fn stage_state(
+        &self,
+        model: &str,
+        worker: &str,
+        version: u64,
+    ) -> Option<(AssignmentState, String)> {
+        self.live()
+            .statuses
+            .get(&(model.to_string(), worker.to_string()))
+            .filter(|(v, _, _)| *v == version)
+            .map(|(_, s, m)| (*s, m.clone()))
+    }
+
+    /// Registers a model and places it if the fleet allows.
+    pub fn add_model(
+        &self,
+        record: ModelRecord,
+    ) -> Result<(ModelRecord, PlacementRecord), CoordinatorError> {
+        validate_name("model", &record.name)?;
+        placement::validate_spec(&record.spec)?;
+        if record.file_sha256.len() != 64
+            || !record.file_sha256.bytes().all(|b| b.is_ascii_hexdigit())
+        {
+            return Err(CoordinatorError::InvalidArgument(
+                "file sha256 must be 64 hex digits".into(),
+            ));
+        }
+        let mut record = record;
+        record.policy = clean_policy(&record.policy)?;
+        record.created_unix = now_unix();
+        self.create(MODELS, &record.name.clone(), "model", &record)?;
+        let placement = match self.set_placement(&record.name, PlacementRequest::Auto) {
+            Ok(p) => p,
+            Err(e) => {
+                let p = PlacementRecord {
+                    model: record.name.clone(),
+                    version: 0,
+                    chains: vec![],
+                    unplaced_reason: Some(e.to_string()),
+                };
+                self.store
+                    .apply(Batch::new().put(PLACEMENTS, &record.name, encode(&p)))?;
+                p
+            }
+        };
+        self.store.flush()?;
+        Ok((record, placement))
+    }
+
+    /// Every model.
+    pub fn list_models(&self) -> Result<Vec<ModelRecord>, CoordinatorError> {
+        Ok(read_all(self.store(), MODELS)?)
+    }
+
+    /// The model of that name.
+    pub fn model(&self, name: &str) -> Result<ModelRecord, CoordinatorError> {
+        read(self.store(), MODELS, name)?.ok_or_else(|| CoordinatorError::not_found("model", name))
+    }
+
+    /// The model's current placement.
+    pub fn placement(&self, model: &str) -> Result<PlacementRecord, CoordinatorError> {
+        self.model(model)?;
+        Ok(
+            read(self.store(), PLACEMENTS, model)?.unwrap_or_else(|| PlacementRecord {
+                model: model.to_string(),
+                ..Default::default()
+            }),
+        )
+    }
+
+    /// Replans `model` and sends the new assignments to the workers.
+    pub fn set_placement(
+        &self,
+        model: &str,
+        how: PlacementRequest,
+    ) -> Result<PlacementRecord, CoordinatorError> {
+        let record = self.model(model)?;
+        let previous = self.placement(model)?;
+        let candidates = self.candidates()?;
+        let chains = placement::plan(&record, &candidates, &how, self.config.kv_reserve_tokens)?;
+        let placement = PlacementRecord {
+            model: model.to_string(),
+            version: previous.version + 1,
+            chains,
+            unplaced_reason: None,
+        };
+        let batch = Batch::new()
+            .expect(
+                PLACEMENTS,
+                model,
+                self.store.get(PLACEMENTS, model.as_bytes())?,
+            )
+            .put(PLACEMENTS, model, encode(&placement));
+        self.store.apply(batch)?;
+        self.store.flush()?;
+        self.dispatch(&record, &previous, &placement);
+        info!(
+            model,
+            version = placement.version,
+            chains = placement.chains.len(),
+            "placed"
+        );
+        Ok(placement)
+    }
+
+    fn candidates(&self) -> Result<Vec<placement::Candidate>, CoordinatorError> {
+        let live: Vec<String> = self.live().workers.keys().cloned().collect();
+        Ok(self
+            .list_workers()?
+            .into_iter()
+            .map(|(w, p)| placement::Candidate {
+                available: live.contains(&w.id) && !p.revoked,
+                worker: w,
+                provider: p,
+            })
+            .collect())
+    }
+
+    /// Sends assignments of `new` and unassignments for workers only in `old`.
+    fn dispatch(&self, model: &ModelRecord, old: &PlacementRecord, new: &PlacementRecord) {
+        let orders = placement::orders(model, new);
+        let live = self.live();
+        for (worker, order) in &orders {
+            if let Some(w) = live.workers.get(worker) {
+                let _ = w.commands.send(AgentCommand::Assign(order.clone()));
+            }
+        }
+        for stage in old.chains.iter().flatten() {
+            if !orders.iter().any(|(w, _)| *w == stage.worker_id)
+                && let Some(w) = live.workers.get(&stage.worker_id)
+            {
+                let _ = w.commands.send(AgentCommand::Unassign {
+                    model: model.name.clone(),
+                });
+            }
+        }
+    }
+
+    /// Every assignment a worker holds in current placements.
+    fn orders_for(&self, worker_id: &str) -> Result<Vec<AssignmentOrder>, CoordinatorError> {
+        let mut out = Vec::new();
+        for p in read_all::<PlacementRecord>(self.store(), PLACEMENTS)? {
+            let model = self.model(&p.model)?;
+            out.extend(
+                placement::orders(&model, &p)
+                    .into_iter()
+                    .filter(|(w, _)| w == worker_id)
+                    .map(|(_, o)| o),
+            );
+        }
+        Ok(out)
+    }
+}
+
+fn load_or_create_ca(dir: &DataDir) -> Result<FederationCa, CoordinatorError> {
+    let io = |what: &str, path: &Path, e: std::io::Error| {
+        CoordinatorError::Io(format!("{what} {}: {e}", path.display()))
+    };
+    if dir.ca_cert().exists() {
+        let cert =
+            std::fs::read_to_string(dir.ca_cert()).map_err(|e| io("reading", &dir.ca_cert(), e))?;
+        let key =
+            std::fs::read_to_string(dir.ca_key()).map_err(|e| io("reading", &dir.ca_key(), e))?;
+        return FederationCa::from_pem(&cert, &key)
+            .map_err(|e| CoordinatorError::Internal(e.to_string()));
+    }
+    let name = dir
+        .root
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("sovra")
+        .to_string();
+    let ca =
+        FederationCa::generate(&name).map_err(|e| CoordinatorError::Internal(e.to_string()))?;
+    write_private(&dir.ca_key(), ca.key_pem()).map_err(|e| io("writing", &dir.ca_key(), e))?;
+    std::fs::write(dir.ca_cert(), ca.cert_pem()).map_err(|e| io("writing", &dir.ca_cert(), e))?;
+    info!(fingerprint = %ca.fingerprint(), "federation CA created");
+    Ok(ca)
+}
+
+fn pem_to_der(pem: &str) -> Result<Vec<u8>, CoordinatorError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .map(|c| c.to_vec())
+        .map_err(|e| CoordinatorError::Internal(format!("issued certificate does not parse: {e}")))
+}
+
+/// Host part of `host:port` (IPv6 in brackets).
+pub fn host_of(addr: &str) -> Option<String> {
+    let (host, port) = addr.rsplit_once(':')?;
+    port.parse::<u16>().ok()?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    (!host.is_empty()).then(|| host.to_string())
+}
+
+/// Checks a name: 1 to 40 lowercase letters, digits or '-', starting with a letter.
+pub fn validate_name(kind: &str, name: &str) -> Result<(), CoordinatorError> {
+    let ok = (1..=40).contains(&name.len())
+        && name.bytes().next().is_some_and(|b| b.is_ascii_lowercase())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(CoordinatorError::InvalidArgument(format!(
+            "{kind} name `{name}` must be 1-40 lowercase letters, digits or '-', starting with a letter"
+        )))
+    }
+}
+
+fn clean_list(kind: &str, items: &[String]) -> Result<Vec<String>, CoordinatorError> {
+    let mut out: Vec<String> = Vec::new();
+    for item in items.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        if item.len() > 64
+            || !item
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(CoordinatorError::InvalidArgument(format!(
+                "{kind} `{item}` is not a plain word"
+            )));
+        }
+        if !out.iter().any(|o| o == item) {
+            out.push(item.to_string());
+        }
+    }
+    Ok(out)
+}
+
+/// Normalises a policy (upper-case countries, no duplicates), refusing malformed entries.
+pub fn clean_policy(policy: &PolicyRecord) -> Result<PolicyRecord, CoordinatorError> {
+    let countries: Vec<String> = policy
+        .countries
+        .iter()
+        .map(|c| c.trim().to_ascii_uppercase())
+        .collect();
+    for c in countries.iter().filter(|c| !c.is_empty()) {
+        if c.len() != 2 || !c.bytes().all(|b| b.is_ascii_uppercase()) {
+            return Err(CoordinatorError::InvalidArgument(format!(
+                "country `{c}` is not a two-letter ISO code"
+            )));
+        }
+    }
+    Ok(PolicyRecord {
+        countries: clean_list("country", &countries)?,
+        required_certifications: clean_list("certification", &policy.required_certifications)?,
+        excluded_providers: clean_list("provider", &policy.excluded_providers)?,
+    })
+}

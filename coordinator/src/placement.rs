@@ -1,0 +1,185 @@
+//! Placement glue: turns records into planner inputs, planner output into stored stages, and
+//! stored placements into the assignment orders each worker receives.
+
+use sovra_model::{LayerRange, ModelSpec, WeightMode};
+
+use crate::error::CoordinatorError;
+use crate::federation::AssignmentOrder;
+use crate::planner::{self, ModelCost, PlanError, PlannerConfig, Policy, WorkerCandidate};
+use crate::records::{
+    ModelRecord, PlacementRecord, PolicyRecord, ProviderRecord, StageRecord, WorkerRecord,
+};
+
+/// How the operator asks for a model to be placed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlacementRequest {
+    /// The planner decides.
+    Auto,
+    /// One chain of exactly this many stages.
+    Stages(usize),
+    /// Exactly these (worker, layers) stages, in layer order.
+    Explicit(Vec<(String, LayerRange)>),
+}
+
+/// A worker as the planner sees it.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    /// Its record.
+    pub worker: WorkerRecord,
+    /// Its provider.
+    pub provider: ProviderRecord,
+    /// Up, with a live stream, and its provider not revoked.
+    pub available: bool,
+}
+
+/// Refuses specs that cannot describe a real model.
+pub fn validate_spec(spec: &ModelSpec) -> Result<(), CoordinatorError> {
+    let bad = |why: &str| {
+        Err(CoordinatorError::InvalidArgument(format!(
+            "invalid model spec: {why}"
+        )))
+    };
+    if spec.layers == 0 || spec.layers > 4096 || spec.layer_bytes.len() != spec.layers {
+        return bad("layer count and per-layer sizes disagree");
+    }
+    if spec.hidden_size == 0 || spec.heads == 0 || spec.kv_heads == 0 || spec.vocab_size == 0 {
+        return bad("zero width");
+    }
+    if spec.heads * spec.head_dim != spec.hidden_size || !spec.heads.is_multiple_of(spec.kv_heads) {
+        return bad("heads do not divide the hidden size");
+    }
+    if spec.context_length == 0 || spec.architecture != "llama" {
+        return bad("unsupported architecture or zero context");
+    }
+    Ok(())
+}
+
+/// The planner's view of a model in its weight mode.
+pub fn model_cost(model: &ModelRecord, kv_reserve_tokens: u64) -> ModelCost {
+    let spec = &model.spec;
+    let mode = model.dtype;
+    let layer_bytes = match mode {
+        WeightMode::Gguf => spec.layer_bytes.clone(),
+        m => vec![m.bytes_for(spec.layer_params); spec.layers],
+    };
+    let (embedding_bytes, head_bytes) = match mode {
+        WeightMode::Gguf => (spec.embedding_bytes, spec.head_bytes),
+        m => (
+            m.bytes_for(spec.embedding_params),
+            m.bytes_for(spec.embedding_params) + (spec.hidden_size * 4) as u64,
+        ),
+    };
+    ModelCost {
+        layers: spec.layers,
+        layer_bytes,
+        embedding_bytes,
+        head_bytes,
+        tied_embeddings: spec.tied_embeddings,
+        layer_flops: 2.0 * spec.layer_params as f64,
+        head_flops: 2.0 * spec.embedding_params as f64,
+        kv_reserve_per_layer: spec.kv_bytes_per_token_per_layer()
+            * kv_reserve_tokens.min(spec.context_length as u64),
+    }
+}
+
+fn policy(p: &PolicyRecord) -> Policy {
+    Policy {
+        allowed_countries: p.countries.clone(),
+        required_certifications: p.required_certifications.clone(),
+        excluded_providers: p.excluded_providers.clone(),
+    }
+}
+
+fn candidate(c: &Candidate) -> WorkerCandidate {
+    WorkerCandidate {
+        worker_id: c.worker.id.clone(),
+        provider: c.provider.name.clone(),
+        country: c.provider.country.clone(),
+        certifications: c.provider.certifications.clone(),
+        memory_bytes: c.worker.offered_memory_bytes,
+        speed_gflops: c.worker.speed_gflops,
+        available: c.available,
+    }
+}
+
+/// Plans `model` over `candidates` as `how` asks, under the model's policy.
+pub fn plan(
+    model: &ModelRecord,
+    candidates: &[Candidate],
+    how: &PlacementRequest,
+    kv_reserve_tokens: u64,
+) -> Result<Vec<Vec<StageRecord>>, CoordinatorError> {
+    let workers: Vec<WorkerCandidate> = candidates.iter().map(candidate).collect();
+    let cost = model_cost(model, kv_reserve_tokens);
+    let policy = policy(&model.policy);
+    let config = PlannerConfig::default();
+    let scope = match policy.describe() {
+        d if d.is_empty() => String::new(),
+        d if matches!(how, PlacementRequest::Auto) => format!(" under policy {d}"),
+        d => format!(" (policy {d})"),
+    };
+    let failed = |e: PlanError| match e {
+        PlanError::InsufficientMemory { .. } => {
+            CoordinatorError::FailedPrecondition(format!("cannot place `{}`: {e}", model.name))
+        }
+        e => CoordinatorError::FailedPrecondition(format!(
+            "cannot place `{}`{scope}: {e}",
+            model.name
+        )),
+    };
+    let chains = match how {
+        PlacementRequest::Auto => {
+            planner::plan(&workers, &cost, &policy, &config)
+                .map_err(failed)?
+                .chains
+        }
+        PlacementRequest::Stages(n) => {
+            planner::plan_with_stages(&workers, &cost, &policy, &config, *n)
+                .map_err(failed)?
+                .chains
+        }
+        PlacementRequest::Explicit(stages) => {
+            let assignment: Vec<(String, planner::LayerRange)> = stages.clone();
+            vec![planner::check_chain(&workers, &cost, &policy, &assignment).map_err(failed)?]
+        }
+    };
+    Ok(chains
+        .into_iter()
+        .map(|chain| {
+            chain
+                .stages
+                .into_iter()
+                .map(|s| StageRecord {
+                    worker_id: s.worker_id,
+                    range: s.range,
+                    memory_bytes: s.memory_bytes,
+                    time_s: s.time_s,
+                })
+                .collect()
+        })
+        .collect())
+}
+
+/// The order each worker of `placement` receives, as (worker id, order).
+pub fn orders(model: &ModelRecord, placement: &PlacementRecord) -> Vec<(String, AssignmentOrder)> {
+    let mut out = Vec::new();
+    for (chain_index, chain) in placement.chains.iter().enumerate() {
+        for (stage_index, stage) in chain.iter().enumerate() {
+            out.push((
+                stage.worker_id.clone(),
+                AssignmentOrder {
+                    model: model.name.clone(),
+                    version: placement.version,
+                    file_sha256: model.file_sha256.clone(),
+                    file_name: model.file_name.clone(),
+                    file_path: model.file_path.clone(),
+                    dtype: model.dtype,
+                    range: stage.range,
+                    chain: chain_index,
+                    stage: stage_index,
+                },
+            ));
+        }
+    }
+    out
+}

@@ -1,0 +1,237 @@
+//! `TestFederation`: a real coordinator (TLS, sled on disk) on port 0 in this process, and real
+//! workers joining it, each torn down when dropped.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sovra_coordinator::federation::{Federation, FederationConfig};
+use sovra_coordinator::server::{self, CoordinatorConfig};
+use sovra_proto::channel::{AuthChannel, connect};
+use sovra_proto::pb;
+use sovra_worker::agent::{self, WorkerConfig, WorkerError};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// A coordinator running in this process.
+pub struct TestFederation {
+    /// Its data dir (kept until drop).
+    pub dir: tempfile::TempDir,
+    /// `https://127.0.0.1:PORT`.
+    pub url: String,
+    /// The CA certificate.
+    pub ca_pem: String,
+    /// The operator token.
+    pub operator_token: String,
+    /// The federation state.
+    pub fed: Arc<Federation>,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<()>>,
+}
+
+/// A worker running in this process.
+pub struct TestWorker {
+    /// Its data dir.
+    pub data_dir: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    /// The worker task; its result says why it stopped.
+    pub task: Option<JoinHandle<Result<(), WorkerError>>>,
+}
+
+/// Installs the ring crypto provider once.
+pub fn init_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+impl TestFederation {
+    /// Starts a coordinator with a short lease.
+    pub async fn start() -> Self {
+        Self::start_with(FederationConfig {
+            heartbeat_interval: Duration::from_millis(200),
+            lease: Duration::from_millis(1500),
+            ..FederationConfig::default()
+        })
+        .await
+    }
+
+    /// Starts a coordinator with `config`.
+    pub async fn start_with(config: FederationConfig) -> Self {
+        init_crypto();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = CoordinatorConfig {
+            data_dir: dir.path().join("coordinator"),
+            federation: config,
+        };
+        let fed = server::open(&cfg).expect("opening the federation");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("https://{}", listener.local_addr().expect("addr"));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn({
+            let fed = fed.clone();
+            async move {
+                server::run(fed, listener, async {
+                    let _ = stopped.await;
+                })
+                .await
+                .expect("coordinator server");
+            }
+        });
+        let ca_pem = std::fs::read_to_string(cfg.data_dir.join("ca.pem")).expect("ca.pem");
+        let operator_token = std::fs::read_to_string(cfg.data_dir.join("admin.token"))
+            .expect("admin.token")
+            .trim()
+            .to_string();
+        Self {
+            dir,
+            url,
+            ca_pem,
+            operator_token,
+            fed,
+            stop: Some(stop),
+            server: Some(server),
+        }
+    }
+
+    /// A channel carrying `token`.
+    pub async fn channel(&self, token: Option<&str>) -> AuthChannel {
+        connect(&self.url, &self.ca_pem, None, token)
+            .await
+            .expect("connecting")
+    }
+
+    /// A channel carrying the operator token.
+    pub async fn operator(&self) -> AuthChannel {
+        self.channel(Some(&self.operator_token.clone())).await
+    }
+
+    /// Adds a provider.
+    pub async fn add_provider(&self, name: &str, country: &str, certs: &[&str]) {
+        pb::providers_client::ProvidersClient::new(self.operator().await)
+            .add_provider(pb::AddProviderRequest {
+                name: name.into(),
+                country: country.into(),
+                certifications: certs.iter().map(|c| c.to_string()).collect(),
+            })
+            .await
+            .expect("add provider");
+    }
+
+    /// A join token for `provider`.
+    pub async fn join_token(&self, provider: &str, ttl_seconds: u64) -> String {
+        pb::providers_client::ProvidersClient::new(self.operator().await)
+            .create_join_token(pb::CreateJoinTokenRequest {
+                provider: provider.into(),
+                ttl_seconds,
+            })
+            .await
+            .expect("join token")
+            .into_inner()
+            .token
+    }
+
+    /// Every worker.
+    pub async fn workers(&self) -> Vec<pb::Worker> {
+        pb::workers_client::WorkersClient::new(self.operator().await)
+            .list_workers(pb::ListWorkersRequest {})
+            .await
+            .expect("list workers")
+            .into_inner()
+            .workers
+    }
+
+    /// Starts a worker with a fresh data dir.
+    pub fn start_worker(&self, token: Option<String>, max_memory: Option<u64>) -> TestWorker {
+        let data_dir = tempfile::tempdir().expect("tempdir").keep();
+        self.start_worker_in(data_dir, token, max_memory)
+    }
+
+    /// Starts a worker on `data_dir` (reusing its identity if it has one).
+    pub fn start_worker_in(
+        &self,
+        data_dir: PathBuf,
+        token: Option<String>,
+        max_memory: Option<u64>,
+    ) -> TestWorker {
+        let config = WorkerConfig {
+            coordinator: self.url.clone(),
+            join_token: token,
+            data_dir: data_dir.clone(),
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            advertise: None,
+            max_memory,
+            models_dir: None,
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(agent::run(config, async {
+            let _ = stopped.await;
+        }));
+        TestWorker {
+            data_dir,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+}
+
+impl Drop for TestFederation {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
+    }
+}
+
+impl TestWorker {
+    /// Stops the worker and waits for it.
+    pub async fn stop(mut self) -> Result<(), WorkerError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.task.take() {
+            Some(task) => task.await.expect("worker task"),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits for the worker to stop by itself (within `timeout`).
+    pub async fn finished(&mut self, timeout: Duration) -> Option<Result<(), WorkerError>> {
+        let task = self.task.as_mut()?;
+        match tokio::time::timeout(timeout, task).await {
+            Ok(result) => {
+                self.task = None;
+                Some(result.expect("worker task"))
+            }
+            Err(_) => None,
+        }
+    }
+}
+
+impl Drop for TestWorker {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Polls `check` every 50 ms until it returns Some, or panics after `timeout` naming `what`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,250 @@
+//! The control plane end to end over real TLS with a real sled database: onboarding, token
+//! abuse, revocation, tenant permissions, placement.
+
+use std::time::Duration;
+
+use sovra_proto::pb;
+use sovra_proto::token::JoinToken;
+use sovra_tests::federation::{TestFederation, eventually};
+use sovra_worker::agent::WorkerError;
+use tonic::Code;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn worker_up(fed: &TestFederation, provider: &str) -> pb::Worker {
+    eventually("a worker to be up", WAIT, || async {
+        fed.workers()
+            .await
+            .into_iter()
+            .find(|w| w.provider == provider && w.state == "up")
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onboarding_end_to_end_and_restart_reuses_the_certificate() {
+    let fed = TestFederation::start().await;
+    fed.add_provider("ovh-fr", "fr", &["ISO27001", "SecNumCloud"])
+        .await;
+    let providers = pb::providers_client::ProvidersClient::new(fed.operator().await)
+        .list_providers(pb::ListProvidersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .providers;
+    assert_eq!(providers.len(), 1);
+    assert_eq!(providers[0].country, "FR", "country codes are normalised");
+    assert_eq!(providers[0].certifications, vec!["ISO27001", "SecNumCloud"]);
+
+    let token = fed.join_token("ovh-fr", 600).await;
+    assert!(
+        token.contains(&fed.fed.ca().fingerprint()),
+        "the token carries the CA fingerprint"
+    );
+    let worker = fed.start_worker(Some(token), Some(1 << 30));
+    let listed = worker_up(&fed, "ovh-fr").await;
+    assert_eq!(listed.country, "FR");
+    assert!(listed.id.starts_with("ovh-fr-"));
+    assert!(
+        listed.speed_gflops > 0.0,
+        "speed is measured: {}",
+        listed.speed_gflops
+    );
+    assert_eq!(listed.offered_memory_bytes, 1 << 30);
+    assert_eq!(listed.device.as_ref().unwrap().kind, "cpu");
+    assert!(
+        std::fs::read_to_string(worker.data_dir.join("worker.pem"))
+            .unwrap()
+            .contains("BEGIN CERTIFICATE")
+    );
+    let key_mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(worker.data_dir.join("worker-key.pem"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(key_mode & 0o077, 0, "the worker key is private");
+
+    // Restarting on the same data dir needs no token and keeps the identity.
+    let dir = worker.data_dir.clone();
+    worker.stop().await.unwrap();
+    eventually("the worker to be down", WAIT, || async {
+        fed.workers()
+            .await
+            .into_iter()
+            .find(|w| w.id == listed.id && w.state == "down")
+    })
+    .await;
+    let again = fed.start_worker_in(dir, None, Some(1 << 30));
+    let relisted = worker_up(&fed, "ovh-fr").await;
+    assert_eq!(relisted.id, listed.id);
+    assert_eq!(fed.workers().await.len(), 1);
+    again.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reused_expired_and_forged_join_tokens_are_refused() {
+    let fed = TestFederation::start().await;
+    fed.add_provider("ionos-de", "DE", &[]).await;
+    let token = fed.join_token("ionos-de", 600).await;
+    let first = fed.start_worker(Some(token.clone()), None);
+    worker_up(&fed, "ionos-de").await;
+
+    let join_error = |mut w: sovra_tests::federation::TestWorker| async move {
+        match w.finished(WAIT).await {
+            Some(Err(WorkerError::Join(reason))) => reason,
+            other => panic!("expected a join error, got {other:?}"),
+        }
+    };
+    let reused = join_error(fed.start_worker(Some(token), None)).await;
+    assert!(reused.contains("already been used"), "{reused}");
+
+    let short = fed.join_token("ionos-de", 1).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let expired = join_error(fed.start_worker(Some(short), None)).await;
+    assert!(expired.contains("expired"), "{expired}");
+
+    let forged = JoinToken::generate(&fed.fed.ca().fingerprint()).to_string();
+    let refused = join_error(fed.start_worker(Some(forged), None)).await;
+    assert!(refused.contains("unknown token"), "{refused}");
+
+    // A real token whose secret was altered.
+    let real = JoinToken::parse(&fed.join_token("ionos-de", 600).await).unwrap();
+    let altered = JoinToken {
+        secret: "0".repeat(48),
+        ..real
+    }
+    .to_string();
+    let wrong = join_error(fed.start_worker(Some(altered), None)).await;
+    assert!(wrong.contains("wrong secret"), "{wrong}");
+
+    // A token naming another CA: the worker refuses to talk to this coordinator.
+    let other_ca = JoinToken::generate(&"ab".repeat(32)).to_string();
+    let mismatch = join_error(fed.start_worker(Some(other_ca), None)).await;
+    assert!(
+        mismatch.contains("fingerprint") || mismatch.contains("not issued by this coordinator"),
+        "{mismatch}"
+    );
+
+    assert_eq!(
+        fed.workers().await.len(),
+        1,
+        "no refused join created a worker"
+    );
+    first.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_providers_workers_are_cut_off_and_refused() {
+    let fed = TestFederation::start().await;
+    fed.add_provider("scw-nl", "NL", &[]).await;
+    let mut worker = fed.start_worker(Some(fed.join_token("scw-nl", 600).await), None);
+    let listed = worker_up(&fed, "scw-nl").await;
+    pb::providers_client::ProvidersClient::new(fed.operator().await)
+        .revoke_provider(pb::RevokeProviderRequest {
+            name: "scw-nl".into(),
+        })
+        .await
+        .unwrap();
+    // The worker's stream is cut; its reconnection is refused for good.
+    match worker.finished(WAIT).await {
+        Some(Err(WorkerError::Refused(reason))) => assert!(reason.contains("revoked"), "{reason}"),
+        other => panic!("expected the worker to be refused, got {other:?}"),
+    }
+    let after = fed.workers().await;
+    assert_eq!(
+        after.iter().find(|w| w.id == listed.id).unwrap().state,
+        "revoked"
+    );
+    let err = pb::providers_client::ProvidersClient::new(fed.operator().await)
+        .create_join_token(pb::CreateJoinTokenRequest {
+            provider: "scw-nl".into(),
+            ttl_seconds: 60,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_tokens_cannot_run_operator_commands() {
+    let fed = TestFederation::start().await;
+    let tenant = pb::tenants_client::TenantsClient::new(fed.operator().await)
+        .add_tenant(pb::AddTenantRequest {
+            name: "acme".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(tenant.token.starts_with("sovra-tn-"));
+    let as_tenant = fed.channel(Some(&tenant.token)).await;
+    let err = pb::providers_client::ProvidersClient::new(as_tenant.clone())
+        .add_provider(pb::AddProviderRequest {
+            name: "x".into(),
+            country: "FR".into(),
+            certifications: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("acme"));
+    let err = pb::tenants_client::TenantsClient::new(as_tenant.clone())
+        .add_tenant(pb::AddTenantRequest {
+            name: "evil".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    // A tenant may read the model catalogue.
+    pb::models_client::ModelsClient::new(as_tenant)
+        .list_models(pb::ListModelsRequest {})
+        .await
+        .unwrap();
+    // No token, or a made-up one, is unauthenticated.
+    for token in [None, Some("sovra-op-0000"), Some("garbage")] {
+        let err = pb::providers_client::ProvidersClient::new(fed.channel(token).await)
+            .list_providers(pb::ListProvidersRequest {})
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "{token:?}");
+    }
+    // Names are validated; duplicates refused.
+    let mut tenants = pb::tenants_client::TenantsClient::new(fed.operator().await);
+    assert_eq!(
+        tenants
+            .add_tenant(pb::AddTenantRequest {
+                name: "acme".into()
+            })
+            .await
+            .unwrap_err()
+            .code(),
+        Code::AlreadyExists
+    );
+    assert_eq!(
+        tenants
+            .add_tenant(pb::AddTenantRequest {
+                name: "Bad Name".into()
+            })
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unauthenticated_agent_stream_is_refused() {
+    let fed = TestFederation::start().await;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    drop(tx);
+    let err = pb::workers_client::WorkersClient::new(fed.operator().await)
+        .agent(tokio_stream_from(rx))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+}
+
+fn tokio_stream_from(
+    rx: tokio::sync::mpsc::Receiver<pb::AgentMessage>,
+) -> impl tokio_stream::Stream<Item = pb::AgentMessage> {
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
