@@ -2,8 +2,10 @@
 
 mod bench;
 mod daemon;
+mod demo;
 mod fed;
 mod generate;
+mod jobs_cmd;
 mod model_cmd;
 mod units;
 
@@ -55,6 +57,22 @@ enum Command {
         #[command(flatten)]
         conn: fed::ConnectArgs,
     },
+    /// Run a job on the federation and stream its answer.
+    Run {
+        #[command(flatten)]
+        args: jobs_cmd::RunArgs,
+        #[command(flatten)]
+        conn: fed::ConnectArgs,
+    },
+    /// List, show, cancel and audit jobs.
+    Job {
+        #[command(subcommand)]
+        command: jobs_cmd::JobCommand,
+        #[command(flatten)]
+        conn: fed::ConnectArgs,
+    },
+    /// Run a whole federation on this machine and stream an answer through it.
+    Demo(demo::DemoArgs),
     /// Show or set which worker runs which layers.
     Placement {
         #[command(subcommand)]
@@ -110,6 +128,9 @@ fn main() -> ExitCode {
             conn,
         } => block_on(fed::worker_list(&conn)),
         Command::Placement { command, conn } => block_on(fed::placement(command, &conn)),
+        Command::Run { args, conn } => block_on(jobs_cmd::run(args, &conn)),
+        Command::Job { command, conn } => block_on(jobs_cmd::job(command, &conn)),
+        Command::Demo(args) => block_on(demo::run(args)),
     };
     match result {
         Ok(code) => code,

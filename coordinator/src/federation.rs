@@ -64,6 +64,14 @@ pub enum AgentCommand {
         /// Model name.
         model: String,
     },
+    /// Prepare a session's stage.
+    OpenSession(Box<crate::jobs::SessionOpen>),
+    /// Start a session (head).
+    StartSession(u64),
+    /// Drop a session.
+    CloseSession(u64),
+    /// Refuse data-plane connections from these workers.
+    PeersRevoked(Vec<String>),
 }
 
 /// A slice to load.
@@ -119,6 +127,8 @@ struct LiveWorker {
     stream: u64,
     commands: mpsc::UnboundedSender<AgentCommand>,
     last_heartbeat: Instant,
+    sessions: u32,
+    kv_bytes: u64,
 }
 
 #[derive(Default)]
@@ -135,6 +145,7 @@ pub struct Federation {
     ca: FederationCa,
     config: FederationConfig,
     live: Mutex<Live>,
+    pub(crate) job_table: Mutex<crate::jobs::JobTable>,
 }
 
 /// Files the coordinator keeps in its data dir.
@@ -204,6 +215,7 @@ impl Federation {
             ca,
             config,
             live: Mutex::new(Live::default()),
+            job_table: Mutex::new(Default::default()),
         })
     }
 
@@ -368,9 +380,20 @@ impl Federation {
             // Dropping the command sender ends the worker's stream.
             live.workers.remove(&w.id);
         }
+        let revoked: Vec<String> = workers
+            .iter()
+            .filter(|w| w.provider == name)
+            .map(|w| w.id.clone())
+            .collect();
+        for other in live.workers.values() {
+            let _ = other
+                .commands
+                .send(AgentCommand::PeersRevoked(revoked.clone()));
+        }
         drop(live);
-        for w in workers.iter().filter(|w| w.provider == name) {
-            self.set_worker_state(&w.id, WorkerState::Down)?;
+        for id in &revoked {
+            self.set_worker_state(id, WorkerState::Down)?;
+            self.fail_jobs_on(id, "belongs to a revoked provider");
         }
         warn!(provider = name, "provider revoked");
         Ok(record)
@@ -560,13 +583,14 @@ impl Federation {
         worker: &WorkerRecord,
         hello: WorkerHello,
     ) -> Result<(u64, mpsc::UnboundedReceiver<AgentCommand>), CoordinatorError> {
-        if hello.advertise_addr != worker.advertise_addr {
+        if host_of(&hello.advertise_addr) != host_of(&worker.advertise_addr) {
             return Err(CoordinatorError::InvalidArgument(format!(
-                "worker `{}` joined with data-plane address {} and now claims {}",
+                "worker `{}` joined with data-plane address {} and now claims {}: the host must stay the one in its certificate",
                 worker.id, worker.advertise_addr, hello.advertise_addr
             )));
         }
         let mut record = worker.clone();
+        record.advertise_addr = hello.advertise_addr.clone();
         record.device = hello.device;
         record.offered_memory_bytes = hello.offered_memory_bytes;
         record.speed_gflops = hello.speed_gflops;
@@ -588,6 +612,8 @@ impl Federation {
                 stream,
                 commands: tx,
                 last_heartbeat: Instant::now(),
+                sessions: 0,
+                kv_bytes: 0,
             },
         );
         info!(worker = %record.id, speed_gflops = record.speed_gflops, "worker up");
@@ -595,15 +621,35 @@ impl Federation {
     }
 
     /// Records a heartbeat; false when the stream is no longer the worker's live one.
-    pub fn heartbeat(&self, worker_id: &str, stream: u64) -> bool {
+    pub fn heartbeat(&self, worker_id: &str, stream: u64, load: Option<(u32, u64)>) -> bool {
         let mut live = self.live();
         match live.workers.get_mut(worker_id) {
             Some(w) if w.stream == stream => {
                 w.last_heartbeat = Instant::now();
+                if let Some((sessions, kv_bytes)) = load {
+                    w.sessions = sessions;
+                    w.kv_bytes = kv_bytes;
+                }
                 true
             }
             _ => false,
         }
+    }
+
+    /// Sessions and KV bytes a live worker reported last.
+    pub fn worker_load(&self, worker_id: &str) -> Option<(u32, u64)> {
+        self.live()
+            .workers
+            .get(worker_id)
+            .map(|w| (w.sessions, w.kv_bytes))
+    }
+
+    /// Sends a command to a live worker; false when it has no stream.
+    pub fn send_to(&self, worker_id: &str, command: AgentCommand) -> bool {
+        self.live()
+            .workers
+            .get(worker_id)
+            .is_some_and(|w| w.commands.send(command).is_ok())
     }
 
     /// Marks a worker down when its (current) stream ends.
@@ -621,6 +667,7 @@ impl Federation {
         };
         if removed {
             self.set_worker_state(worker_id, WorkerState::Down)?;
+            self.fail_jobs_on(worker_id, "lost its connection to the coordinator");
             info!(worker = worker_id, "worker stream closed, marked down");
         }
         Ok(())
@@ -644,6 +691,7 @@ impl Federation {
         for id in &expired {
             warn!(worker = %id, "lease expired, marked down");
             self.set_worker_state(id, WorkerState::Down)?;
+            self.fail_jobs_on(id, "stopped heartbeating");
         }
         Ok(expired)
     }
@@ -653,7 +701,7 @@ impl Federation {
         self.live().workers.contains_key(worker_id)
     }
 
-    /// Records an assignment's progress.
+    /// Records an assignment's progress (reports of older placement versions are ignored).
     pub fn assignment_status(
         &self,
         worker_id: &str,
@@ -662,10 +710,16 @@ impl Federation {
         state: AssignmentState,
         message: String,
     ) {
-        self.live().statuses.insert(
-            (model.to_string(), worker_id.to_string()),
-            (version, state, message),
-        );
+        let mut live = self.live();
+        let key = (model.to_string(), worker_id.to_string());
+        if live
+            .statuses
+            .get(&key)
+            .is_some_and(|(v, _, _)| *v > version)
+        {
+            return;
+        }
+        live.statuses.insert(key, (version, state, message));
     }
 
     /// The reported state of `worker`'s assignment for `model` at `version`.

@@ -3,6 +3,8 @@
 
 pub mod error;
 pub mod federation;
+pub mod job_service;
+pub mod jobs;
 pub mod placement;
 pub mod planner;
 pub mod records;

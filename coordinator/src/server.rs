@@ -66,7 +66,8 @@ pub async fn run(
         .add_service(pb::tenants_server::TenantsServer::new(plane.clone()))
         .add_service(pb::workers_server::WorkersServer::new(plane.clone()))
         .add_service(pb::models_server::ModelsServer::new(plane.clone()))
-        .add_service(pb::placements_server::PlacementsServer::new(plane))
+        .add_service(pb::placements_server::PlacementsServer::new(plane.clone()))
+        .add_service(pb::jobs_server::JobsServer::new(plane))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;
     reaper.abort();

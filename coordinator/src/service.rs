@@ -32,9 +32,14 @@ impl ControlPlane {
     pub fn new(fed: Arc<Federation>) -> Self {
         Self { fed }
     }
+
+    /// The federation served.
+    pub fn federation(&self) -> &Arc<Federation> {
+        &self.fed
+    }
 }
 
-fn bearer<T>(request: &Request<T>) -> Option<String> {
+pub(crate) fn bearer<T>(request: &Request<T>) -> Option<String> {
     let value = request.metadata().get("authorization")?.to_str().ok()?;
     value.strip_prefix("Bearer ").map(|t| t.trim().to_string())
 }
@@ -274,7 +279,23 @@ fn handle_agent_message(
     match message.kind {
         Some(Kind::Heartbeat(h)) => {
             debug!(worker, seq = h.seq, "heartbeat");
-            fed.heartbeat(worker, stream)
+            fed.heartbeat(worker, stream, Some((h.open_sessions, h.kv_cache_bytes)))
+        }
+        Some(Kind::SessionOpened(o)) => {
+            let result = if o.error.is_empty() {
+                Ok(o.prompt_ids)
+            } else {
+                Err(clip(&o.error))
+            };
+            fed.session_opened(worker, o.session, result);
+            fed.heartbeat(worker, stream, None)
+        }
+        Some(Kind::SessionEvent(e)) => {
+            let token = e.token.map(|t| (t.index, t.token_id, t.text));
+            let finish = (!e.finish_reason.is_empty()).then(|| clip(&e.finish_reason));
+            let error = (!e.error.is_empty()).then(|| clip(&e.error));
+            fed.session_event(worker, e.session, token, finish, error);
+            fed.heartbeat(worker, stream, None)
         }
         Some(Kind::Status(s)) => {
             let state = match pb::AssignmentState::try_from(s.state) {
@@ -284,10 +305,15 @@ fn handle_agent_message(
             };
             let message: String = s.message.chars().take(1000).collect();
             fed.assignment_status(worker, &s.model, s.placement_version, state, message);
-            fed.heartbeat(worker, stream)
+            fed.heartbeat(worker, stream, None)
         }
-        Some(Kind::Hello(_)) | None => fed.heartbeat(worker, stream),
+        Some(Kind::Hello(_)) | None => fed.heartbeat(worker, stream, None),
     }
+}
+
+/// A peer-supplied string cut to a sane length.
+fn clip(text: &str) -> String {
+    text.chars().take(2000).collect()
 }
 
 fn hello_from_pb(h: pb::WorkerHello) -> WorkerHello {
@@ -325,8 +351,35 @@ fn command_pb(command: AgentCommand) -> pb::CoordinatorMessage {
             stage: o.stage as u32,
         }),
         AgentCommand::Unassign { model } => Kind::Unassign(pb::Unassignment { model }),
+        AgentCommand::OpenSession(o) => Kind::OpenSession(open_pb(*o)),
+        AgentCommand::StartSession(session) => Kind::StartSession(pb::StartSession { session }),
+        AgentCommand::CloseSession(session) => Kind::CloseSession(pb::CloseSession { session }),
+        AgentCommand::PeersRevoked(worker_ids) => {
+            Kind::PeersRevoked(pb::PeersRevoked { worker_ids })
+        }
     };
     pb::CoordinatorMessage { kind: Some(kind) }
+}
+
+fn open_pb(o: crate::jobs::SessionOpen) -> pb::OpenSession {
+    let peer =
+        |p: Option<(String, String)>| p.map(|(worker_id, addr)| pb::Peer { worker_id, addr });
+    pb::OpenSession {
+        session: o.session,
+        model: o.model,
+        placement_version: o.version,
+        stage: o.stage as u32,
+        stages: o.stages as u32,
+        prev: peer(o.prev),
+        next: peer(o.next),
+        head: peer(Some(o.head)),
+        tail: peer(Some(o.tail)),
+        prompt: o.prompt,
+        chat: o.chat,
+        system: o.system.unwrap_or_default(),
+        sampling: Some(crate::job_service::sampling_pb(&o.sampling, &o.stop)),
+        prompt_ids: o.prompt_ids,
+    }
 }
 
 fn worker_pb(fed: &Federation, w: WorkerRecord, p: &ProviderRecord) -> pb::Worker {
@@ -339,7 +392,10 @@ fn worker_pb(fed: &Federation, w: WorkerRecord, p: &ProviderRecord) -> pb::Worke
     } else {
         "down"
     };
+    let (open_sessions, kv_cache_bytes) = fed.worker_load(&w.id).unwrap_or_default();
     pb::Worker {
+        open_sessions,
+        kv_cache_bytes,
         id: w.id,
         provider: w.provider,
         country: p.country.clone(),

@@ -11,7 +11,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sovra_model::fetch::sha256_file;
-use sovra_model::{GgufModel, LayerRange, LlamaSlice, WeightMode};
+use std::sync::atomic::Ordering;
+
+use sovra_model::{
+    GgufModel, LayerRange, LlamaSlice, ModelTokenizer, SamplingParams, StopConditions, WeightMode,
+};
 use sovra_proto::ca;
 use sovra_proto::channel::{self, AuthChannel};
 use sovra_proto::pb;
@@ -21,7 +25,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 use tracing::{info, warn};
 
+use crate::dataplane::{DataPlane, Route};
+use crate::quic::TlsIdentity;
 use crate::speed::{DeviceInfo, cpu_device, measure_speed_gflops};
+use crate::stage::{EngineInput, EngineOutput, EngineStats, Peer, SessionOrder, StageEngine};
 
 /// Settings of a worker process.
 #[derive(Debug, Clone)]
@@ -94,7 +101,7 @@ pub struct Credentials {
     pub ca_pem: String,
 }
 
-/// A slice this worker holds.
+/// A slice this worker holds, with the engine thread that runs it.
 #[derive(Debug, Clone)]
 pub struct LoadedSlice {
     /// Placement version it belongs to.
@@ -103,6 +110,10 @@ pub struct LoadedSlice {
     pub range: LayerRange,
     /// The slice.
     pub slice: Arc<LlamaSlice>,
+    /// Orders for its engine.
+    pub engine: std::sync::mpsc::Sender<EngineInput>,
+    /// Its engine's counters.
+    pub stats: Arc<EngineStats>,
 }
 
 /// Slices held, by model name.
@@ -112,8 +123,12 @@ fn io_err(what: &str, path: &Path, e: std::io::Error) -> WorkerError {
     WorkerError::Io(format!("{what} {}: {e}", path.display()))
 }
 
-/// Loads the credentials from `data_dir`, or joins with the token to get them.
-pub async fn credentials(config: &WorkerConfig) -> Result<Credentials, WorkerError> {
+/// Loads the credentials from `data_dir`, or joins with the token to get them, advertising
+/// `advertise_addr` as the data-plane address.
+pub async fn credentials(
+    config: &WorkerConfig,
+    advertise_addr: &str,
+) -> Result<Credentials, WorkerError> {
     let dir = &config.data_dir;
     std::fs::create_dir_all(dir).map_err(|e| io_err("creating", dir, e))?;
     let identity_path = dir.join("identity.json");
@@ -137,12 +152,16 @@ pub async fn credentials(config: &WorkerConfig) -> Result<Credentials, WorkerErr
             dir.display()
         ))
     })?;
-    let creds = join(config, token_text).await?;
+    let creds = join(config, token_text, advertise_addr).await?;
     save_credentials(dir, &creds)?;
     Ok(creds)
 }
 
-async fn join(config: &WorkerConfig, token_text: &str) -> Result<Credentials, WorkerError> {
+async fn join(
+    config: &WorkerConfig,
+    token_text: &str,
+    advertise_addr: &str,
+) -> Result<Credentials, WorkerError> {
     let token = JoinToken::parse(token_text).map_err(|e| WorkerError::Join(e.to_string()))?;
     let authority = channel::url_authority(&config.coordinator)
         .map_err(|e| WorkerError::Join(e.to_string()))?;
@@ -161,7 +180,7 @@ async fn join(config: &WorkerConfig, token_text: &str) -> Result<Credentials, Wo
     let channel = channel::connect(&config.coordinator, &ca_pem, None, None)
         .await
         .map_err(|e| WorkerError::Join(e.to_string()))?;
-    let advertise_addr = config.advertise_addr();
+    let advertise_addr = advertise_addr.to_string();
     let response = pb::workers_client::WorkersClient::new(channel)
         .join(pb::JoinRequest {
             token: token_text.trim().to_string(),
@@ -213,22 +232,51 @@ pub async fn run(
     config: WorkerConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), WorkerError> {
-    let creds = credentials(&config).await?;
+    let socket = std::net::UdpSocket::bind(config.listen).map_err(|e| {
+        WorkerError::Io(format!("binding the data plane on {}: {e}", config.listen))
+    })?;
+    let bound = socket
+        .local_addr()
+        .map_err(|e| WorkerError::Io(e.to_string()))?;
+    let advertise = config
+        .advertise
+        .clone()
+        .unwrap_or_else(|| bound.to_string());
+    let mut creds = credentials(&config, &advertise).await?;
+    creds.identity.advertise_addr = advertise;
     let device = cpu_device();
     let scratch = config.data_dir.clone();
     let speed = tokio::task::spawn_blocking(move || measure_speed_gflops(&scratch, 3))
         .await
         .map_err(|e| WorkerError::Speed(e.to_string()))?
         .map_err(WorkerError::Speed)?;
-    info!(worker = %creds.identity.worker_id, speed_gflops = speed, "worker starting");
-    let slices: SliceTable = Arc::default();
+    let (outputs_tx, outputs) = mpsc::unbounded_channel();
+    let identity = TlsIdentity {
+        cert_pem: creds.cert_pem.clone(),
+        key_pem: creds.key_pem.clone(),
+        ca_pem: creds.ca_pem.clone(),
+    };
+    let plane = DataPlane::start(socket, &identity, outputs_tx.clone())
+        .map_err(|e| WorkerError::Io(e.to_string()))?;
+    info!(worker = %creds.identity.worker_id, speed_gflops = speed, addr = %bound, "worker starting");
     let session = AgentSession {
         config: &config,
         creds: &creds,
         device,
         speed,
-        slices,
+        slices: Arc::default(),
+        sessions: Arc::default(),
+        plane: plane.clone(),
+        outputs: outputs_tx,
+        uplink: Arc::default(),
     };
+    tokio::spawn(pump_outputs(
+        outputs,
+        plane,
+        session.uplink.clone(),
+        session.sessions.clone(),
+        session.slices.clone(),
+    ));
     tokio::pin!(shutdown);
     let mut backoff = Duration::from_millis(200);
     loop {
@@ -248,12 +296,86 @@ pub async fn run(
     }
 }
 
+/// The current agent stream's sender, for events produced between reconnections.
+type Uplink = Arc<Mutex<Option<mpsc::Sender<pb::AgentMessage>>>>;
+/// Open sessions: session id → model name.
+type SessionTable = Arc<Mutex<HashMap<u64, String>>>;
+
+/// Moves engine outputs to the network: frames to peers, token events to the coordinator.
+async fn pump_outputs(
+    mut outputs: mpsc::UnboundedReceiver<EngineOutput>,
+    plane: Arc<DataPlane>,
+    uplink: Uplink,
+    sessions: SessionTable,
+    slices: SliceTable,
+) {
+    while let Some(output) = outputs.recv().await {
+        let event = match output {
+            EngineOutput::Send { to, frame } => {
+                plane.send(&to, frame);
+                continue;
+            }
+            EngineOutput::Token {
+                session,
+                index,
+                token_id,
+                text,
+                finish,
+                emitted,
+            } => pb::SessionEvent {
+                session,
+                token: (emitted || !text.is_empty()).then_some(pb::TokenEvent {
+                    index,
+                    token_id,
+                    text,
+                }),
+                finish_reason: finish.map(|f| f.as_str().to_string()).unwrap_or_default(),
+                error: String::new(),
+            },
+            EngineOutput::Failed { session, error } => {
+                close_session(&sessions, &slices, &plane, session);
+                pb::SessionEvent {
+                    session,
+                    token: None,
+                    finish_reason: String::new(),
+                    error,
+                }
+            }
+        };
+        let sender = lock_any(&uplink).clone();
+        if let Some(tx) = sender {
+            let _ = tx
+                .send(pb::AgentMessage {
+                    kind: Some(pb::agent_message::Kind::SessionEvent(event)),
+                })
+                .await;
+        }
+    }
+}
+
+fn lock_any<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn close_session(sessions: &SessionTable, slices: &SliceTable, plane: &DataPlane, session: u64) {
+    plane.remove_route(session);
+    if let Some(model) = lock_any(sessions).remove(&session)
+        && let Some(loaded) = lock(slices).get(&model)
+    {
+        let _ = loaded.engine.send(EngineInput::Close(session));
+    }
+}
+
 struct AgentSession<'a> {
     config: &'a WorkerConfig,
     creds: &'a Credentials,
     device: DeviceInfo,
     speed: f64,
     slices: SliceTable,
+    sessions: SessionTable,
+    plane: Arc<DataPlane>,
+    outputs: mpsc::UnboundedSender<EngineOutput>,
+    uplink: Uplink,
 }
 
 impl AgentSession<'_> {
@@ -295,13 +417,15 @@ impl AgentSession<'_> {
             .await
             .map_err(refusal)?
             .into_inner();
+        *lock_any(&self.uplink) = Some(tx.clone());
         let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
         let mut seq = 0u64;
         loop {
             tokio::select! {
                 _ = heartbeat.tick() => {
                     seq += 1;
-                    let beat = pb::AgentMessage { kind: Some(pb::agent_message::Kind::Heartbeat(pb::Heartbeat { seq })) };
+                    let (open_sessions, kv_cache_bytes) = self.load();
+                    let beat = pb::AgentMessage { kind: Some(pb::agent_message::Kind::Heartbeat(pb::Heartbeat { seq, open_sessions, kv_cache_bytes })) };
                     if tx.send(beat).await.is_err() {
                         return Ok(());
                     }
@@ -328,19 +452,127 @@ impl AgentSession<'_> {
                 info!(worker = %w.worker_id, heartbeat_ms = w.heartbeat_interval_ms, "connected to the coordinator");
             }
             Some(Kind::Assign(a)) => {
-                tokio::spawn(load_assignment(
-                    a,
-                    self.config.models_dir.clone(),
-                    self.slices.clone(),
-                    tx.clone(),
-                ));
+                let loader = Loader {
+                    models_dir: self.config.models_dir.clone(),
+                    slices: self.slices.clone(),
+                    outputs: self.outputs.clone(),
+                };
+                tokio::spawn(load_assignment(a, loader, tx.clone()));
             }
             Some(Kind::Unassign(u)) => {
                 lock(&self.slices).remove(&u.model);
                 info!(model = %u.model, "slice dropped");
             }
+            Some(Kind::OpenSession(o)) => self.open_session(o, tx.clone()),
+            Some(Kind::StartSession(s)) => {
+                let model = lock_any(&self.sessions).get(&s.session).cloned();
+                if let Some(loaded) = model.and_then(|m| lock(&self.slices).get(&m).cloned()) {
+                    let _ = loaded.engine.send(EngineInput::Start(s.session));
+                }
+            }
+            Some(Kind::CloseSession(c)) => {
+                close_session(&self.sessions, &self.slices, &self.plane, c.session)
+            }
+            Some(Kind::PeersRevoked(r)) => self.plane.revoke(&r.worker_ids),
             None => {}
         }
+    }
+}
+
+impl AgentSession<'_> {
+    fn load(&self) -> (u32, u64) {
+        let slices = lock(&self.slices);
+        slices.values().fold((0, 0), |(s, kv), l| {
+            (
+                s + l.stats.sessions.load(Ordering::Relaxed) as u32,
+                kv + l.stats.kv_bytes.load(Ordering::Relaxed),
+            )
+        })
+    }
+
+    /// Prepares this worker's stage of a session and answers the coordinator.
+    fn open_session(&self, o: pb::OpenSession, tx: mpsc::Sender<pb::AgentMessage>) {
+        let session_id = o.session;
+        let answer = move |error: String, prompt_ids: Vec<u32>| pb::AgentMessage {
+            kind: Some(pb::agent_message::Kind::SessionOpened(pb::SessionOpened {
+                session: session_id,
+                error,
+                prompt_tokens: prompt_ids.len() as u32,
+                prompt_ids,
+            })),
+        };
+        let loaded = lock(&self.slices).get(&o.model).cloned();
+        let Some(loaded) = loaded else {
+            let msg = answer(
+                format!("model {} is not loaded on this worker", o.model),
+                vec![],
+            );
+            tokio::spawn(async move { tx.send(msg).await });
+            return;
+        };
+        let peer = |p: &Option<pb::Peer>| {
+            p.as_ref()
+                .filter(|p| !p.worker_id.is_empty())
+                .map(|p| Peer {
+                    worker_id: p.worker_id.clone(),
+                    addr: p.addr.clone(),
+                })
+        };
+        let sampling = o.sampling.clone().unwrap_or_default();
+        let order = SessionOrder {
+            session: o.session,
+            me: self.creds.identity.worker_id.clone(),
+            prev: peer(&o.prev),
+            next: peer(&o.next),
+            head: peer(&o.head).unwrap_or_default(),
+            tail: peer(&o.tail).unwrap_or_default(),
+            prompt: o.prompt.clone(),
+            chat: o.chat,
+            system: (!o.system.is_empty()).then(|| o.system.clone()),
+            prompt_ids: o.prompt_ids.clone(),
+            sampling: SamplingParams {
+                temperature: sampling.temperature,
+                top_k: (sampling.top_k > 0).then_some(sampling.top_k as usize),
+                top_p: (sampling.top_p != 0.0).then_some(sampling.top_p),
+                seed: sampling.seed,
+            },
+            stop: StopConditions {
+                max_tokens: sampling.max_tokens as usize,
+                stop: sampling.stop.clone(),
+                ignore_eos: sampling.ignore_eos,
+            },
+        };
+        let route = Route {
+            engine: loaded.engine.clone(),
+            prev: order.prev.as_ref().map(|p| p.worker_id.clone()),
+            tail: loaded
+                .slice
+                .is_head_stage()
+                .then(|| order.tail.worker_id.clone()),
+        };
+        self.plane.add_route(o.session, route);
+        lock_any(&self.sessions).insert(o.session, o.model.clone());
+        let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
+        let _ = loaded
+            .engine
+            .send(EngineInput::Open(Box::new(order), reply_tx));
+        let (sessions, slices, plane, session) = (
+            self.sessions.clone(),
+            self.slices.clone(),
+            self.plane.clone(),
+            o.session,
+        );
+        tokio::spawn(async move {
+            let msg = match reply_rx.await {
+                Ok(Ok(ids)) => answer(String::new(), ids),
+                Ok(Err(e)) => {
+                    close_session(&sessions, &slices, &plane, session);
+                    answer(e, vec![])
+                }
+                Err(_) => answer("the stage engine stopped".into(), vec![]),
+            };
+            let _ = tx.send(msg).await;
+        });
     }
 }
 
@@ -358,12 +590,14 @@ fn refusal(status: tonic::Status) -> WorkerError {
     }
 }
 
-async fn load_assignment(
-    a: pb::Assignment,
+/// What loading a slice needs.
+struct Loader {
     models_dir: Option<PathBuf>,
     slices: SliceTable,
-    tx: mpsc::Sender<pb::AgentMessage>,
-) {
+    outputs: mpsc::UnboundedSender<EngineOutput>,
+}
+
+async fn load_assignment(a: pb::Assignment, loader: Loader, tx: mpsc::Sender<pb::AgentMessage>) {
     let report = |state: pb::AssignmentState, message: String| pb::AgentMessage {
         kind: Some(pb::agent_message::Kind::Status(pb::AssignmentStatus {
             model: a.model.clone(),
@@ -376,21 +610,53 @@ async fn load_assignment(
         .send(report(pb::AssignmentState::Loading, String::new()))
         .await;
     let order = a.clone();
+    let models_dir = loader.models_dir.clone();
     let loaded =
         tokio::task::spawn_blocking(move || load_slice(&order, models_dir.as_deref())).await;
     let outcome = match loaded {
-        Ok(Ok(slice)) => {
+        Ok(Ok((slice, tokenizer))) => {
             let range = slice.range();
-            lock(&slices).insert(
-                a.model.clone(),
-                LoadedSlice {
-                    version: a.placement_version,
-                    range,
-                    slice: Arc::new(slice),
-                },
+            let slice = Arc::new(slice);
+            let stats = Arc::new(EngineStats::default());
+            let (engine, inputs) = std::sync::mpsc::channel();
+            let engine_core = StageEngine::new(
+                slice.clone(),
+                Arc::new(tokenizer),
+                loader.outputs.clone(),
+                stats.clone(),
             );
-            info!(model = %a.model, layers = %range, "slice ready");
-            report(pb::AssignmentState::Ready, format!("layers {range} loaded"))
+            let spawned = std::thread::Builder::new()
+                .name(format!("stage-{}", a.model))
+                .spawn(move || engine_core.run(inputs));
+            match spawned {
+                Ok(_) => {
+                    let mut slices = lock(&loader.slices);
+                    // Loads of several placement versions may finish out of order: the newest wins.
+                    if slices
+                        .get(&a.model)
+                        .is_some_and(|l| l.version > a.placement_version)
+                    {
+                        return;
+                    }
+                    slices.insert(
+                        a.model.clone(),
+                        LoadedSlice {
+                            version: a.placement_version,
+                            range,
+                            slice,
+                            engine,
+                            stats,
+                        },
+                    );
+                    drop(slices);
+                    info!(model = %a.model, layers = %range, version = a.placement_version, "slice ready");
+                    report(pb::AssignmentState::Ready, format!("layers {range} loaded"))
+                }
+                Err(e) => report(
+                    pb::AssignmentState::Failed,
+                    format!("starting the stage engine: {e}"),
+                ),
+            }
         }
         Ok(Err(reason)) => {
             warn!(model = %a.model, %reason, "assignment failed");
@@ -402,7 +668,10 @@ async fn load_assignment(
 }
 
 /// Finds the model file (registered path, then the models dir), checks its hash, loads the slice.
-fn load_slice(a: &pb::Assignment, models_dir: Option<&Path>) -> Result<LlamaSlice, String> {
+fn load_slice(
+    a: &pb::Assignment,
+    models_dir: Option<&Path>,
+) -> Result<(LlamaSlice, ModelTokenizer), String> {
     let mode: WeightMode = a.dtype.parse()?;
     let mut candidates = vec![PathBuf::from(&a.file_path)];
     if let Some(dir) = models_dir {
@@ -428,5 +697,8 @@ fn load_slice(a: &pb::Assignment, models_dir: Option<&Path>) -> Result<LlamaSlic
     }
     let model = GgufModel::open(path).map_err(|e| e.to_string())?;
     let range = LayerRange::new(a.start_layer as usize, a.end_layer as usize);
-    LlamaSlice::load(&model, range, mode, &candle_core::Device::Cpu).map_err(|e| e.to_string())
+    let tokenizer = ModelTokenizer::from_gguf(model.metadata()).map_err(|e| e.to_string())?;
+    let slice = LlamaSlice::load(&model, range, mode, &candle_core::Device::Cpu)
+        .map_err(|e| e.to_string())?;
+    Ok((slice, tokenizer))
 }

@@ -4,9 +4,13 @@
 //! distributed run is compared against, and the generation loop ([`generate`]).
 
 pub mod agent;
+pub mod dataplane;
+pub mod frame;
 pub mod generate;
 pub mod pipeline;
+pub mod quic;
 pub mod speed;
+pub mod stage;
 
 pub use generate::{GenerateError, GenerateRequest, GenerationSummary, TokenEvent, generate};
 pub use pipeline::{LocalPipeline, PipelineError, PipelineSession};

@@ -1,0 +1,363 @@
+//! `sovra demo`: a whole federation on this machine. A coordinator and three workers of three
+//! providers (FR, DE, NL) run as separate processes (the same binaries a provider runs) in a
+//! temporary folder, talking gRPC and QUIC over loopback; the demo onboards them, registers
+//! and places the model across them, and streams an answer. Ctrl-C or the end tears it down.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Args;
+use sovra_coordinator::service::spec_pb;
+use sovra_model::fetch::{resolve_model, sha256_file, sovra_home};
+use sovra_model::{GgufModel, WeightMode};
+use sovra_proto::channel::{AuthChannel, connect};
+use sovra_proto::pb;
+
+use crate::fed::status;
+use crate::generate::SamplingArgs;
+
+/// The providers of the demo federation.
+const PROVIDERS: [(&str, &str, &str); 3] = [
+    ("paris-dc", "FR", "ISO27001,SecNumCloud"),
+    ("frankfurt-dc", "DE", "ISO27001,C5"),
+    ("amsterdam-dc", "NL", "ISO27001"),
+];
+
+/// Arguments of `sovra demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Stages the model is split into (one per worker, at most 3).
+    #[arg(long, default_value_t = 3)]
+    pub stages: u32,
+    /// Model: a known name or a path to a .gguf file.
+    #[arg(short, long, default_value = "smollm2", env = "SOVRA_MODEL")]
+    pub model: String,
+    /// How the workers hold the weights: gguf, q8_0 or f32.
+    #[arg(long, default_value_t = WeightMode::DEFAULT)]
+    pub dtype: WeightMode,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Print JSON lines on stdout, as `sovra run --json`.
+    #[arg(long)]
+    pub json: bool,
+    /// Keep the demo's folder (logs, data dirs) instead of deleting it.
+    #[arg(long)]
+    pub keep: bool,
+    /// The question (sent with the chat template).
+    #[arg(default_value = "What is the capital of France?")]
+    pub prompt: String,
+}
+
+struct Processes(Vec<Child>);
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            // SIGTERM first so each process shuts down gracefully.
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for child in &mut self.0 {
+            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn say(json: bool, line: &str) {
+    if !json {
+        eprintln!("{line}");
+    }
+}
+
+/// Runs `sovra demo`.
+pub async fn run(args: DemoArgs) -> Result<()> {
+    if args.stages == 0 || args.stages > 3 {
+        bail!("--stages must be 1, 2 or 3 (the demo has three workers)");
+    }
+    let model_path = resolve_model(&args.model, &sovra_home(), &mut crate::progress)?;
+    let model_path = std::fs::canonicalize(&model_path)?;
+    let dir = tempfile::Builder::new().prefix("sovra-demo-").tempdir()?;
+    let root = if args.keep {
+        dir.keep()
+    } else {
+        dir.path().to_path_buf()
+    };
+    let mut procs = Processes(Vec::new());
+    let exe = std::env::current_exe().context("locating the sovra binary")?;
+    let result = tokio::select! {
+        r = demo(&args, &exe, &root, &model_path, &mut procs) => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
+    };
+    drop(procs);
+    if args.keep {
+        say(args.json, &format!("demo files kept in {}", root.display()));
+    }
+    result
+}
+
+async fn demo(
+    args: &DemoArgs,
+    exe: &Path,
+    root: &Path,
+    model_path: &Path,
+    procs: &mut Processes,
+) -> Result<()> {
+    let coord_dir = root.join("coordinator");
+    let log = std::fs::File::create(root.join("coordinator.log"))?;
+    let mut coordinator = Command::new(exe)
+        .args([
+            "coordinator",
+            "start",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(&coord_dir)
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .context("starting the coordinator")?;
+    let stdout = coordinator
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow!("no coordinator stdout"))?;
+    procs.0.push(coordinator);
+    let url = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .map(|_| line.trim().to_string())
+    })
+    .await??;
+    if !url.starts_with("https://") {
+        bail!(
+            "the coordinator did not start (see {})",
+            root.join("coordinator.log").display()
+        );
+    }
+    say(
+        args.json,
+        &format!("coordinator  {url}  (data in {})", coord_dir.display()),
+    );
+    let ca = std::fs::read_to_string(coord_dir.join("ca.pem"))?;
+    let admin = std::fs::read_to_string(coord_dir.join("admin.token"))?
+        .trim()
+        .to_string();
+    let operator = connect(&url, &ca, None, Some(&admin)).await?;
+
+    onboard(args, exe, root, &url, &operator, procs).await?;
+    let placement = place(args, model_path, &operator).await?;
+    if !args.json {
+        print_placement_to_stderr(&placement);
+    }
+    let tenant = pb::tenants_client::TenantsClient::new(operator.clone())
+        .add_tenant(pb::AddTenantRequest {
+            name: "demo".into(),
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    let as_tenant = connect(&url, &ca, None, Some(&tenant.token)).await?;
+    let run = crate::jobs_cmd::RunArgs {
+        model: "demo-model".into(),
+        chat: true,
+        system: None,
+        sampling: args.sampling.clone(),
+        country: vec![],
+        require_cert: vec![],
+        exclude_provider: vec![],
+        prompt: args.prompt.clone(),
+    };
+    say(args.json, &format!("\n> {}\n", args.prompt));
+    crate::jobs_cmd::stream_job(as_tenant, run.request(), args.json).await
+}
+
+async fn onboard(
+    args: &DemoArgs,
+    exe: &Path,
+    root: &Path,
+    url: &str,
+    operator: &AuthChannel,
+    procs: &mut Processes,
+) -> Result<()> {
+    let mut providers = pb::providers_client::ProvidersClient::new(operator.clone());
+    for (name, country, certs) in PROVIDERS {
+        providers
+            .add_provider(pb::AddProviderRequest {
+                name: name.into(),
+                country: country.into(),
+                certifications: certs.split(',').map(String::from).collect(),
+            })
+            .await
+            .map_err(status)?;
+        let token = providers
+            .create_join_token(pb::CreateJoinTokenRequest {
+                provider: name.into(),
+                ttl_seconds: 600,
+            })
+            .await
+            .map_err(status)?
+            .into_inner()
+            .token;
+        let log = std::fs::File::create(root.join(format!("{name}.log")))?;
+        let worker = Command::new(exe)
+            .args([
+                "worker",
+                "start",
+                "--coordinator",
+                url,
+                "--listen",
+                "127.0.0.1:0",
+                "--join-token",
+                &token,
+                "--data-dir",
+            ])
+            .arg(root.join(name))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting the worker of {name}"))?;
+        procs.0.push(worker);
+        say(
+            args.json,
+            &format!("provider     {name} ({country}) admitted; its worker is joining"),
+        );
+    }
+    let mut workers = pb::workers_client::WorkersClient::new(operator.clone());
+    wait("three workers to join", Duration::from_secs(120), || {
+        let mut workers = workers.clone();
+        async move {
+            let list = workers
+                .list_workers(pb::ListWorkersRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .workers;
+            (list.iter().filter(|w| w.state == "up").count() == PROVIDERS.len()).then_some(())
+        }
+    })
+    .await?;
+    for w in workers
+        .list_workers(pb::ListWorkersRequest {})
+        .await
+        .map_err(status)?
+        .into_inner()
+        .workers
+    {
+        say(
+            args.json,
+            &format!(
+                "worker       {} of {} ({}) up at {}, {:.1} GFLOP/s",
+                w.id, w.provider, w.country, w.advertise_addr, w.speed_gflops
+            ),
+        );
+    }
+    Ok(())
+}
+
+async fn place(
+    args: &DemoArgs,
+    model_path: &Path,
+    operator: &AuthChannel,
+) -> Result<pb::Placement> {
+    let gguf = GgufModel::open(model_path)?;
+    let request = pb::AddModelRequest {
+        name: "demo-model".into(),
+        spec: Some(spec_pb(gguf.spec())),
+        file_sha256: sha256_file(model_path)?,
+        file_name: model_path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        file_path: model_path.display().to_string(),
+        dtype: args.dtype.to_string(),
+        policy: Some(pb::Policy::default()),
+    };
+    pb::models_client::ModelsClient::new(operator.clone())
+        .add_model(request)
+        .await
+        .map_err(status)?;
+    let mut placements = pb::placements_client::PlacementsClient::new(operator.clone());
+    placements
+        .set_placement(pb::SetPlacementRequest {
+            model: "demo-model".into(),
+            how: Some(pb::set_placement_request::How::Stages(args.stages)),
+        })
+        .await
+        .map_err(status)?;
+    wait(
+        "every stage to load its layers",
+        Duration::from_secs(180),
+        || {
+            let mut placements = placements.clone();
+            async move {
+                let p = placements
+                    .show_placement(pb::ShowPlacementRequest {
+                        model: "demo-model".into(),
+                    })
+                    .await
+                    .ok()?
+                    .into_inner();
+                let stages: Vec<&pb::PlacementStage> =
+                    p.chains.iter().flat_map(|c| &c.stages).collect();
+                if let Some(failed) = stages
+                    .iter()
+                    .find(|s| s.state == pb::AssignmentState::Failed as i32)
+                {
+                    return Some(Err(anyhow!(
+                        "worker {} could not load layers {}..{}: {}",
+                        failed.worker_id,
+                        failed.start_layer,
+                        failed.end_layer,
+                        failed.message
+                    )));
+                }
+                (!stages.is_empty()
+                    && stages
+                        .iter()
+                        .all(|s| s.state == pb::AssignmentState::Ready as i32))
+                .then_some(Ok(p))
+            }
+        },
+    )
+    .await?
+}
+
+fn print_placement_to_stderr(p: &pb::Placement) {
+    eprintln!();
+    for (i, chain) in p.chains.iter().enumerate() {
+        for s in &chain.stages {
+            eprintln!(
+                "chain {i}  layers {:>2}..{:<2} → {} ({}, {})",
+                s.start_layer, s.end_layer, s.worker_id, s.provider, s.country
+            );
+        }
+    }
+}
+
+async fn wait<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

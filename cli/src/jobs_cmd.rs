@@ -1,0 +1,289 @@
+//! `sovra run` (a federated job, streamed) and `sovra job …` (list, get, cancel, audit).
+
+use std::io::Write;
+
+use anyhow::{Result, anyhow};
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+use sovra_proto::channel::AuthChannel;
+use sovra_proto::pb;
+
+use crate::fed::{ConnectArgs, status, table};
+use crate::generate::SamplingArgs;
+
+/// Arguments of `sovra run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Model name as registered with the federation.
+    #[arg(short, long, env = "SOVRA_MODEL")]
+    pub model: String,
+    /// Wrap the prompt in the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// System turn for the chat template (implies --chat).
+    #[arg(long, value_name = "TEXT")]
+    pub system: Option<String>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Countries the job's layers may run in, comma-separated (narrows the model's policy).
+    #[arg(long, value_delimiter = ',')]
+    pub country: Vec<String>,
+    /// Certifications every provider used must hold.
+    #[arg(long = "require-cert", value_delimiter = ',')]
+    pub require_cert: Vec<String>,
+    /// Providers never to use.
+    #[arg(long = "exclude-provider", value_delimiter = ',')]
+    pub exclude_provider: Vec<String>,
+    /// The prompt.
+    pub prompt: String,
+}
+
+impl RunArgs {
+    /// The gRPC request.
+    pub fn request(&self) -> pb::RunJobRequest {
+        let s = &self.sampling;
+        pb::RunJobRequest {
+            model: self.model.clone(),
+            prompt: self.prompt.clone(),
+            chat: self.chat || self.system.is_some(),
+            system: self.system.clone().unwrap_or_default(),
+            sampling: Some(pb::Sampling {
+                temperature: s.temperature,
+                top_k: s.top_k.unwrap_or(0).min(u32::MAX as usize) as u32,
+                top_p: s.top_p.unwrap_or(0.0),
+                seed: s.seed,
+                max_tokens: s.max_tokens.min(u32::MAX as usize) as u32,
+                stop: s.stop.clone(),
+                ignore_eos: s.ignore_eos,
+            }),
+            policy: Some(pb::Policy {
+                countries: self.country.clone(),
+                required_certifications: self.require_cert.clone(),
+                excluded_providers: self.exclude_provider.clone(),
+            }),
+        }
+    }
+}
+
+/// Runs `sovra run`: JSON errors with `--json`, a one-line error otherwise.
+pub async fn run(args: RunArgs, conn: &ConnectArgs) -> Result<()> {
+    let result = async { stream_job(conn.channel().await?, args.request(), conn.json).await }.await;
+    match result {
+        Err(err) if conn.json => {
+            println!(
+                "{}",
+                json!({"type": "error", "message": format!("{err:#}")})
+            );
+            Err(anyhow!("{err:#}"))
+        }
+        other => other,
+    }
+}
+
+/// Runs a job on `channel` and streams it to stdout (text, or JSON lines), stats on stderr.
+pub async fn stream_job(
+    channel: AuthChannel,
+    request: pb::RunJobRequest,
+    json_mode: bool,
+) -> Result<()> {
+    if request.prompt.is_empty() {
+        return Err(anyhow!("the prompt is empty"));
+    }
+    let mut events = pb::jobs_client::JobsClient::new(channel)
+        .run_job(request)
+        .await
+        .map_err(status)?
+        .into_inner();
+    let mut stdout = std::io::stdout().lock();
+    while let Some(event) = events.message().await.map_err(status)? {
+        match event.kind {
+            Some(pb::job_event::Kind::Started(s)) if !json_mode => {
+                let stages: Vec<String> = s
+                    .stages
+                    .iter()
+                    .map(|st| {
+                        format!(
+                            "{}({}) {}..{}",
+                            st.worker_id, st.country, st.start_layer, st.end_layer
+                        )
+                    })
+                    .collect();
+                eprintln!("[{} on {}]", s.job_id, stages.join(" → "));
+            }
+            Some(pb::job_event::Kind::Token(t)) => {
+                if json_mode {
+                    writeln!(
+                        stdout,
+                        "{}",
+                        json!({"type": "token", "index": t.index, "token_id": t.token_id, "text": t.text})
+                    )?;
+                } else {
+                    write!(stdout, "{}", t.text)?;
+                }
+                stdout.flush()?;
+            }
+            Some(pb::job_event::Kind::Summary(s)) => {
+                if json_mode {
+                    writeln!(
+                        stdout,
+                        "{}",
+                        json!({"type": "summary", "prompt_tokens": s.prompt_tokens, "generated_tokens": s.generated_tokens, "finish_reason": s.finish_reason, "ttft_ms": s.ttft_ms, "prompt_tok_s": s.prompt_tok_s, "decode_tok_s": s.decode_tok_s, "job_id": s.job_id})
+                    )?;
+                } else {
+                    writeln!(stdout)?;
+                    eprintln!(
+                        "[{}: prompt {} tokens at {:.1} tok/s | {} generated at {:.1} tok/s | first token {:.0} ms | finish: {}]",
+                        s.job_id,
+                        s.prompt_tokens,
+                        s.prompt_tok_s,
+                        s.generated_tokens,
+                        s.decode_tok_s,
+                        s.ttft_ms,
+                        s.finish_reason
+                    );
+                }
+                return Ok(());
+            }
+            Some(pb::job_event::Kind::Started(_)) | None => {}
+        }
+    }
+    Err(anyhow!(
+        "the coordinator ended the job stream without a summary"
+    ))
+}
+
+/// `sovra job …`.
+#[derive(Debug, Subcommand)]
+pub enum JobCommand {
+    /// List jobs (a tenant sees its own; the operator all).
+    List,
+    /// Show one job.
+    Get {
+        /// Job id.
+        id: String,
+    },
+    /// Cancel a running job.
+    Cancel {
+        /// Job id.
+        id: String,
+    },
+    /// Show where each layer of a job ran.
+    Audit {
+        /// Job id.
+        id: String,
+    },
+}
+
+fn audit_json(a: &pb::AuditStage) -> Value {
+    json!({"worker": a.worker_id, "provider": a.provider, "country": a.country, "layers": format!("{}..{}", a.start_layer, a.end_layer)})
+}
+
+fn job_json(j: &pb::Job) -> Value {
+    json!({"job_id": j.job_id, "tenant": j.tenant, "model": j.model, "state": j.state, "prompt_tokens": j.prompt_tokens, "generated_tokens": j.token_ids.len(), "token_ids": j.token_ids, "text": j.text, "finish_reason": j.finish_reason, "error": j.error, "audit": j.audit.iter().map(audit_json).collect::<Vec<_>>(), "created_unix": j.created_unix, "finished_unix": j.finished_unix})
+}
+
+/// Runs `sovra job …`.
+pub async fn job(cmd: JobCommand, conn: &ConnectArgs) -> Result<()> {
+    let mut client = pb::jobs_client::JobsClient::new(conn.channel().await?);
+    let one = |j: &pb::Job, audit_only: bool| {
+        if conn.json {
+            let doc = if audit_only {
+                json!({"job_id": j.job_id, "audit": j.audit.iter().map(audit_json).collect::<Vec<_>>()})
+            } else {
+                job_json(j)
+            };
+            println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+            return;
+        }
+        if !audit_only {
+            println!(
+                "{} · {} · {} · {} · {} prompt + {} generated tokens {}",
+                j.job_id,
+                j.tenant,
+                j.model,
+                j.state,
+                j.prompt_tokens,
+                j.token_ids.len(),
+                if j.error.is_empty() {
+                    String::new()
+                } else {
+                    format!("· {}", j.error)
+                }
+            );
+        }
+        let rows: Vec<Vec<String>> = j
+            .audit
+            .iter()
+            .map(|a| {
+                vec![
+                    a.worker_id.clone(),
+                    a.provider.clone(),
+                    a.country.clone(),
+                    format!("{}..{}", a.start_layer, a.end_layer),
+                ]
+            })
+            .collect();
+        table(&["worker", "provider", "country", "layers"], &rows);
+    };
+    match cmd {
+        JobCommand::List => {
+            let jobs = client
+                .list_jobs(pb::ListJobsRequest {})
+                .await
+                .map_err(status)?
+                .into_inner()
+                .jobs;
+            if conn.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&Value::Array(
+                        jobs.iter().map(job_json).collect()
+                    ))?
+                );
+            } else {
+                let rows: Vec<Vec<String>> = jobs
+                    .iter()
+                    .map(|j| {
+                        vec![
+                            j.job_id.clone(),
+                            j.tenant.clone(),
+                            j.model.clone(),
+                            j.state.clone(),
+                            j.token_ids.len().to_string(),
+                            j.finish_reason.clone(),
+                        ]
+                    })
+                    .collect();
+                table(
+                    &["job", "tenant", "model", "state", "tokens", "finish"],
+                    &rows,
+                );
+            }
+        }
+        JobCommand::Get { id } => one(
+            &client
+                .get_job(pb::JobRef { job_id: id })
+                .await
+                .map_err(status)?
+                .into_inner(),
+            false,
+        ),
+        JobCommand::Cancel { id } => one(
+            &client
+                .cancel_job(pb::JobRef { job_id: id })
+                .await
+                .map_err(status)?
+                .into_inner(),
+            false,
+        ),
+        JobCommand::Audit { id } => one(
+            &client
+                .get_job(pb::JobRef { job_id: id })
+                .await
+                .map_err(status)?
+                .into_inner(),
+            true,
+        ),
+    }
+    Ok(())
+}

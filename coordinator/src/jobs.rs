@@ -1,0 +1,746 @@
+//! Jobs: a tenant's prompt run on one ready chain of a model's placement. The coordinator
+//! opens the session on every stage, starts the head, relays the tail's token events to the
+//! client and records the job and its audit trail (which worker of which provider in which
+//! country ran which layers). It is not on the per-token path between stages.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use sovra_model::{LayerRange, Sampler, SamplingParams, StopConditions};
+use sovra_proto::token;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+use crate::error::CoordinatorError;
+use crate::federation::{AgentCommand, AssignmentState, Caller, Federation};
+use crate::records::*;
+use crate::store::Batch;
+
+/// Tree of job records, keyed by job id.
+pub const JOBS: &str = "jobs";
+/// How long every stage has to acknowledge a new session.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest prompt text accepted, bytes.
+const MAX_PROMPT_BYTES: usize = 1 << 20;
+/// Largest token budget accepted.
+const MAX_TOKENS_LIMIT: usize = 1 << 20;
+
+/// What a client asks for.
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    /// Model name.
+    pub model: String,
+    /// Prompt text.
+    pub prompt: String,
+    /// Chat template.
+    pub chat: bool,
+    /// System turn.
+    pub system: Option<String>,
+    /// Sampling.
+    pub sampling: SamplingParams,
+    /// Stopping.
+    pub stop: StopConditions,
+    /// Narrows the model's policy.
+    pub policy: PolicyRecord,
+}
+
+/// Where one stage of a job ran.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditStage {
+    /// Worker id.
+    pub worker_id: String,
+    /// Provider.
+    pub provider: String,
+    /// Country.
+    pub country: String,
+    /// Layers.
+    pub range: LayerRange,
+}
+
+/// Lifecycle of a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Generating.
+    Running,
+    /// Finished normally.
+    Done,
+    /// Ended with an error.
+    Failed,
+    /// Cancelled by its tenant or the operator.
+    Cancelled,
+}
+
+impl JobState {
+    /// Name shown to people.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Running => "running",
+            JobState::Done => "done",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// A job's durable record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// Job id.
+    pub id: String,
+    /// Tenant name, or "operator".
+    pub tenant: String,
+    /// Model name.
+    pub model: String,
+    /// State.
+    pub state: JobState,
+    /// Effective policy.
+    pub policy: PolicyRecord,
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Prompt token ids (for replay).
+    pub prompt_ids: Vec<u32>,
+    /// Generated token ids.
+    pub token_ids: Vec<u32>,
+    /// Generated text.
+    pub text: String,
+    /// eos, length or stop.
+    pub finish_reason: Option<String>,
+    /// Error of a failed job.
+    pub error: Option<String>,
+    /// Where each layer ran.
+    pub audit: Vec<AuditStage>,
+    /// Creation time, Unix seconds.
+    pub created_unix: u64,
+    /// End time, Unix seconds.
+    pub finished_unix: u64,
+}
+
+/// Events streamed to the client.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobEvent {
+    /// The job runs on these stages.
+    Started {
+        /// Job id.
+        job_id: String,
+        /// Its stages.
+        stages: Vec<AuditStage>,
+    },
+    /// A generated token.
+    Token {
+        /// Index.
+        index: u32,
+        /// Id.
+        token_id: u32,
+        /// Text.
+        text: String,
+    },
+    /// The job ended normally.
+    Summary(JobSummary),
+    /// The job ended with an error (or was cancelled).
+    Failed(String),
+}
+
+/// Statistics of a finished job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobSummary {
+    /// Job id.
+    pub job_id: String,
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Generated tokens.
+    pub generated_tokens: usize,
+    /// eos, length or stop.
+    pub finish_reason: String,
+    /// Time to first token, ms.
+    pub ttft_ms: f64,
+    /// Prompt tokens per second.
+    pub prompt_tok_s: f64,
+    /// Decode tokens per second.
+    pub decode_tok_s: f64,
+}
+
+/// Orders to prepare one stage of a session (sent over the agent stream).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionOpen {
+    /// Session id.
+    pub session: u64,
+    /// Model.
+    pub model: String,
+    /// Placement version.
+    pub version: u64,
+    /// Stage index.
+    pub stage: usize,
+    /// Number of stages.
+    pub stages: usize,
+    /// (worker id, address) of the previous stage.
+    pub prev: Option<(String, String)>,
+    /// Of the next stage.
+    pub next: Option<(String, String)>,
+    /// Of the head.
+    pub head: (String, String),
+    /// Of the tail.
+    pub tail: (String, String),
+    /// Prompt text.
+    pub prompt: String,
+    /// Chat template.
+    pub chat: bool,
+    /// System turn.
+    pub system: Option<String>,
+    /// Prompt ids replacing the text (replays).
+    pub prompt_ids: Vec<u32>,
+    /// Sampling.
+    pub sampling: SamplingParams,
+    /// Stopping.
+    pub stop: StopConditions,
+}
+
+/// A running job's live state.
+pub(crate) struct LiveJob {
+    record: JobRecord,
+    stages: Vec<String>,
+    events: mpsc::Sender<JobEvent>,
+    started: Option<Instant>,
+    first_token: Option<Instant>,
+    last_token: Option<Instant>,
+}
+
+/// A stage's answer to an opening: the prompt ids (head) or the refusal.
+type OpenReply = oneshot::Sender<Result<Vec<u32>, String>>;
+/// The stages of a chain a job runs on.
+type ChainStages = Vec<(WorkerRecord, ProviderRecord, LayerRange)>;
+
+/// Live jobs and pending session openings.
+#[derive(Default)]
+pub(crate) struct JobTable {
+    live: HashMap<u64, LiveJob>,
+    by_id: HashMap<String, u64>,
+    opens: HashMap<(u64, String), OpenReply>,
+}
+
+/// Narrows a model's policy with a job's: countries intersect, requirements and exclusions add up.
+pub fn narrow_policy(
+    model: &PolicyRecord,
+    job: &PolicyRecord,
+) -> Result<PolicyRecord, CoordinatorError> {
+    let countries = match (model.countries.is_empty(), job.countries.is_empty()) {
+        (true, _) => job.countries.clone(),
+        (false, true) => model.countries.clone(),
+        (false, false) => {
+            let both: Vec<String> = job
+                .countries
+                .iter()
+                .filter(|c| model.countries.contains(c))
+                .cloned()
+                .collect();
+            if both.is_empty() {
+                return Err(CoordinatorError::FailedPrecondition(format!(
+                    "the job allows countries {} but the model only {}: no country is left",
+                    job.countries.join(","),
+                    model.countries.join(",")
+                )));
+            }
+            both
+        }
+    };
+    let union = |a: &[String], b: &[String]| {
+        let mut out = a.to_vec();
+        out.extend(b.iter().filter(|x| !a.contains(x)).cloned());
+        out
+    };
+    Ok(PolicyRecord {
+        countries,
+        required_certifications: union(
+            &model.required_certifications,
+            &job.required_certifications,
+        ),
+        excluded_providers: union(&model.excluded_providers, &job.excluded_providers),
+    })
+}
+
+/// Why `provider` may not run a job under `policy`, if it may not.
+pub fn policy_violation(policy: &PolicyRecord, provider: &ProviderRecord) -> Option<String> {
+    if !policy.countries.is_empty() && !policy.countries.contains(&provider.country) {
+        return Some(format!(
+            "{} is in {}, outside {}",
+            provider.name,
+            provider.country,
+            policy.countries.join(",")
+        ));
+    }
+    if let Some(c) = policy
+        .required_certifications
+        .iter()
+        .find(|c| !provider.certifications.contains(c))
+    {
+        return Some(format!("{} lacks certification {c}", provider.name));
+    }
+    if policy.excluded_providers.contains(&provider.name) {
+        return Some(format!("{} is excluded", provider.name));
+    }
+    None
+}
+
+impl Federation {
+    fn jobs(&self) -> std::sync::MutexGuard<'_, JobTable> {
+        self.job_table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts a job and returns its id and its event stream.
+    pub async fn run_job(
+        &self,
+        caller: &Caller,
+        spec: JobSpec,
+    ) -> Result<(String, mpsc::Receiver<JobEvent>), CoordinatorError> {
+        validate_spec(&spec)?;
+        let model = self.model(&spec.model)?;
+        let policy = narrow_policy(
+            &model.policy,
+            &crate::federation::clean_policy(&spec.policy)?,
+        )?;
+        let placement = self.placement(&model.name)?;
+        let chain = self.pick_chain(&placement, &policy)?;
+        let job_id = format!("job-{}", token::random_hex(8));
+        let session = u64::from_str_radix(&token::random_hex(8), 16).unwrap_or(1);
+        let tenant = match caller {
+            Caller::Operator => "operator".to_string(),
+            Caller::Tenant(t) => t.clone(),
+        };
+        let stages: ChainStages = chain;
+        let audit: Vec<AuditStage> = stages
+            .iter()
+            .map(|(w, p, r)| AuditStage {
+                worker_id: w.id.clone(),
+                provider: p.name.clone(),
+                country: p.country.clone(),
+                range: *r,
+            })
+            .collect();
+        let record = JobRecord {
+            id: job_id.clone(),
+            tenant,
+            model: model.name.clone(),
+            state: JobState::Running,
+            policy,
+            prompt_tokens: 0,
+            prompt_ids: vec![],
+            token_ids: vec![],
+            text: String::new(),
+            finish_reason: None,
+            error: None,
+            audit: audit.clone(),
+            created_unix: now_unix(),
+            finished_unix: 0,
+        };
+        self.store()
+            .apply(Batch::new().put(JOBS, &job_id, encode(&record)))?;
+        let (tx, rx) = mpsc::channel(4096);
+        let worker_ids: Vec<String> = stages.iter().map(|(w, _, _)| w.id.clone()).collect();
+        {
+            let mut jobs = self.jobs();
+            jobs.by_id.insert(job_id.clone(), session);
+            jobs.live.insert(
+                session,
+                LiveJob {
+                    record,
+                    stages: worker_ids.clone(),
+                    events: tx.clone(),
+                    started: None,
+                    first_token: None,
+                    last_token: None,
+                },
+            );
+        }
+        let _ = tx
+            .send(JobEvent::Started {
+                job_id: job_id.clone(),
+                stages: audit,
+            })
+            .await;
+        let opens = self.session_orders(session, &model.name, placement.version, &stages, &spec);
+        match self.open_everywhere(session, &worker_ids, opens).await {
+            Ok(prompt_ids) => {
+                let mut jobs = self.jobs();
+                if let Some(job) = jobs.live.get_mut(&session) {
+                    job.record.prompt_tokens = prompt_ids.len();
+                    job.record.prompt_ids = prompt_ids;
+                    job.started = Some(Instant::now());
+                }
+                drop(jobs);
+                self.send_to(&worker_ids[0], AgentCommand::StartSession(session));
+                info!(job = %job_id, session, stages = worker_ids.len(), "job started");
+            }
+            Err(error) => self.finish_job(session, JobState::Failed, None, Some(error)),
+        }
+        Ok((job_id, rx))
+    }
+
+    fn session_orders(
+        &self,
+        session: u64,
+        model: &str,
+        version: u64,
+        stages: &[(WorkerRecord, ProviderRecord, LayerRange)],
+        spec: &JobSpec,
+    ) -> Vec<SessionOpen> {
+        let peer = |i: usize| (stages[i].0.id.clone(), stages[i].0.advertise_addr.clone());
+        let n = stages.len();
+        (0..n)
+            .map(|i| SessionOpen {
+                session,
+                model: model.to_string(),
+                version,
+                stage: i,
+                stages: n,
+                prev: (i > 0).then(|| peer(i - 1)),
+                next: (i + 1 < n).then(|| peer(i + 1)),
+                head: peer(0),
+                tail: peer(n - 1),
+                prompt: if i == 0 {
+                    spec.prompt.clone()
+                } else {
+                    String::new()
+                },
+                chat: spec.chat,
+                system: spec.system.clone(),
+                prompt_ids: vec![],
+                sampling: spec.sampling,
+                stop: spec.stop.clone(),
+            })
+            .collect()
+    }
+
+    /// Sends the openings and waits for every stage's answer; returns the head's prompt ids.
+    async fn open_everywhere(
+        &self,
+        session: u64,
+        workers: &[String],
+        opens: Vec<SessionOpen>,
+    ) -> Result<Vec<u32>, String> {
+        let mut answers = Vec::new();
+        for (worker, open) in workers.iter().zip(opens) {
+            let (tx, rx) = oneshot::channel();
+            self.jobs().opens.insert((session, worker.clone()), tx);
+            if !self.send_to(worker, AgentCommand::OpenSession(Box::new(open))) {
+                return Err(format!("worker {worker} is not connected"));
+            }
+            answers.push((worker.clone(), rx));
+        }
+        let mut prompt = Vec::new();
+        for (i, (worker, rx)) in answers.into_iter().enumerate() {
+            let answer = tokio::time::timeout(OPEN_TIMEOUT, rx).await;
+            self.jobs().opens.remove(&(session, worker.clone()));
+            match answer {
+                Ok(Ok(Ok(ids))) if i == 0 => prompt = ids,
+                Ok(Ok(Ok(_))) => {}
+                Ok(Ok(Err(e))) => return Err(e),
+                Ok(Err(_)) => {
+                    return Err(format!(
+                        "worker {worker} went away while opening the session"
+                    ));
+                }
+                Err(_) => {
+                    return Err(format!(
+                        "worker {worker} did not open the session within {OPEN_TIMEOUT:?}"
+                    ));
+                }
+            }
+        }
+        Ok(prompt)
+    }
+
+    /// A stage's answer to an opening.
+    pub fn session_opened(&self, worker: &str, session: u64, result: Result<Vec<u32>, String>) {
+        if let Some(tx) = self.jobs().opens.remove(&(session, worker.to_string())) {
+            let _ = tx.send(result);
+        }
+    }
+
+    /// Chooses the least busy ready chain whose every stage obeys `policy`.
+    fn pick_chain(
+        &self,
+        placement: &PlacementRecord,
+        policy: &PolicyRecord,
+    ) -> Result<ChainStages, CoordinatorError> {
+        if placement.chains.is_empty() {
+            return Err(CoordinatorError::FailedPrecondition(format!(
+                "model `{}` is not placed: {}",
+                placement.model,
+                placement
+                    .unplaced_reason
+                    .clone()
+                    .unwrap_or_else(|| "no placement yet".into())
+            )));
+        }
+        let workers: HashMap<String, (WorkerRecord, ProviderRecord)> = self
+            .list_workers()?
+            .into_iter()
+            .map(|(w, p)| (w.id.clone(), (w, p)))
+            .collect();
+        let busy: HashMap<String, usize> = {
+            let jobs = self.jobs();
+            let mut count = HashMap::new();
+            for job in jobs.live.values() {
+                for w in &job.stages {
+                    *count.entry(w.clone()).or_insert(0) += 1;
+                }
+            }
+            count
+        };
+        let mut reasons = Vec::new();
+        let mut best: Option<(usize, ChainStages)> = None;
+        for (index, chain) in placement.chains.iter().enumerate() {
+            let mut stages = Vec::new();
+            let mut why = None;
+            for stage in chain {
+                let Some((w, p)) = workers.get(&stage.worker_id) else {
+                    why = Some(format!("worker {} is unknown", stage.worker_id));
+                    break;
+                };
+                if let Some(v) = policy_violation(policy, p) {
+                    why = Some(v);
+                    break;
+                }
+                let ready = matches!(
+                    self.stage_state(&placement.model, &w.id, placement.version),
+                    Some((AssignmentState::Ready, _))
+                );
+                if !self.is_live(&w.id) || !ready {
+                    why = Some(format!("worker {} is not ready", w.id));
+                    break;
+                }
+                stages.push((w.clone(), p.clone(), stage.range));
+            }
+            match why {
+                Some(reason) => reasons.push(format!("chain {index}: {reason}")),
+                None => {
+                    let load: usize = stages
+                        .iter()
+                        .map(|(w, _, _)| busy.get(&w.id).copied().unwrap_or(0))
+                        .sum();
+                    if best.as_ref().is_none_or(|(l, _)| load < *l) {
+                        best = Some((load, stages));
+                    }
+                }
+            }
+        }
+        best.map(|(_, s)| s).ok_or_else(|| {
+            CoordinatorError::FailedPrecondition(format!(
+                "no ready chain of `{}` can run this job: {}",
+                placement.model,
+                reasons.join("; ")
+            ))
+        })
+    }
+
+    /// A tail's token or end, or a stage's failure.
+    pub fn session_event(
+        &self,
+        worker: &str,
+        session: u64,
+        token: Option<(u32, u32, String)>,
+        finish: Option<String>,
+        error: Option<String>,
+    ) {
+        let mut failed = None;
+        let mut finished = None;
+        {
+            let mut jobs = self.jobs();
+            let Some(job) = jobs.live.get_mut(&session) else {
+                return;
+            };
+            if !job.stages.iter().any(|s| s == worker) {
+                return;
+            }
+            if let Some(e) = error {
+                failed = Some(format!("stage {worker} failed: {e}"));
+            } else if job.stages.last().map(String::as_str) == Some(worker) {
+                if let Some((index, token_id, text)) = token {
+                    let now = Instant::now();
+                    job.first_token.get_or_insert(now);
+                    job.last_token = Some(now);
+                    job.record.token_ids.push(token_id);
+                    job.record.text.push_str(&text);
+                    if job
+                        .events
+                        .try_send(JobEvent::Token {
+                            index,
+                            token_id,
+                            text,
+                        })
+                        .is_err()
+                    {
+                        failed = Some("the client went away".into());
+                    }
+                }
+                finished = finish;
+            }
+        }
+        if let Some(e) = failed {
+            let state = if e.contains("client went away") {
+                JobState::Cancelled
+            } else {
+                JobState::Failed
+            };
+            self.finish_job(session, state, None, Some(e));
+        } else if let Some(reason) = finished {
+            self.finish_job(session, JobState::Done, Some(reason), None);
+        }
+    }
+
+    /// Ends a job: closes its session on every stage, records it, and tells the client.
+    pub(crate) fn finish_job(
+        &self,
+        session: u64,
+        state: JobState,
+        finish: Option<String>,
+        error: Option<String>,
+    ) {
+        let Some(mut job) = ({
+            let mut jobs = self.jobs();
+            let job = jobs.live.remove(&session);
+            if let Some(j) = &job {
+                jobs.by_id.remove(&j.record.id);
+            }
+            job
+        }) else {
+            return;
+        };
+        for worker in &job.stages {
+            self.send_to(worker, AgentCommand::CloseSession(session));
+        }
+        job.record.state = state;
+        job.record.finish_reason = finish.clone();
+        job.record.error = error.clone();
+        job.record.finished_unix = now_unix();
+        if let Err(e) =
+            self.store()
+                .apply(Batch::new().put(JOBS, &job.record.id, encode(&job.record)))
+        {
+            warn!(cause = %e, job = %job.record.id, "recording the job");
+        }
+        let event = match (state, finish) {
+            (JobState::Done, Some(reason)) => JobEvent::Summary(summary(&job, reason)),
+            _ => JobEvent::Failed(error.unwrap_or_else(|| state.as_str().to_string())),
+        };
+        let _ = job.events.try_send(event);
+        info!(job = %job.record.id, state = state.as_str(), tokens = job.record.token_ids.len(), "job ended");
+    }
+
+    /// Jobs `caller` may see.
+    pub fn list_jobs(&self, caller: &Caller) -> Result<Vec<JobRecord>, CoordinatorError> {
+        let mut jobs: Vec<JobRecord> = read_all::<JobRecord>(self.store(), JOBS)?
+            .into_iter()
+            .filter(|j| visible(caller, j))
+            .map(|j| self.live_view(j))
+            .collect();
+        jobs.sort_by_key(|j| j.created_unix);
+        Ok(jobs)
+    }
+
+    /// One job, if `caller` may see it.
+    pub fn get_job(&self, caller: &Caller, id: &str) -> Result<JobRecord, CoordinatorError> {
+        let job: JobRecord =
+            read(self.store(), JOBS, id)?.ok_or_else(|| CoordinatorError::not_found("job", id))?;
+        if !visible(caller, &job) {
+            return Err(CoordinatorError::not_found("job", id));
+        }
+        Ok(self.live_view(job))
+    }
+
+    fn live_view(&self, job: JobRecord) -> JobRecord {
+        let jobs = self.jobs();
+        match jobs.by_id.get(&job.id).and_then(|s| jobs.live.get(s)) {
+            Some(live) => live.record.clone(),
+            None => job,
+        }
+    }
+
+    /// Cancels a running job.
+    pub fn cancel_job(&self, caller: &Caller, id: &str) -> Result<JobRecord, CoordinatorError> {
+        let job = self.get_job(caller, id)?;
+        if job.state != JobState::Running {
+            return Err(CoordinatorError::FailedPrecondition(format!(
+                "job {id} is already {}",
+                job.state.as_str()
+            )));
+        }
+        let session = self.jobs().by_id.get(id).copied();
+        if let Some(session) = session {
+            self.finish_job(session, JobState::Cancelled, None, Some("cancelled".into()));
+        }
+        self.get_job(caller, id)
+    }
+
+    /// Fails every job running on `worker` (its stream ended).
+    pub(crate) fn fail_jobs_on(&self, worker: &str, why: &str) {
+        let sessions: Vec<u64> = self
+            .jobs()
+            .live
+            .iter()
+            .filter(|(_, j)| j.stages.iter().any(|s| s == worker))
+            .map(|(s, _)| *s)
+            .collect();
+        for session in sessions {
+            self.finish_job(
+                session,
+                JobState::Failed,
+                None,
+                Some(format!("worker {worker} {why}")),
+            );
+        }
+    }
+}
+
+fn visible(caller: &Caller, job: &JobRecord) -> bool {
+    match caller {
+        Caller::Operator => true,
+        Caller::Tenant(t) => &job.tenant == t,
+    }
+}
+
+fn summary(job: &LiveJob, reason: String) -> JobSummary {
+    let start = job.started.unwrap_or_else(Instant::now);
+    let first = job.first_token.unwrap_or(start);
+    let last = job.last_token.unwrap_or(first);
+    let ttft = (first - start).as_secs_f64();
+    let n = job.record.token_ids.len();
+    JobSummary {
+        job_id: job.record.id.clone(),
+        prompt_tokens: job.record.prompt_tokens,
+        generated_tokens: n,
+        finish_reason: reason,
+        ttft_ms: ttft * 1e3,
+        prompt_tok_s: job.record.prompt_tokens as f64 / ttft.max(1e-9),
+        decode_tok_s: if n > 1 {
+            (n - 1) as f64 / (last - first).as_secs_f64().max(1e-9)
+        } else {
+            0.0
+        },
+    }
+}
+
+fn validate_spec(spec: &JobSpec) -> Result<(), CoordinatorError> {
+    let bad = |m: String| Err(CoordinatorError::InvalidArgument(m));
+    if spec.prompt.is_empty() {
+        return bad("the prompt is empty".into());
+    }
+    if spec.prompt.len() > MAX_PROMPT_BYTES {
+        return bad(format!(
+            "the prompt is {} bytes; at most {MAX_PROMPT_BYTES} are accepted",
+            spec.prompt.len()
+        ));
+    }
+    if spec.stop.max_tokens == 0 || spec.stop.max_tokens > MAX_TOKENS_LIMIT {
+        return bad(format!(
+            "max tokens must be between 1 and {MAX_TOKENS_LIMIT}, got {}",
+            spec.stop.max_tokens
+        ));
+    }
+    if spec.stop.stop.len() > 16 || spec.stop.stop.iter().any(|s| s.len() > 256) {
+        return bad("at most 16 stop strings of at most 256 bytes".into());
+    }
+    Sampler::new(spec.sampling).map_err(|e| CoordinatorError::InvalidArgument(e.to_string()))?;
+    Ok(())
+}

@@ -1,0 +1,245 @@
+//! The worker's data plane: a QUIC endpoint (mutual TLS with federation certificates) that
+//! receives frames from the peers the coordinator named and hands them to the right stage
+//! engine, and one ordered outgoing stream per neighbour. A frame is accepted only from the
+//! worker its session names as sender, identified by the certificate of the connection; a
+//! malformed frame or a frame from a worker no session names closes that connection.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::frame::{Frame, read_frame, write_frame};
+use crate::quic::{self, QuicError, TlsIdentity};
+use crate::stage::{EngineInput, EngineOutput, Peer};
+
+/// How long dialing a peer may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where the frames of one session go, and who may send them.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// The engine of the session's model.
+    pub engine: std::sync::mpsc::Sender<EngineInput>,
+    /// Worker allowed to send activations (None on the head).
+    pub prev: Option<String>,
+    /// Worker allowed to send tokens (the tail; only the head takes tokens).
+    pub tail: Option<String>,
+}
+
+/// The data plane of one worker.
+pub struct DataPlane {
+    endpoint: quinn::Endpoint,
+    routes: Mutex<HashMap<u64, Route>>,
+    revoked: Mutex<HashSet<String>>,
+    incoming: Mutex<HashMap<String, Vec<quinn::Connection>>>,
+    links: Mutex<HashMap<String, mpsc::UnboundedSender<Frame>>>,
+    failures: mpsc::UnboundedSender<EngineOutput>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl DataPlane {
+    /// Binds `listen` and starts accepting peers. Frames that cannot be delivered are reported
+    /// as session failures on `failures`.
+    pub fn start(
+        socket: std::net::UdpSocket,
+        identity: &TlsIdentity,
+        failures: mpsc::UnboundedSender<EngineOutput>,
+    ) -> Result<Arc<Self>, QuicError> {
+        let endpoint = quic::endpoint_from_socket(socket, identity)?;
+        let plane = Arc::new(Self {
+            endpoint,
+            routes: Mutex::default(),
+            revoked: Mutex::default(),
+            incoming: Mutex::default(),
+            links: Mutex::default(),
+            failures,
+        });
+        tokio::spawn(plane.clone().accept_loop());
+        Ok(plane)
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// Routes a session's frames.
+    pub fn add_route(&self, session: u64, route: Route) {
+        lock(&self.routes).insert(session, route);
+    }
+
+    /// Stops routing a session's frames.
+    pub fn remove_route(&self, session: u64) {
+        lock(&self.routes).remove(&session);
+    }
+
+    /// Refuses these workers from now on and closes their connections.
+    pub fn revoke(&self, workers: &[String]) {
+        lock(&self.revoked).extend(workers.iter().cloned());
+        let mut incoming = lock(&self.incoming);
+        for w in workers {
+            for conn in incoming.remove(w).unwrap_or_default() {
+                conn.close(
+                    quic::CODE_REVOKED.into(),
+                    b"the provider of this worker is revoked",
+                );
+            }
+            lock(&self.links).remove(w);
+        }
+    }
+
+    async fn accept_loop(self: Arc<Self>) {
+        while let Some(incoming) = self.endpoint.accept().await {
+            tokio::spawn(self.clone().serve_connection(incoming));
+        }
+    }
+
+    async fn serve_connection(self: Arc<Self>, incoming: quinn::Incoming) {
+        let conn = match incoming.await {
+            Ok(c) => c,
+            Err(e) => return debug!(cause = %e, "data-plane handshake failed"),
+        };
+        let peer = match quic::peer_identity(&conn) {
+            Ok(p) => p.worker_id,
+            Err(e) => {
+                return conn.close(quic::CODE_UNEXPECTED_FRAME.into(), e.to_string().as_bytes());
+            }
+        };
+        if lock(&self.revoked).contains(&peer) {
+            return conn.close(
+                quic::CODE_REVOKED.into(),
+                b"the provider of this worker is revoked",
+            );
+        }
+        lock(&self.incoming)
+            .entry(peer.clone())
+            .or_default()
+            .push(conn.clone());
+        while let Ok(mut stream) = conn.accept_uni().await {
+            loop {
+                match read_frame(&mut stream).await {
+                    Ok(None) => break,
+                    Ok(Some(frame)) => {
+                        if let Err(reason) = self.route(&peer, frame) {
+                            warn!(peer = %peer, %reason, "frame refused; closing the connection");
+                            conn.close(quic::CODE_UNEXPECTED_FRAME.into(), reason.as_bytes());
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        warn!(peer = %peer, cause = %e, "malformed frame; closing the connection");
+                        conn.close(
+                            quic::CODE_MALFORMED_FRAME.into(),
+                            format!("malformed frame: {e}").as_bytes(),
+                        );
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hands a frame to its session's engine if `peer` is the sender the session names.
+    fn route(&self, peer: &str, frame: Frame) -> Result<(), String> {
+        let (session, is_token) = match &frame {
+            Frame::Activations { session, .. } => (*session, false),
+            Frame::Token { session, .. } => (*session, true),
+        };
+        let routes = lock(&self.routes);
+        match routes.get(&session) {
+            Some(route) => {
+                let expected = if is_token {
+                    route.tail.as_deref()
+                } else {
+                    route.prev.as_deref()
+                };
+                if expected != Some(peer) {
+                    return Err(format!(
+                        "frame refused: worker {peer} is not the sender the placement names for session {session}"
+                    ));
+                }
+                let _ = route.engine.send(EngineInput::Frame {
+                    from: peer.to_string(),
+                    frame,
+                });
+                Ok(())
+            }
+            None if routes
+                .values()
+                .any(|r| r.prev.as_deref() == Some(peer) || r.tail.as_deref() == Some(peer)) =>
+            {
+                debug!(session, peer, "frame for a closed session dropped");
+                Ok(())
+            }
+            None => Err(format!(
+                "frame refused: no open session on this worker names worker {peer}"
+            )),
+        }
+    }
+
+    /// Queues a frame for `to`, dialing it on first use. Frames to one peer keep their order.
+    pub fn send(self: &Arc<Self>, to: &Peer, frame: Frame) {
+        let mut links = lock(&self.links);
+        let link = links.entry(to.worker_id.clone()).or_insert_with(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(self.clone().write_loop(to.clone(), rx));
+            tx
+        });
+        if let Err(mpsc::error::SendError(frame)) = link.send(frame) {
+            links.remove(&to.worker_id);
+            drop(links);
+            self.send(to, frame);
+        }
+    }
+
+    async fn write_loop(self: Arc<Self>, to: Peer, mut rx: mpsc::UnboundedReceiver<Frame>) {
+        let result = async {
+            let addr = tokio::net::lookup_host(&to.addr)
+                .await
+                .map_err(|e| format!("resolving {}: {e}", to.addr))?
+                .next()
+                .ok_or_else(|| format!("{} resolves to no address", to.addr))?;
+            let conn = quic::connect(&self.endpoint, addr, &to.worker_id, CONNECT_TIMEOUT)
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut stream = conn
+                .open_uni()
+                .await
+                .map_err(|e| format!("opening a stream to {}: {e}", to.worker_id))?;
+            info!(peer = %to.worker_id, addr = %addr, "data-plane link up");
+            while let Some(frame) = rx.recv().await {
+                if let Err(e) = write_frame(&mut stream, &frame).await {
+                    self.report_undelivered(&frame, &to, &e.to_string());
+                    return Err(format!("writing to {}: {e}", to.worker_id));
+                }
+            }
+            Ok::<(), String>(())
+        }
+        .await;
+        if let Err(reason) = result {
+            warn!(peer = %to.worker_id, %reason, "data-plane link lost");
+            lock(&self.links).remove(&to.worker_id);
+            rx.close();
+            while let Some(frame) = rx.recv().await {
+                self.report_undelivered(&frame, &to, &reason);
+            }
+        }
+    }
+
+    fn report_undelivered(&self, frame: &Frame, to: &Peer, reason: &str) {
+        let session = match frame {
+            Frame::Activations { session, .. } | Frame::Token { session, .. } => *session,
+        };
+        let _ = self.failures.send(EngineOutput::Failed {
+            session,
+            error: format!("cannot reach {}: {reason}", to.worker_id),
+        });
+    }
+}

@@ -1,0 +1,593 @@
+//! The stage engine: one thread per loaded slice that owns the slice's sessions (KV caches,
+//! prompt and sampling state) and runs every frame waiting for it as one batched forward.
+//! It takes [`EngineInput`]s (control orders and frames already checked for their sender) and
+//! emits [`EngineOutput`]s (frames for the next hop, token events); it does no I/O itself.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, TryRecvError};
+
+use candle_core::{Device, Tensor};
+use sovra_model::llama::logits_row;
+use sovra_model::{
+    ChatPrompt, FinishReason, LlamaSlice, ModelTokenizer, Sampler, SamplingParams, SegmentInput,
+    SessionCache, SliceInput, SliceOutput, StopConditions, TextStream,
+};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, warn};
+
+use crate::frame::Frame;
+
+/// Prompt tokens run per forward of a prefill chunk, so long prompts do not stall decodes.
+pub const PREFILL_CHUNK: usize = 64;
+
+/// A data-plane neighbour.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Peer {
+    /// Worker id (its certificate's CN).
+    pub worker_id: String,
+    /// host:port of its QUIC endpoint.
+    pub addr: String,
+}
+
+/// Everything a stage needs to know about a session.
+#[derive(Debug, Clone, Default)]
+pub struct SessionOrder {
+    /// Session id.
+    pub session: u64,
+    /// This worker's id.
+    pub me: String,
+    /// Stage before this one (None for the head).
+    pub prev: Option<Peer>,
+    /// Stage after this one (None for the tail).
+    pub next: Option<Peer>,
+    /// The head stage.
+    pub head: Peer,
+    /// The tail stage.
+    pub tail: Peer,
+    /// Prompt text (head).
+    pub prompt: String,
+    /// Chat template (head).
+    pub chat: bool,
+    /// System turn (head).
+    pub system: Option<String>,
+    /// Prompt ids that replace the text when given (head).
+    pub prompt_ids: Vec<u32>,
+    /// Sampling (tail).
+    pub sampling: SamplingParams,
+    /// Stopping (tail).
+    pub stop: StopConditions,
+}
+
+/// Orders and frames for the engine.
+#[derive(Debug)]
+pub enum EngineInput {
+    /// Prepare a session; the reply carries the prompt ids (head) or the refusal.
+    Open(Box<SessionOrder>, oneshot::Sender<Result<Vec<u32>, String>>),
+    /// Start generating (head).
+    Start(u64),
+    /// Drop a session.
+    Close(u64),
+    /// A frame whose sender the data plane has checked.
+    Frame {
+        /// The sender's worker id.
+        from: String,
+        /// The frame.
+        frame: Frame,
+    },
+}
+
+/// What the engine produces.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EngineOutput {
+    /// Send a frame to a peer.
+    Send {
+        /// The peer.
+        to: Peer,
+        /// The frame.
+        frame: Frame,
+    },
+    /// A generated token (tail), possibly the last.
+    Token {
+        /// Session id.
+        session: u64,
+        /// Index among generated tokens.
+        index: u32,
+        /// Token id.
+        token_id: u32,
+        /// Text released with it.
+        text: String,
+        /// Set when the generation ended with this token.
+        finish: Option<FinishReason>,
+        /// False for an end token that is not part of the output.
+        emitted: bool,
+    },
+    /// The session failed on this stage.
+    Failed {
+        /// Session id.
+        session: u64,
+        /// Why.
+        error: String,
+    },
+}
+
+/// Live counters an engine publishes for heartbeats.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Open sessions.
+    pub sessions: AtomicU64,
+    /// KV cache bytes.
+    pub kv_bytes: AtomicU64,
+}
+
+enum Work {
+    Tokens {
+        start: usize,
+        ids: Vec<u32>,
+        sample: bool,
+    },
+    Hidden {
+        start: usize,
+        rows: usize,
+        sample: bool,
+        data: Vec<f32>,
+    },
+}
+
+struct TailState {
+    sampler: Sampler,
+    stream: Option<TextStream>,
+    emitted: u32,
+    finished: bool,
+}
+
+struct StageSession {
+    order: SessionOrder,
+    cache: SessionCache,
+    started: bool,
+    pending_prompt: VecDeque<u32>,
+    queue: VecDeque<Work>,
+    tail: Option<TailState>,
+}
+
+/// The engine of one slice.
+pub struct StageEngine {
+    slice: Arc<LlamaSlice>,
+    tokenizer: Arc<ModelTokenizer>,
+    sessions: HashMap<u64, StageSession>,
+    out: mpsc::UnboundedSender<EngineOutput>,
+    stats: Arc<EngineStats>,
+}
+
+impl StageEngine {
+    /// An engine for `slice`, sending its outputs to `out`.
+    pub fn new(
+        slice: Arc<LlamaSlice>,
+        tokenizer: Arc<ModelTokenizer>,
+        out: mpsc::UnboundedSender<EngineOutput>,
+        stats: Arc<EngineStats>,
+    ) -> Self {
+        Self {
+            slice,
+            tokenizer,
+            sessions: HashMap::new(),
+            out,
+            stats,
+        }
+    }
+
+    /// Runs until every input sender is gone. Blocks when there is nothing to do.
+    pub fn run(mut self, inputs: Receiver<EngineInput>) {
+        loop {
+            if !self.has_work() {
+                match inputs.recv() {
+                    Ok(input) => self.handle(input),
+                    Err(_) => return,
+                }
+            }
+            loop {
+                match inputs.try_recv() {
+                    Ok(input) => self.handle(input),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => return,
+                }
+            }
+            self.step();
+            self.publish_stats();
+        }
+    }
+
+    fn has_work(&self) -> bool {
+        self.sessions
+            .values()
+            .any(|s| !s.queue.is_empty() || (s.started && !s.pending_prompt.is_empty()))
+    }
+
+    fn publish_stats(&self) {
+        self.stats
+            .sessions
+            .store(self.sessions.len() as u64, Ordering::Relaxed);
+        let kv: usize = self.sessions.values().map(|s| s.cache.bytes()).sum();
+        self.stats.kv_bytes.store(kv as u64, Ordering::Relaxed);
+    }
+
+    fn fail(&mut self, session: u64, error: String) {
+        warn!(session, %error, "session failed on this stage");
+        self.sessions.remove(&session);
+        let _ = self.out.send(EngineOutput::Failed { session, error });
+    }
+
+    fn handle(&mut self, input: EngineInput) {
+        match input {
+            EngineInput::Open(order, reply) => {
+                let result = self.open(*order);
+                let _ = reply.send(result);
+            }
+            EngineInput::Start(session) => {
+                if let Some(s) = self.sessions.get_mut(&session) {
+                    s.started = true;
+                }
+            }
+            EngineInput::Close(session) => {
+                self.sessions.remove(&session);
+            }
+            EngineInput::Frame { from, frame } => self.accept_frame(&from, frame),
+        }
+    }
+
+    fn open(&mut self, order: SessionOrder) -> Result<Vec<u32>, String> {
+        if self.sessions.contains_key(&order.session) {
+            return Err(format!("session {} is already open", order.session));
+        }
+        let mut prompt = Vec::new();
+        if self.slice.is_head_stage() {
+            prompt = if order.prompt_ids.is_empty() {
+                let text = if order.chat || order.system.is_some() {
+                    ChatPrompt {
+                        user: order.prompt.clone(),
+                        system: order.system.clone(),
+                    }
+                    .render()
+                } else {
+                    order.prompt.clone()
+                };
+                self.tokenizer.encode(&text).map_err(|e| e.to_string())?
+            } else {
+                order.prompt_ids.clone()
+            };
+            let context = self.slice.spec().context_length;
+            if prompt.len() >= context {
+                return Err(format!(
+                    "the prompt has {} tokens; the model's context holds {context}",
+                    prompt.len()
+                ));
+            }
+            if let Some(&bad) = prompt
+                .iter()
+                .find(|&&t| t as usize >= self.slice.spec().vocab_size)
+            {
+                return Err(format!("prompt token {bad} is outside the vocabulary"));
+            }
+        }
+        let tail = if self.slice.is_tail_stage() {
+            let sampler = Sampler::new(order.sampling).map_err(|e| e.to_string())?;
+            if order.stop.max_tokens == 0 {
+                return Err("max tokens must be at least 1".into());
+            }
+            Some(TailState {
+                sampler,
+                stream: None,
+                emitted: 0,
+                finished: false,
+            })
+        } else {
+            None
+        };
+        let session = StageSession {
+            cache: self.slice.new_cache(),
+            started: false,
+            pending_prompt: prompt.iter().copied().collect(),
+            queue: VecDeque::new(),
+            tail,
+            order,
+        };
+        self.sessions.insert(session.order.session, session);
+        Ok(prompt)
+    }
+
+    fn accept_frame(&mut self, from: &str, frame: Frame) {
+        let hidden_size = self.slice.spec().hidden_size;
+        let head = self.slice.is_head_stage();
+        let (session, work, sender_ok) = match frame {
+            Frame::Activations {
+                session,
+                start_pos,
+                rows,
+                hidden,
+                sample,
+                data,
+            } => {
+                if head || hidden as usize != hidden_size {
+                    let why = if head {
+                        "the head stage takes no activations".to_string()
+                    } else {
+                        format!("hidden size {hidden}, expected {hidden_size}")
+                    };
+                    return self.fail(session, format!("bad activations frame: {why}"));
+                }
+                let expected = self
+                    .sessions
+                    .get(&session)
+                    .and_then(|s| s.order.prev.as_ref())
+                    .map(|p| p.worker_id == from);
+                (
+                    session,
+                    Work::Hidden {
+                        start: start_pos as usize,
+                        rows: rows as usize,
+                        sample,
+                        data,
+                    },
+                    expected,
+                )
+            }
+            Frame::Token {
+                session,
+                position,
+                token,
+            } => {
+                if !head {
+                    return self.fail(session, "only the head stage takes tokens".into());
+                }
+                let expected = self
+                    .sessions
+                    .get(&session)
+                    .map(|s| s.order.tail.worker_id == from);
+                (
+                    session,
+                    Work::Tokens {
+                        start: position as usize,
+                        ids: vec![token],
+                        sample: true,
+                    },
+                    expected,
+                )
+            }
+        };
+        match sender_ok {
+            Some(true) => {
+                if let Some(s) = self.sessions.get_mut(&session) {
+                    s.queue.push_back(work);
+                }
+            }
+            Some(false) => warn!(
+                session,
+                from, "frame from a worker this session does not name; dropped"
+            ),
+            None => debug!(session, from, "frame for a session not open here; dropped"),
+        }
+    }
+
+    /// Picks one piece of work per session (the next prefill chunk or the next queued frame).
+    fn take_batch(&mut self) -> Vec<(u64, Work)> {
+        let context = self.slice.spec().context_length;
+        let mut batch = Vec::new();
+        let mut failed = Vec::new();
+        for (&id, s) in self.sessions.iter_mut() {
+            let work = match s.queue.pop_front() {
+                Some(w) => w,
+                None if s.started && !s.pending_prompt.is_empty() => {
+                    let n = s.pending_prompt.len().min(PREFILL_CHUNK);
+                    let ids: Vec<u32> = s.pending_prompt.drain(..n).collect();
+                    Work::Tokens {
+                        start: s.cache.len(),
+                        ids,
+                        sample: s.pending_prompt.is_empty(),
+                    }
+                }
+                None => continue,
+            };
+            let (start, rows) = match &work {
+                Work::Tokens { start, ids, .. } => (*start, ids.len()),
+                Work::Hidden { start, rows, .. } => (*start, *rows),
+            };
+            if start != s.cache.len() || rows == 0 || start + rows > context {
+                failed.push((id, format!("frame at position {start} with {rows} rows does not continue the session at {} (context {context})", s.cache.len())));
+                continue;
+            }
+            batch.push((id, work));
+        }
+        for (id, error) in failed {
+            self.fail(id, error);
+        }
+        batch
+    }
+
+    fn step(&mut self) {
+        let batch = self.take_batch();
+        if batch.is_empty() {
+            return;
+        }
+        let input = match self.batch_input(&batch) {
+            Ok(input) => input,
+            Err(e) => {
+                for (id, _) in &batch {
+                    self.fail(*id, e.to_string());
+                }
+                return;
+            }
+        };
+        let ids: Vec<u64> = batch.iter().map(|(id, _)| *id).collect();
+        let rows: Vec<usize> = batch.iter().map(|(_, w)| work_rows(w)).collect();
+        let output = {
+            let mut caches: Vec<(u64, SessionCache)> = Vec::with_capacity(ids.len());
+            for id in &ids {
+                if let Some(s) = self.sessions.get_mut(id) {
+                    caches.push((*id, std::mem::replace(&mut s.cache, self.slice.new_cache())));
+                }
+            }
+            let mut segments: Vec<SegmentInput<'_>> = caches
+                .iter_mut()
+                .zip(&rows)
+                .map(|((_, cache), &rows)| SegmentInput { cache, rows })
+                .collect();
+            let result = self.slice.forward(input, &mut segments);
+            drop(segments);
+            for (id, cache) in caches {
+                if let Some(s) = self.sessions.get_mut(&id) {
+                    s.cache = cache;
+                }
+            }
+            result
+        };
+        match output {
+            Ok(SliceOutput::Hidden(h)) => self.forward_hidden(&batch, &h),
+            Ok(SliceOutput::Logits(l)) => self.sample(&batch, &l),
+            Err(e) => {
+                for id in ids {
+                    self.fail(id, format!("forward failed: {e}"));
+                }
+            }
+        }
+    }
+
+    fn batch_input(&self, batch: &[(u64, Work)]) -> candle_core::Result<SliceInput> {
+        if self.slice.is_head_stage() {
+            let ids = batch
+                .iter()
+                .flat_map(|(_, w)| match w {
+                    Work::Tokens { ids, .. } => ids.clone(),
+                    Work::Hidden { .. } => Vec::new(),
+                })
+                .collect();
+            return Ok(SliceInput::Tokens(ids));
+        }
+        let hidden = self.slice.spec().hidden_size;
+        let mut data = Vec::new();
+        for (_, w) in batch {
+            if let Work::Hidden { data: d, .. } = w {
+                data.extend_from_slice(d);
+            }
+        }
+        let rows = data.len() / hidden.max(1);
+        Ok(SliceInput::Hidden(Tensor::from_vec(
+            data,
+            (rows, hidden),
+            &Device::Cpu,
+        )?))
+    }
+
+    fn forward_hidden(&mut self, batch: &[(u64, Work)], hidden: &Tensor) {
+        let width = self.slice.spec().hidden_size;
+        let mut offset = 0;
+        for (id, work) in batch {
+            let rows = work_rows(work);
+            let (start, sample) = work_start_sample(work);
+            let data = hidden
+                .narrow(0, offset, rows)
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1::<f32>());
+            offset += rows;
+            let Some(next) = self.sessions.get(id).and_then(|s| s.order.next.clone()) else {
+                continue;
+            };
+            match data {
+                Ok(data) => {
+                    let frame = Frame::Activations {
+                        session: *id,
+                        start_pos: start as u32,
+                        rows: rows as u32,
+                        hidden: width as u32,
+                        sample,
+                        data,
+                    };
+                    let _ = self.out.send(EngineOutput::Send { to: next, frame });
+                }
+                Err(e) => self.fail(*id, format!("reading activations: {e}")),
+            }
+        }
+    }
+
+    fn sample(&mut self, batch: &[(u64, Work)], logits: &Tensor) {
+        let context = self.slice.spec().context_length;
+        for (row, (id, work)) in batch.iter().enumerate() {
+            let (start, sample) = work_start_sample(work);
+            if !sample {
+                continue;
+            }
+            let position = start + work_rows(work);
+            let Some(s) = self.sessions.get_mut(id) else {
+                continue;
+            };
+            let Some(tail) = s.tail.as_mut() else {
+                continue;
+            };
+            if tail.finished {
+                continue;
+            }
+            let logits = match logits_row(logits, row) {
+                Ok(l) => l,
+                Err(e) => return self.fail(*id, format!("reading logits: {e}")),
+            };
+            let token = match tail.sampler.sample(&logits, position as u64) {
+                Ok(t) => t,
+                Err(e) => return self.fail(*id, e.to_string()),
+            };
+            let stream = tail.stream.get_or_insert_with(|| {
+                let mut stop = s.order.stop.clone();
+                stop.max_tokens = stop.max_tokens.min(context.saturating_sub(position)).max(1);
+                TextStream::new(stop, self.tokenizer.eos())
+            });
+            let step = stream.push(&self.tokenizer, token);
+            let index = tail.emitted;
+            if step.emitted || !step.text.is_empty() {
+                tail.emitted += 1;
+            }
+            tail.finished = step.finished.is_some();
+            let _ = self.out.send(EngineOutput::Token {
+                session: *id,
+                index,
+                token_id: token,
+                text: step.text,
+                finish: step.finished,
+                emitted: step.emitted,
+            });
+            if tail.finished {
+                continue;
+            }
+            let frame = Frame::Token {
+                session: *id,
+                position: position as u32,
+                token,
+            };
+            if s.order.head.worker_id == s.order.me {
+                s.queue.push_back(Work::Tokens {
+                    start: position,
+                    ids: vec![token],
+                    sample: true,
+                });
+            } else {
+                let _ = self.out.send(EngineOutput::Send {
+                    to: s.order.head.clone(),
+                    frame,
+                });
+            }
+        }
+    }
+}
+
+fn work_rows(work: &Work) -> usize {
+    match work {
+        Work::Tokens { ids, .. } => ids.len(),
+        Work::Hidden { rows, .. } => *rows,
+    }
+}
+
+fn work_start_sample(work: &Work) -> (usize, bool) {
+    match work {
+        Work::Tokens { start, sample, .. } | Work::Hidden { start, sample, .. } => {
+            (*start, *sample)
+        }
+    }
+}
