@@ -235,3 +235,170 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A federation with one worker per provider of `providers` (name, country), the SmolLM2
+/// model registered in `dtype`, and a tenant; returns the tenant's token too.
+pub async fn fleet(
+    providers: &[(&str, &str)],
+    dtype: &str,
+) -> (TestFederation, Vec<TestWorker>, String) {
+    let fed = TestFederation::start().await;
+    let mut workers = Vec::new();
+    for (name, country) in providers {
+        fed.add_provider(name, country, &["ISO27001"]).await;
+        workers.push(fed.start_worker(Some(fed.join_token(name, 600).await), None));
+    }
+    let want = providers.len();
+    eventually("the fleet to be up", Duration::from_secs(60), || async {
+        (fed.workers()
+            .await
+            .iter()
+            .filter(|w| w.state == "up")
+            .count()
+            == want)
+            .then_some(())
+    })
+    .await;
+    let path = crate::smollm2_path();
+    let model = sovra_model::GgufModel::open(&path).expect("model");
+    pb::models_client::ModelsClient::new(fed.operator().await)
+        .add_model(pb::AddModelRequest {
+            name: "smollm2".into(),
+            spec: Some(sovra_coordinator::service::spec_pb(model.spec())),
+            file_sha256: sovra_model::fetch::sha256_file(&path).expect("hash"),
+            file_name: path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            file_path: path.display().to_string(),
+            dtype: dtype.into(),
+            policy: Some(pb::Policy::default()),
+        })
+        .await
+        .expect("add model");
+    let tenant = pb::tenants_client::TenantsClient::new(fed.operator().await)
+        .add_tenant(pb::AddTenantRequest {
+            name: "acme".into(),
+        })
+        .await
+        .expect("tenant")
+        .into_inner()
+        .token;
+    (fed, workers, tenant)
+}
+
+impl TestFederation {
+    /// Places `model` with `how` and waits until every stage is ready.
+    pub async fn place(&self, model: &str, how: pb::set_placement_request::How) -> pb::Placement {
+        let mut placements = pb::placements_client::PlacementsClient::new(self.operator().await);
+        let placed = placements
+            .set_placement(pb::SetPlacementRequest {
+                model: model.into(),
+                how: Some(how),
+            })
+            .await
+            .expect("set placement")
+            .into_inner();
+        let version = placed.version;
+        eventually("every stage ready", Duration::from_secs(60), || {
+            let mut placements = placements.clone();
+            async move {
+                let p = placements
+                    .show_placement(pb::ShowPlacementRequest {
+                        model: model.into(),
+                    })
+                    .await
+                    .ok()?
+                    .into_inner();
+                let ready = p.version == version
+                    && p.chains
+                        .iter()
+                        .flat_map(|c| &c.stages)
+                        .all(|s| s.state == pb::AssignmentState::Ready as i32);
+                ready.then_some(p)
+            }
+        })
+        .await
+    }
+}
+
+/// What a finished job streamed.
+#[derive(Debug, Clone)]
+pub struct JobOutput {
+    /// Job id.
+    pub job_id: String,
+    /// Stages it ran on.
+    pub stages: Vec<pb::AuditStage>,
+    /// Generated token ids.
+    pub tokens: Vec<u32>,
+    /// Generated text.
+    pub text: String,
+    /// The summary.
+    pub summary: pb::JobSummary,
+}
+
+/// Runs a job and collects its stream.
+pub async fn run_job(
+    channel: AuthChannel,
+    request: pb::RunJobRequest,
+) -> Result<JobOutput, tonic::Status> {
+    let mut stream = pb::jobs_client::JobsClient::new(channel)
+        .run_job(request)
+        .await?
+        .into_inner();
+    let mut out = JobOutput {
+        job_id: String::new(),
+        stages: vec![],
+        tokens: vec![],
+        text: String::new(),
+        summary: Default::default(),
+    };
+    while let Some(event) = stream.message().await? {
+        match event.kind {
+            Some(pb::job_event::Kind::Started(s)) => {
+                out.job_id = s.job_id;
+                out.stages = s.stages;
+            }
+            Some(pb::job_event::Kind::Token(t)) => {
+                assert_eq!(
+                    t.index as usize,
+                    out.tokens.len(),
+                    "token indices are consecutive"
+                );
+                out.tokens.push(t.token_id);
+                out.text.push_str(&t.text);
+            }
+            Some(pb::job_event::Kind::Summary(s)) => {
+                out.summary = s;
+                return Ok(out);
+            }
+            None => {}
+        }
+    }
+    Err(tonic::Status::internal("stream ended without a summary"))
+}
+
+/// A chat job request.
+pub fn chat_request(
+    prompt: &str,
+    max_tokens: u32,
+    temperature: f32,
+    seed: u64,
+) -> pb::RunJobRequest {
+    pb::RunJobRequest {
+        model: "smollm2".into(),
+        prompt: prompt.into(),
+        chat: true,
+        system: String::new(),
+        sampling: Some(pb::Sampling {
+            temperature,
+            top_k: 0,
+            top_p: 0.0,
+            seed,
+            max_tokens,
+            stop: vec![],
+            ignore_eos: true,
+        }),
+        policy: None,
+    }
+}

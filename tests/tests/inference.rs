@@ -1,0 +1,330 @@
+//! Jobs pipelined over QUIC across workers of several providers give exactly the tokens one
+//! process gives; concurrency, cancellation, tenancy and peer identity are enforced.
+
+use std::time::Duration;
+
+use sovra_model::{ChatPrompt, LayerRange, SamplingParams, StopConditions, WeightMode};
+use sovra_proto::pb;
+use sovra_proto::pb::set_placement_request::How;
+use sovra_tests::federation::{chat_request, eventually, fleet, run_job};
+use sovra_worker::{GenerateRequest, generate};
+use tonic::Code;
+
+const PROVIDERS: [(&str, &str); 3] = [("ovh-fr", "FR"), ("ionos-de", "DE"), ("scw-nl", "NL")];
+
+/// The tokens `generate --local` gives for a chat prompt.
+fn local_tokens(
+    mode: WeightMode,
+    question: &str,
+    max_tokens: usize,
+    sampling: SamplingParams,
+) -> Vec<u32> {
+    let (model, tokenizer) = sovra_tests::smollm2();
+    let pipeline = sovra_tests::pipeline(&model, &[LayerRange::new(0, model.spec().layers)], mode);
+    let prompt = tokenizer
+        .encode(
+            &ChatPrompt {
+                user: question.into(),
+                system: None,
+            }
+            .render(),
+        )
+        .unwrap();
+    let request = GenerateRequest {
+        prompt,
+        sampling,
+        stop: StopConditions {
+            max_tokens,
+            stop: vec![],
+            ignore_eos: true,
+        },
+    };
+    generate(&pipeline, &tokenizer, &request, |_| {})
+        .unwrap()
+        .sampled
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn distributed_greedy_equals_local_for_every_golden_case_on_1_2_and_3_stages() {
+    let (fed, _workers, tenant) = fleet(&PROVIDERS, "f32").await;
+    let cases = sovra_tests::golden_cases().unwrap();
+    for stages in [1u32, 2, 3] {
+        let placement = fed.place("smollm2", How::Stages(stages)).await;
+        assert_eq!(placement.chains[0].stages.len(), stages as usize);
+        for case in &cases {
+            let out = run_job(
+                fed.channel(Some(&tenant)).await,
+                chat_request(&case.question, 32, 0.0, 0),
+            )
+            .await
+            .unwrap();
+            assert_eq!(
+                out.tokens, case.generated_ids,
+                "{stages} stages, {:?}",
+                case.question
+            );
+            assert_eq!(out.stages.len(), stages as usize);
+            assert_eq!(out.summary.generated_tokens, 32);
+            assert_eq!(out.summary.prompt_tokens as usize, case.prompt_ids.len());
+            assert_eq!(out.summary.finish_reason, "length");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sampled_jobs_equal_local_and_concurrent_jobs_equal_solo_runs() {
+    let (fed, _workers, tenant) = fleet(&PROVIDERS, "q8_0").await;
+    fed.place("smollm2", How::Stages(3)).await;
+    let sampling = SamplingParams {
+        temperature: 0.8,
+        top_k: None,
+        top_p: None,
+        seed: 42,
+    };
+    let expected = local_tokens(
+        WeightMode::Q8_0,
+        "Tell me a story about a dragon.",
+        24,
+        sampling,
+    );
+    let out = run_job(
+        fed.channel(Some(&tenant)).await,
+        chat_request("Tell me a story about a dragon.", 24, 0.8, 42),
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.tokens, expected, "temperature 0.8, seed 42");
+
+    let questions: Vec<String> = (0..8)
+        .map(|i| format!("Give me fact number {i} about the ocean."))
+        .collect();
+    let mut solo = Vec::new();
+    for (i, q) in questions.iter().enumerate() {
+        let r = run_job(
+            fed.channel(Some(&tenant)).await,
+            chat_request(q, 16, if i % 2 == 0 { 0.0 } else { 0.7 }, i as u64),
+        )
+        .await
+        .unwrap();
+        solo.push(r.tokens);
+    }
+    let mut handles = Vec::new();
+    for (i, q) in questions.iter().enumerate() {
+        let channel = fed.channel(Some(&tenant)).await;
+        let request = chat_request(q, 16, if i % 2 == 0 { 0.0 } else { 0.7 }, i as u64);
+        handles.push(tokio::spawn(async move { run_job(channel, request).await }));
+    }
+    for (i, handle) in handles.into_iter().enumerate() {
+        let together = handle.await.unwrap().unwrap();
+        assert_eq!(together.tokens, solo[i], "job {i} alone vs among 8");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancel_frees_every_stage_and_tenants_see_only_their_jobs() {
+    let (fed, _workers, tenant) = fleet(&PROVIDERS, "q8_0").await;
+    fed.place("smollm2", How::Stages(3)).await;
+    let mut stream = pb::jobs_client::JobsClient::new(fed.channel(Some(&tenant)).await)
+        .run_job(chat_request(
+            "Write a very long essay about rivers.",
+            2000,
+            0.0,
+            0,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut job_id = String::new();
+    let mut tokens = 0;
+    while tokens < 5 {
+        match stream.message().await.unwrap().unwrap().kind {
+            Some(pb::job_event::Kind::Started(s)) => job_id = s.job_id,
+            Some(pb::job_event::Kind::Token(_)) => tokens += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // Every stage holds the session's state while it runs.
+    eventually(
+        "sessions on every stage",
+        Duration::from_secs(10),
+        || async {
+            let busy = fed
+                .workers()
+                .await
+                .iter()
+                .filter(|w| w.open_sessions == 1 && w.kv_cache_bytes > 0)
+                .count();
+            (busy == 3).then_some(())
+        },
+    )
+    .await;
+
+    // Another tenant can neither read nor cancel it.
+    let other = pb::tenants_client::TenantsClient::new(fed.operator().await)
+        .add_tenant(pb::AddTenantRequest {
+            name: "globex".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let mut as_other = pb::jobs_client::JobsClient::new(fed.channel(Some(&other)).await);
+    assert_eq!(
+        as_other
+            .get_job(pb::JobRef {
+                job_id: job_id.clone()
+            })
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    assert_eq!(
+        as_other
+            .cancel_job(pb::JobRef {
+                job_id: job_id.clone()
+            })
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    assert!(
+        as_other
+            .list_jobs(pb::ListJobsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .jobs
+            .is_empty()
+    );
+
+    let mut as_owner = pb::jobs_client::JobsClient::new(fed.channel(Some(&tenant)).await);
+    let cancelled = as_owner
+        .cancel_job(pb::JobRef {
+            job_id: job_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cancelled.state, "cancelled");
+    let end = loop {
+        match stream.message().await {
+            Ok(Some(_)) => continue,
+            other => break other,
+        }
+    };
+    assert_eq!(end.unwrap_err().code(), Code::Cancelled);
+    eventually(
+        "every stage to free the session",
+        Duration::from_secs(10),
+        || async {
+            fed.workers()
+                .await
+                .iter()
+                .all(|w| w.open_sessions == 0 && w.kv_cache_bytes == 0)
+                .then_some(())
+        },
+    )
+    .await;
+    let record = as_owner
+        .get_job(pb::JobRef {
+            job_id: job_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(record.state, "cancelled");
+    assert!(record.token_ids.len() >= 5);
+    let mut countries: Vec<String> = record.audit.iter().map(|a| a.country.clone()).collect();
+    countries.sort();
+    assert_eq!(
+        countries,
+        ["DE", "FR", "NL"],
+        "the audit shows where each layer ran"
+    );
+    assert_eq!(record.audit.first().unwrap().start_layer, 0);
+    assert_eq!(record.audit.last().unwrap().end_layer, 30);
+    // The operator sees every job.
+    let all = pb::jobs_client::JobsClient::new(fed.operator().await)
+        .list_jobs(pb::ListJobsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    assert_eq!(all.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn job_policies_narrow_the_model_and_bad_requests_are_refused() {
+    let (fed, _workers, tenant) = fleet(&PROVIDERS, "q8_0").await;
+    fed.place("smollm2", How::Stages(3)).await;
+    let mut request = chat_request("Hello", 4, 0.0, 0);
+    request.policy = Some(pb::Policy {
+        countries: vec!["FR".into(), "DE".into()],
+        ..Default::default()
+    });
+    let err = run_job(fed.channel(Some(&tenant)).await, request)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message().contains("NL"),
+        "the refusal names the stage outside the policy: {}",
+        err.message()
+    );
+    for (bad, what) in [
+        (
+            pb::Sampling {
+                max_tokens: 0,
+                ..Default::default()
+            },
+            "max tokens",
+        ),
+        (
+            pb::Sampling {
+                max_tokens: 4,
+                temperature: f32::NAN,
+                ..Default::default()
+            },
+            "temperature",
+        ),
+        (
+            pb::Sampling {
+                max_tokens: 4,
+                top_p: 2.0,
+                ..Default::default()
+            },
+            "top-p",
+        ),
+    ] {
+        let mut request = chat_request("Hello", 4, 0.0, 0);
+        request.sampling = Some(bad);
+        let err = run_job(fed.channel(Some(&tenant)).await, request)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{what}: {err:?}");
+    }
+    let mut unknown = chat_request("Hello", 4, 0.0, 0);
+    unknown.model = "gpt-9".into();
+    assert_eq!(
+        run_job(fed.channel(Some(&tenant)).await, unknown)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    let long = chat_request(&"word ".repeat(9000), 4, 0.0, 0);
+    let err = run_job(fed.channel(Some(&tenant)).await, long)
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("context"), "{}", err.message());
+    // The federation keeps serving after every refusal.
+    let ok = run_job(
+        fed.channel(Some(&tenant)).await,
+        chat_request("Hello", 4, 0.0, 0),
+    )
+    .await
+    .unwrap();
+    assert_eq!(ok.tokens.len(), 4);
+}
