@@ -46,6 +46,13 @@ pub struct DemoArgs {
     /// Keep the demo's folder (logs, data dirs) instead of deleting it.
     #[arg(long)]
     pub keep: bool,
+    /// Instead of one answer, benchmark the federation against this process (markdown table).
+    #[arg(long)]
+    pub bench: bool,
+    /// Compute threads of each worker process (default: this machine's cores shared among the
+    /// three workers, at least 1).
+    #[arg(long)]
+    pub worker_threads: Option<usize>,
     /// The question (sent with the chat template).
     #[arg(default_value = "What is the capital of France?")]
     pub prompt: String,
@@ -168,6 +175,9 @@ async fn demo(
         .map_err(status)?
         .into_inner();
     let as_tenant = connect(&url, &ca, None, Some(&tenant.token)).await?;
+    if args.bench {
+        return crate::fedbench::run(args, model_path, &operator, &as_tenant).await;
+    }
     let run = crate::jobs_cmd::RunArgs {
         model: "demo-model".into(),
         chat: true,
@@ -210,7 +220,15 @@ async fn onboard(
             .into_inner()
             .token;
         let log = std::fs::File::create(root.join(format!("{name}.log")))?;
+        let threads = args.worker_threads.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+                .div_ceil(PROVIDERS.len())
+                .max(1)
+        });
         let worker = Command::new(exe)
+            .args(["--threads", &threads.to_string()])
             .args([
                 "worker",
                 "start",
@@ -265,7 +283,7 @@ async fn onboard(
     Ok(())
 }
 
-async fn place(
+pub(crate) async fn place(
     args: &DemoArgs,
     model_path: &Path,
     operator: &AuthChannel,

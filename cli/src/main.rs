@@ -4,6 +4,7 @@ mod bench;
 mod daemon;
 mod demo;
 mod fed;
+mod fedbench;
 mod generate;
 mod jobs_cmd;
 mod model_cmd;

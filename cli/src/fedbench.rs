@@ -1,0 +1,189 @@
+//! `sovra demo --bench`: the demo federation measured against this process, in one run:
+//! decode speed of one job on 3 stages vs `generate --local`, the cost of a hop, and the
+//! aggregate throughput of concurrent jobs.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Result, anyhow};
+use sovra_model::{
+    ChatPrompt, GgufModel, LayerRange, ModelTokenizer, SamplingParams, StopConditions,
+};
+use sovra_proto::channel::AuthChannel;
+use sovra_proto::pb;
+use sovra_worker::{GenerateRequest, LocalPipeline, generate};
+
+use crate::demo::DemoArgs;
+use crate::fed::status;
+
+const PROMPT: &str = "Write a long story about a lighthouse keeper.";
+
+fn request(tokens: u32) -> pb::RunJobRequest {
+    pb::RunJobRequest {
+        model: "demo-model".into(),
+        prompt: PROMPT.into(),
+        chat: true,
+        system: String::new(),
+        sampling: Some(pb::Sampling {
+            max_tokens: tokens,
+            ignore_eos: true,
+            ..Default::default()
+        }),
+        policy: None,
+    }
+}
+
+/// Runs one job to its end; returns (generated tokens, decode tok/s).
+async fn job(channel: AuthChannel, tokens: u32) -> Result<(u32, f64)> {
+    let mut stream = pb::jobs_client::JobsClient::new(channel)
+        .run_job(request(tokens))
+        .await
+        .map_err(status)?
+        .into_inner();
+    while let Some(event) = stream.message().await.map_err(status)? {
+        if let Some(pb::job_event::Kind::Summary(s)) = event.kind {
+            return Ok((s.generated_tokens, s.decode_tok_s));
+        }
+    }
+    Err(anyhow!("job ended without a summary"))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+async fn solo(channel: &AuthChannel, tokens: u32) -> Result<f64> {
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        runs.push(job(channel.clone(), tokens).await?.1);
+    }
+    Ok(median(runs))
+}
+
+async fn concurrent(channel: &AuthChannel, jobs: usize, tokens: u32) -> Result<f64> {
+    let start = Instant::now();
+    let handles: Vec<_> = (0..jobs)
+        .map(|_| tokio::spawn(job(channel.clone(), tokens)))
+        .collect();
+    let mut total = 0u32;
+    for h in handles {
+        total += h.await??.0;
+    }
+    Ok(total as f64 / start.elapsed().as_secs_f64())
+}
+
+fn local_decode(model_path: &Path, args: &DemoArgs, tokens: usize) -> Result<f64> {
+    let model = GgufModel::open(model_path)?;
+    let tokenizer = ModelTokenizer::from_gguf(model.metadata())?;
+    let pipeline = LocalPipeline::load(
+        &model,
+        &[LayerRange::new(0, model.spec().layers)],
+        args.dtype,
+        &candle_core::Device::Cpu,
+    )?;
+    let prompt = tokenizer.encode(
+        &ChatPrompt {
+            user: PROMPT.into(),
+            system: None,
+        }
+        .render(),
+    )?;
+    let request = GenerateRequest {
+        prompt,
+        sampling: SamplingParams::default(),
+        stop: StopConditions {
+            max_tokens: tokens,
+            stop: vec![],
+            ignore_eos: true,
+        },
+    };
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        runs.push(generate(&pipeline, &tokenizer, &request, |_| {})?.decode_tok_s);
+    }
+    Ok(median(runs))
+}
+
+async fn set_stages(operator: &AuthChannel, stages: u32) -> Result<()> {
+    let args_stub = stages;
+    let mut placements = pb::placements_client::PlacementsClient::new(operator.clone());
+    let placed = placements
+        .set_placement(pb::SetPlacementRequest {
+            model: "demo-model".into(),
+            how: Some(pb::set_placement_request::How::Stages(args_stub)),
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    let deadline = Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let p = placements
+            .show_placement(pb::ShowPlacementRequest {
+                model: "demo-model".into(),
+            })
+            .await
+            .map_err(status)?
+            .into_inner();
+        let ready = p.version == placed.version
+            && p.chains
+                .iter()
+                .flat_map(|c| &c.stages)
+                .all(|s| s.state == pb::AssignmentState::Ready as i32);
+        if ready {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(anyhow!(
+                "placement with {stages} stages did not become ready"
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Runs the benchmark and prints a markdown report.
+pub async fn run(
+    args: &DemoArgs,
+    model_path: &Path,
+    operator: &AuthChannel,
+    tenant: &AuthChannel,
+) -> Result<()> {
+    let tokens = 64u32;
+    let threads = candle_core::utils::get_num_threads();
+    let local = local_decode(model_path, args, tokens as usize)?;
+    set_stages(operator, 1).await?;
+    let one = solo(tenant, tokens).await?;
+    set_stages(operator, 3).await?;
+    let three = solo(tenant, tokens).await?;
+    let mut aggregate = Vec::new();
+    for n in [1usize, 4, 16] {
+        aggregate.push((n, concurrent(tenant, n, 32).await?));
+    }
+    let hop_us = (1.0 / three - 1.0 / one) / 3.0 * 1e6;
+    let worker_threads = args
+        .worker_threads
+        .map_or_else(|| "cores/3".to_string(), |t| t.to_string());
+    println!(
+        "### {} weights, {tokens} greedy tokens; generate --local with {threads} threads, each of the 3 workers with {worker_threads}; all processes on this machine\n",
+        args.dtype
+    );
+    println!("| run | decode tok/s | vs generate --local |");
+    println!("|---|---|---|");
+    println!("| generate --local (one process) | {local:.1} | 1.00x |");
+    println!("| job on 1 stage | {one:.1} | {:.2}x |", one / local);
+    println!(
+        "| job on 3 stages (FR → DE → NL) | {three:.1} | {:.2}x |",
+        three / local
+    );
+    println!(
+        "\nPer-hop overhead (3 hops per token on 3 stages, vs 1 stage): {hop_us:.0} µs per token per hop\n"
+    );
+    println!("| concurrent jobs (32 tokens each, 3 stages) | aggregate tok/s | vs 1 job |");
+    println!("|---|---|---|");
+    let base = aggregate[0].1;
+    for (n, tps) in &aggregate {
+        println!("| {n} | {tps:.1} | {:.2}x |", tps / base);
+    }
+    Ok(())
+}
