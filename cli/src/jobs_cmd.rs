@@ -95,9 +95,31 @@ pub async fn stream_job(
         .map_err(status)?
         .into_inner();
     let mut stdout = std::io::stdout().lock();
-    while let Some(event) = events.message().await.map_err(status)? {
+    let mut job_id = String::new();
+    loop {
+        let event = match events.message().await {
+            Ok(Some(event)) => event,
+            Ok(None) => break,
+            Err(s)
+                if s.code() == tonic::Code::Unknown
+                    || s.code() == tonic::Code::Unavailable
+                    || s.code() == tonic::Code::Internal =>
+            {
+                return Err(anyhow!(
+                    "the connection to the coordinator was lost before {} finished: {}",
+                    if job_id.is_empty() {
+                        "the job"
+                    } else {
+                        &job_id
+                    },
+                    s.message()
+                ));
+            }
+            Err(s) => return Err(status(s)),
+        };
         match event.kind {
             Some(pb::job_event::Kind::Started(s)) if !json_mode => {
+                job_id = s.job_id.clone();
                 let stages: Vec<String> = s
                     .stages
                     .iter()
@@ -144,7 +166,8 @@ pub async fn stream_job(
                 }
                 return Ok(());
             }
-            Some(pb::job_event::Kind::Started(_)) | None => {}
+            Some(pb::job_event::Kind::Started(s)) => job_id = s.job_id,
+            None => {}
         }
     }
     Err(anyhow!(

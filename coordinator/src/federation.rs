@@ -146,6 +146,10 @@ pub struct Federation {
     config: FederationConfig,
     live: Mutex<Live>,
     pub(crate) job_table: Mutex<crate::jobs::JobTable>,
+    /// Jobs to move to another chain: (session, why).
+    pub(crate) recoveries: mpsc::UnboundedSender<(u64, String)>,
+    recovery_queue: Mutex<Option<mpsc::UnboundedReceiver<(u64, String)>>>,
+    pub(crate) replan_lock: tokio::sync::Mutex<()>,
 }
 
 /// Files the coordinator keeps in its data dir.
@@ -210,13 +214,32 @@ impl Federation {
             store.flush()?;
             info!(path = %dir.admin_token().display(), "operator token created");
         }
+        crate::jobs::abandon_running_jobs(store.as_ref())?;
+        let (recoveries, recovery_queue) = mpsc::unbounded_channel();
         Ok(Self {
             store,
             ca,
             config,
             live: Mutex::new(Live::default()),
             job_table: Mutex::new(Default::default()),
+            recoveries,
+            recovery_queue: Mutex::new(Some(recovery_queue)),
+            replan_lock: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// Moves failed jobs to other chains until the federation is dropped; `server::run`
+    /// spawns it once.
+    pub async fn run_recoveries(self: Arc<Self>) {
+        let queue = self
+            .recovery_queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let Some(mut queue) = queue else { return };
+        while let Some((session, reason)) = queue.recv().await {
+            tokio::spawn(self.clone().recover(session, reason));
+        }
     }
 
     /// The federation CA.

@@ -25,6 +25,10 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_PROMPT_BYTES: usize = 1 << 20;
 /// Largest token budget accepted.
 const MAX_TOKENS_LIMIT: usize = 1 << 20;
+/// How many times one job may be moved to another chain.
+const MAX_RECOVERIES: u32 = 5;
+/// How long a job may wait for a replacement chain.
+const RECOVERY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What a client asks for.
 #[derive(Debug, Clone)]
@@ -194,6 +198,10 @@ pub struct SessionOpen {
     pub sampling: SamplingParams,
     /// Stopping.
     pub stop: StopConditions,
+    /// Tokens already generated elsewhere, replayed into the tail's text state (tail).
+    pub replay_generated: Vec<u32>,
+    /// The original prompt's length when replaying (tail).
+    pub prompt_tokens: usize,
 }
 
 /// A running job's live state.
@@ -204,6 +212,20 @@ pub(crate) struct LiveJob {
     started: Option<Instant>,
     first_token: Option<Instant>,
     last_token: Option<Instant>,
+    spec: JobSpec,
+    attempts: u32,
+}
+
+fn audit_of(chain: &ChainStages) -> Vec<AuditStage> {
+    chain
+        .iter()
+        .map(|(w, p, r)| AuditStage {
+            worker_id: w.id.clone(),
+            provider: p.name.clone(),
+            country: p.country.clone(),
+            range: *r,
+        })
+        .collect()
 }
 
 /// A stage's answer to an opening: the prompt ids (head) or the refusal.
@@ -302,21 +324,10 @@ impl Federation {
         let placement = self.placement(&model.name)?;
         let chain = self.pick_chain(&placement, &policy)?;
         let job_id = format!("job-{}", token::random_hex(8));
-        let session = u64::from_str_radix(&token::random_hex(8), 16).unwrap_or(1);
         let tenant = match caller {
             Caller::Operator => "operator".to_string(),
             Caller::Tenant(t) => t.clone(),
         };
-        let stages: ChainStages = chain;
-        let audit: Vec<AuditStage> = stages
-            .iter()
-            .map(|(w, p, r)| AuditStage {
-                worker_id: w.id.clone(),
-                provider: p.name.clone(),
-                country: p.country.clone(),
-                range: *r,
-            })
-            .collect();
         let record = JobRecord {
             id: job_id.clone(),
             tenant,
@@ -329,51 +340,194 @@ impl Federation {
             text: String::new(),
             finish_reason: None,
             error: None,
-            audit: audit.clone(),
+            audit: vec![],
             created_unix: now_unix(),
             finished_unix: 0,
         };
         self.store()
             .apply(Batch::new().put(JOBS, &job_id, encode(&record)))?;
         let (tx, rx) = mpsc::channel(4096);
-        let worker_ids: Vec<String> = stages.iter().map(|(w, _, _)| w.id.clone()).collect();
-        {
-            let mut jobs = self.jobs();
-            jobs.by_id.insert(job_id.clone(), session);
-            jobs.live.insert(
-                session,
-                LiveJob {
-                    record,
-                    stages: worker_ids.clone(),
-                    events: tx.clone(),
-                    started: None,
-                    first_token: None,
-                    last_token: None,
-                },
-            );
-        }
         let _ = tx
             .send(JobEvent::Started {
                 job_id: job_id.clone(),
-                stages: audit,
+                stages: audit_of(&chain),
             })
             .await;
-        let opens = self.session_orders(session, &model.name, placement.version, &stages, &spec);
-        match self.open_everywhere(session, &worker_ids, opens).await {
-            Ok(prompt_ids) => {
-                let mut jobs = self.jobs();
-                if let Some(job) = jobs.live.get_mut(&session) {
-                    job.record.prompt_tokens = prompt_ids.len();
-                    job.record.prompt_ids = prompt_ids;
-                    job.started = Some(Instant::now());
-                }
-                drop(jobs);
-                self.send_to(&worker_ids[0], AgentCommand::StartSession(session));
-                info!(job = %job_id, session, stages = worker_ids.len(), "job started");
-            }
-            Err(error) => self.finish_job(session, JobState::Failed, None, Some(error)),
+        let job = LiveJob {
+            record,
+            stages: vec![],
+            events: tx,
+            started: None,
+            first_token: None,
+            last_token: None,
+            spec,
+            attempts: 0,
+        };
+        if let Err((session, error)) = self.launch(job, chain, placement.version).await {
+            self.finish_job(session, JobState::Failed, None, Some(error));
         }
         Ok((job_id, rx))
+    }
+
+    /// Opens `job` on `chain` and starts it, replaying its history (prompt and tokens so far)
+    /// when it already ran elsewhere. On failure returns the session and the reason; the job
+    /// is then registered under that session.
+    async fn launch(
+        &self,
+        mut job: LiveJob,
+        chain: ChainStages,
+        version: u64,
+    ) -> Result<(), (u64, String)> {
+        let session = u64::from_str_radix(&token::random_hex(8), 16).unwrap_or(1);
+        let worker_ids: Vec<String> = chain.iter().map(|(w, _, _)| w.id.clone()).collect();
+        job.stages = worker_ids.clone();
+        job.record.audit.extend(audit_of(&chain));
+        let replay = !job.record.prompt_ids.is_empty();
+        let mut opens = self.session_orders(session, &job.record.model, version, &chain, &job.spec);
+        if replay {
+            let history: Vec<u32> = job
+                .record
+                .prompt_ids
+                .iter()
+                .chain(&job.record.token_ids)
+                .copied()
+                .collect();
+            opens[0].prompt_ids = history;
+            opens[0].prompt_tokens = job.record.prompt_ids.len();
+            let tail = opens.len() - 1;
+            opens[tail].replay_generated = job.record.token_ids.clone();
+            opens[tail].prompt_tokens = job.record.prompt_ids.len();
+        }
+        let job_id = job.record.id.clone();
+        {
+            let mut jobs = self.jobs();
+            jobs.by_id.insert(job_id.clone(), session);
+            jobs.live.insert(session, job);
+        }
+        let prompt_ids = self
+            .open_everywhere(session, &worker_ids, opens)
+            .await
+            .map_err(|e| (session, e))?;
+        {
+            let mut jobs = self.jobs();
+            let Some(job) = jobs.live.get_mut(&session) else {
+                return Err((session, "the job ended while it was being opened".into()));
+            };
+            if !replay {
+                job.record.prompt_tokens = prompt_ids.len();
+                job.record.prompt_ids = prompt_ids;
+            }
+            job.started.get_or_insert_with(Instant::now);
+        }
+        self.send_to(&worker_ids[0], AgentCommand::StartSession(session));
+        info!(job = %job_id, session, stages = worker_ids.len(), replay, "job running");
+        Ok(())
+    }
+
+    /// Moves a job whose chain failed to another ready chain (replanning around the failed
+    /// workers if none is ready), replaying its history there; ends it with a clear error when
+    /// no capacity is left or the recovery takes too long.
+    pub async fn recover(self: std::sync::Arc<Self>, session: u64, reason: String) {
+        let Some(mut job) = self.take_job(session) else {
+            return;
+        };
+        for worker in &job.stages {
+            self.send_to(worker, AgentCommand::CloseSession(session));
+        }
+        job.attempts += 1;
+        warn!(job = %job.record.id, attempt = job.attempts, %reason, "recovering the job on another chain");
+        let failed = |fed: &Self, job: LiveJob, why: String| {
+            let session = fed.park(job);
+            fed.finish_job(session, JobState::Failed, None, Some(why));
+        };
+        if job.attempts > MAX_RECOVERIES {
+            return failed(
+                &self,
+                job,
+                format!("{reason}; gave up after {MAX_RECOVERIES} recoveries"),
+            );
+        }
+        let deadline = Instant::now() + RECOVERY_TIMEOUT;
+        let mut replanned = false;
+        loop {
+            let placement = match self.placement(&job.record.model) {
+                Ok(p) => p,
+                Err(e) => return failed(&self, job, e.to_string()),
+            };
+            if let Ok(chain) = self.pick_chain(&placement, &job.record.policy) {
+                match self.launch(job, chain, placement.version).await {
+                    Ok(()) => return,
+                    Err((new_session, error)) => {
+                        let Some(again) = self.take_job(new_session) else {
+                            return;
+                        };
+                        job = again;
+                        job.attempts += 1;
+                        if job.attempts > MAX_RECOVERIES {
+                            return failed(&self, job, error);
+                        }
+                        continue;
+                    }
+                }
+            }
+            if !replanned {
+                replanned = true;
+                if let Err(e) = self.replan_around_failures(&job.record.model).await {
+                    return failed(
+                        &self,
+                        job,
+                        format!("{reason}, and no capacity is left to continue: {e}"),
+                    );
+                }
+            }
+            if Instant::now() > deadline {
+                return failed(
+                    &self,
+                    job,
+                    format!(
+                        "{reason}, and no replacement chain was ready within {RECOVERY_TIMEOUT:?}"
+                    ),
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Replans `model` over the live workers unless a ready chain appeared meanwhile.
+    async fn replan_around_failures(&self, model: &str) -> Result<(), CoordinatorError> {
+        let _one_at_a_time = self.replan_lock.lock().await;
+        let placement = self.placement(model)?;
+        let all_live = placement
+            .chains
+            .iter()
+            .any(|c| c.iter().all(|s| self.is_live(&s.worker_id)));
+        if all_live && !placement.chains.is_empty() {
+            return Ok(());
+        }
+        self.set_placement(model, crate::placement::PlacementRequest::Auto)
+            .map(|_| ())
+    }
+
+    fn take_job(&self, session: u64) -> Option<LiveJob> {
+        let mut jobs = self.jobs();
+        let job = jobs.live.remove(&session)?;
+        jobs.by_id.remove(&job.record.id);
+        Some(job)
+    }
+
+    /// Registers a job under a fresh session (to end it through [`Self::finish_job`]).
+    fn park(&self, job: LiveJob) -> u64 {
+        let session = u64::from_str_radix(&token::random_hex(8), 16).unwrap_or(1);
+        let mut jobs = self.jobs();
+        jobs.by_id.insert(job.record.id.clone(), session);
+        jobs.live.insert(
+            session,
+            LiveJob {
+                stages: vec![],
+                ..job
+            },
+        );
+        session
     }
 
     fn session_orders(
@@ -381,7 +535,7 @@ impl Federation {
         session: u64,
         model: &str,
         version: u64,
-        stages: &[(WorkerRecord, ProviderRecord, LayerRange)],
+        stages: &ChainStages,
         spec: &JobSpec,
     ) -> Vec<SessionOpen> {
         let peer = |i: usize| (stages[i].0.id.clone(), stages[i].0.advertise_addr.clone());
@@ -407,6 +561,8 @@ impl Federation {
                 prompt_ids: vec![],
                 sampling: spec.sampling,
                 stop: spec.stop.clone(),
+                replay_generated: vec![],
+                prompt_tokens: 0,
             })
             .collect()
     }
@@ -578,12 +734,11 @@ impl Federation {
             }
         }
         if let Some(e) = failed {
-            let state = if e.contains("client went away") {
-                JobState::Cancelled
+            if e.contains("client went away") {
+                self.finish_job(session, JobState::Cancelled, None, Some(e));
             } else {
-                JobState::Failed
-            };
-            self.finish_job(session, state, None, Some(e));
+                let _ = self.recoveries.send((session, e));
+            }
         } else if let Some(reason) = finished {
             self.finish_job(session, JobState::Done, Some(reason), None);
         }
@@ -683,14 +838,28 @@ impl Federation {
             .map(|(s, _)| *s)
             .collect();
         for session in sessions {
-            self.finish_job(
-                session,
-                JobState::Failed,
-                None,
-                Some(format!("worker {worker} {why}")),
-            );
+            let _ = self
+                .recoveries
+                .send((session, format!("worker {worker} {why}")));
         }
     }
+}
+
+/// Marks the jobs a previous coordinator process left running as failed: their clients lost
+/// their streams with it, and their sessions are gone.
+pub fn abandon_running_jobs(store: &dyn crate::store::Store) -> Result<(), CoordinatorError> {
+    let mut batch = Batch::new();
+    for mut job in read_all::<JobRecord>(store, JOBS)? {
+        if job.state == JobState::Running {
+            job.state = JobState::Failed;
+            job.error =
+                Some("the coordinator restarted while the job ran; its stream was cut".into());
+            job.finished_unix = now_unix();
+            warn!(job = %job.id, "job abandoned by a coordinator restart");
+            batch = batch.put(JOBS, &job.id, encode(&job));
+        }
+    }
+    Ok(store.apply(batch)?)
 }
 
 fn visible(caller: &Caller, job: &JobRecord) -> bool {

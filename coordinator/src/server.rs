@@ -58,6 +58,7 @@ pub async fn run(
         .client_auth_optional(true);
     let plane = ControlPlane::new(fed.clone());
     let reaper = tokio::spawn(expire_leases(fed.clone()));
+    let recoveries = tokio::spawn(fed.clone().run_recoveries());
     info!(addr = ?listener.local_addr().ok(), "coordinator serving");
     let result = Server::builder()
         .tls_config(tls)
@@ -71,6 +72,7 @@ pub async fn run(
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;
     reaper.abort();
+    recoveries.abort();
     fed.store().flush()?;
     result.map_err(|e| CoordinatorError::Internal(format!("server: {e}")))
 }

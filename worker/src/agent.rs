@@ -450,6 +450,12 @@ impl AgentSession<'_> {
                 let period = Duration::from_millis(w.heartbeat_interval_ms.clamp(50, 60_000));
                 *heartbeat = tokio::time::interval(period);
                 info!(worker = %w.worker_id, heartbeat_ms = w.heartbeat_interval_ms, "connected to the coordinator");
+                // A new stream means the coordinator already gave up (or lost) the sessions of
+                // the old one: free them.
+                let open: Vec<u64> = lock_any(&self.sessions).keys().copied().collect();
+                for session in open {
+                    close_session(&self.sessions, &self.slices, &self.plane, session);
+                }
             }
             Some(Kind::Assign(a)) => {
                 let loader = Loader {
@@ -541,6 +547,8 @@ impl AgentSession<'_> {
                 stop: sampling.stop.clone(),
                 ignore_eos: sampling.ignore_eos,
             },
+            replay_generated: o.replay_generated.clone(),
+            prompt_tokens: o.prompt_tokens as usize,
         };
         let route = Route {
             engine: loaded.engine.clone(),

@@ -58,6 +58,10 @@ pub struct SessionOrder {
     pub sampling: SamplingParams,
     /// Stopping (tail).
     pub stop: StopConditions,
+    /// Tokens generated on an earlier chain, replayed into the text state (tail).
+    pub replay_generated: Vec<u32>,
+    /// The original prompt's length when replaying (tail).
+    pub prompt_tokens: usize,
 }
 
 /// Orders and frames for the engine.
@@ -146,6 +150,9 @@ struct StageSession {
     order: SessionOrder,
     cache: SessionCache,
     started: bool,
+    /// Length of the original prompt: positions before it are prefilled in chunks, positions
+    /// after it (a replayed generation) one at a time, exactly as they were first computed.
+    prompt_len: usize,
     pending_prompt: VecDeque<u32>,
     queue: VecDeque<Work>,
     tail: Option<TailState>,
@@ -275,16 +282,17 @@ impl StageEngine {
             if order.stop.max_tokens == 0 {
                 return Err("max tokens must be at least 1".into());
             }
-            Some(TailState {
-                sampler,
-                stream: None,
-                emitted: 0,
-                finished: false,
-            })
+            Some(self.tail_state(sampler, &order))
         } else {
             None
         };
+        let prompt_len = if order.prompt_tokens > 0 {
+            order.prompt_tokens.min(prompt.len())
+        } else {
+            prompt.len()
+        };
         let session = StageSession {
+            prompt_len,
             cache: self.slice.new_cache(),
             started: false,
             pending_prompt: prompt.iter().copied().collect(),
@@ -294,6 +302,36 @@ impl StageEngine {
         };
         self.sessions.insert(session.order.session, session);
         Ok(prompt)
+    }
+
+    /// The tail's state of a new session; a replayed session's generated tokens are pushed
+    /// through the text state first, so its stream continues exactly where it stopped.
+    fn tail_state(&self, sampler: Sampler, order: &SessionOrder) -> TailState {
+        let mut tail = TailState {
+            sampler,
+            stream: None,
+            emitted: 0,
+            finished: false,
+        };
+        if order.replay_generated.is_empty() {
+            return tail;
+        }
+        let context = self.slice.spec().context_length;
+        let mut stop = order.stop.clone();
+        stop.max_tokens = stop
+            .max_tokens
+            .min(context.saturating_sub(order.prompt_tokens))
+            .max(1);
+        let mut stream = TextStream::new(stop, self.tokenizer.eos());
+        for &token in &order.replay_generated {
+            let step = stream.push(&self.tokenizer, token);
+            if step.emitted || !step.text.is_empty() {
+                tail.emitted += 1;
+            }
+            tail.finished |= step.finished.is_some();
+        }
+        tail.stream = Some(stream);
+        tail
     }
 
     fn accept_frame(&mut self, from: &str, frame: Frame) {
@@ -378,7 +416,13 @@ impl StageEngine {
             let work = match s.queue.pop_front() {
                 Some(w) => w,
                 None if s.started && !s.pending_prompt.is_empty() => {
-                    let n = s.pending_prompt.len().min(PREFILL_CHUNK);
+                    let done = s.cache.len();
+                    let chunk = if done < s.prompt_len {
+                        (s.prompt_len - done).min(PREFILL_CHUNK)
+                    } else {
+                        1
+                    };
+                    let n = s.pending_prompt.len().min(chunk);
                     let ids: Vec<u32> = s.pending_prompt.drain(..n).collect();
                     Work::Tokens {
                         start: s.cache.len(),

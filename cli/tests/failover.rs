@@ -1,0 +1,350 @@
+//! Worker loss mid-job: a stage of the running chain is killed with SIGKILL at pseudo-random
+//! token positions; the job moves to a replacement chain, replays its history, and the stream
+//! continues with no token lost or repeated. When no capacity is left, the job ends with a
+//! clear error.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const SOVRA: &str = env!("CARGO_BIN_EXE_sovra");
+
+struct Fleet {
+    dir: tempfile::TempDir,
+    url: String,
+    coordinator: Child,
+    workers: HashMap<String, Child>,
+    next_provider: usize,
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        let _ = self.coordinator.kill();
+        let _ = self.coordinator.wait();
+        for child in self.workers.values_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Fleet {
+    fn coord(&self) -> PathBuf {
+        self.dir.path().join("coordinator")
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(SOVRA);
+        c.args(args)
+            .env("SOVRA_COORDINATOR", &self.url)
+            .env("SOVRA_CA", self.coord().join("ca.pem"))
+            .env("SOVRA_TOKEN_FILE", self.coord().join("admin.token"));
+        c
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.cmd(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "sovra {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        serde_json::from_str(&self.ok(&all)).unwrap()
+    }
+
+    fn up(&self) -> Vec<String> {
+        self.json(&["worker", "list"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|w| w["state"] == "up")
+            .map(|w| w["id"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// Adds a provider with one worker and waits until it is up; returns its worker id.
+    fn add_worker(&mut self) -> String {
+        let name = format!("dc-{}", self.next_provider);
+        let country = ["FR", "DE", "NL", "BE", "AT"][self.next_provider % 5];
+        self.next_provider += 1;
+        self.ok(&["provider", "add", &name, "--country", country]);
+        let token = self
+            .ok(&["provider", "join-token", &name])
+            .trim()
+            .to_string();
+        let before = self.up();
+        let child = Command::new(SOVRA)
+            .args([
+                "--threads",
+                "1",
+                "worker",
+                "start",
+                "--coordinator",
+                &self.url,
+                "--listen",
+                "127.0.0.1:0",
+                "--join-token",
+                &token,
+                "--data-dir",
+            ])
+            .arg(self.dir.path().join(&name))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Held by the fleet at once, so it is killed and reaped whatever happens next.
+        self.workers.insert(name.clone(), child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let now = self.up();
+            if let Some(id) = now.iter().find(|id| !before.contains(id)) {
+                let child = self.workers.remove(&name).expect("spawned above");
+                self.workers.insert(id.clone(), child);
+                return id.clone();
+            }
+            assert!(Instant::now() < deadline, "worker {name} did not come up");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn place_three_stages(&self) -> Vec<String> {
+        self.ok(&["placement", "set", "smollm2", "--stages", "3"]);
+        self.wait_ready()
+    }
+
+    fn wait_ready(&self) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let p = self.json(&["placement", "show", "smollm2"]);
+            let stages = p["chains"][0]["stages"].as_array().unwrap().clone();
+            if stages.iter().all(|s| s["state"] == "ready") {
+                return stages
+                    .iter()
+                    .map(|s| s["worker"].as_str().unwrap().to_string())
+                    .collect();
+            }
+            assert!(Instant::now() < deadline, "placement not ready");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn kill(&mut self, worker: &str) {
+        let mut child = self.workers.remove(worker).expect("a worker we started");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
+
+fn start_fleet(workers: usize) -> Fleet {
+    sovra_tests::smollm2_path();
+    let dir = tempfile::tempdir().unwrap();
+    let mut coordinator = Command::new(SOVRA)
+        .args([
+            "coordinator",
+            "start",
+            "--listen",
+            "127.0.0.1:0",
+            "--lease",
+            "1s",
+            "--heartbeat",
+            "200ms",
+            "--data-dir",
+        ])
+        .arg(dir.path().join("coordinator"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut url = String::new();
+    BufReader::new(coordinator.stdout.take().unwrap())
+        .read_line(&mut url)
+        .unwrap();
+    let mut fleet = Fleet {
+        dir,
+        url: url.trim().to_string(),
+        coordinator,
+        workers: HashMap::new(),
+        next_provider: 0,
+    };
+    for _ in 0..workers {
+        fleet.add_worker();
+    }
+    fleet.ok(&[
+        "model", "add", "smollm2", "--file", "smollm2", "--dtype", "q8_0",
+    ]);
+    fleet
+}
+
+/// Runs a job with `sovra run --json`, calling `on_token(index)` after each token line;
+/// returns the token ids, the summary line and the stderr text.
+fn run_job(
+    fleet: &Fleet,
+    tenant: &str,
+    sampling: &[&str],
+    mut on_token: impl FnMut(u64),
+) -> (Vec<u64>, Value, bool) {
+    let mut args = vec![
+        "run",
+        "-m",
+        "smollm2",
+        "--chat",
+        "--ignore-eos",
+        "--max-tokens",
+        "40",
+        "--json",
+        "--token",
+        tenant,
+    ];
+    args.extend_from_slice(sampling);
+    args.push("Tell me about the history of Europe.");
+    let mut child = fleet
+        .cmd(&args)
+        .env_remove("SOVRA_TOKEN_FILE")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut tokens = Vec::new();
+    let mut last = Value::Null;
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let v: Value = serde_json::from_str(&line.unwrap()).unwrap();
+        if v["type"] == "token" {
+            assert_eq!(
+                v["index"].as_u64().unwrap(),
+                tokens.len() as u64,
+                "no token lost or repeated"
+            );
+            tokens.push(v["token_id"].as_u64().unwrap());
+            on_token(tokens.len() as u64 - 1);
+        } else {
+            last = v;
+        }
+    }
+    let ok = child.wait().unwrap().success();
+    (tokens, last, ok)
+}
+
+#[test]
+fn killed_stages_are_replaced_and_the_stream_continues_exactly() {
+    let mut fleet = start_fleet(4);
+    let tenant = fleet.ok(&["tenant", "add", "acme"]).trim().to_string();
+    let samplings: [&[&str]; 2] = [&[], &["--temperature", "0.8", "--seed", "7"]];
+    fleet.place_three_stages();
+    let reference: Vec<Vec<u64>> = samplings
+        .iter()
+        .map(|s| run_job(&fleet, &tenant, s, |_| {}).0)
+        .collect();
+    assert!(reference.iter().all(|r| r.len() == 40));
+
+    let mut seed = 0x5eed_u64;
+    let mut latencies = Vec::new();
+    for round in 0..10 {
+        seed = sovra_model::sampling::splitmix64(seed);
+        let position = 3 + seed % 30;
+        let chain = fleet.place_three_stages();
+        let victim = chain[1 + (round % 2)].clone();
+        let which = if round % 2 == 0 { "middle" } else { "tail" };
+        println!("round {round}: killing the {which} stage {victim} after token {position}");
+        let mut killed_at: Option<Instant> = None;
+        let mut latency = None;
+        let sampling = samplings[round % 2];
+        let mut victim_child = fleet.workers.remove(&victim);
+        let (tokens, summary, ok) = run_job(&fleet, &tenant, sampling, |index| {
+            if index == position
+                && let Some(mut child) = victim_child.take()
+            {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                killed_at = Some(Instant::now());
+            } else if let (Some(at), None) = (killed_at, latency) {
+                latency = Some(at.elapsed());
+            }
+        });
+        assert!(ok, "round {round}: the job failed: {summary}");
+        assert_eq!(
+            tokens,
+            reference[round % 2],
+            "round {round}: output differs from the fault-free run"
+        );
+        assert_eq!(summary["generated_tokens"], 40);
+        let latency = latency.expect("a token after the kill");
+        println!(
+            "round {round}: next token {:.0} ms after the kill",
+            latency.as_secs_f64() * 1e3
+        );
+        latencies.push(latency.as_secs_f64() * 1e3);
+        fleet.add_worker();
+    }
+    latencies.sort_by(f64::total_cmp);
+    println!(
+        "kill → next token over {} kills: median {:.0} ms, max {:.0} ms",
+        latencies.len(),
+        latencies[latencies.len() / 2],
+        latencies[latencies.len() - 1]
+    );
+    // Every job's audit shows the chains it ran on.
+    let jobs = fleet.json(&["job", "list"]);
+    let moved = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|j| j["audit"].as_array().unwrap().len() > 3)
+        .count();
+    assert!(moved >= 10, "the audit of each moved job lists both chains");
+}
+
+#[test]
+fn a_job_with_no_capacity_left_ends_with_a_clear_error() {
+    let mut fleet = start_fleet(1);
+    let tenant = fleet.ok(&["tenant", "add", "acme"]).trim().to_string();
+    let only = fleet.up().remove(0);
+    fleet.wait_ready();
+    let started = Instant::now();
+    let mut killed = false;
+    let mut args = vec![
+        "run",
+        "-m",
+        "smollm2",
+        "--chat",
+        "--ignore-eos",
+        "--max-tokens",
+        "200",
+        "--token",
+        tenant.as_str(),
+    ];
+    args.push("Count to a thousand.");
+    let mut child = fleet
+        .cmd(&args)
+        .env_remove("SOVRA_TOKEN_FILE")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut buf = [0u8; 1];
+    while !killed {
+        if std::io::Read::read(&mut out, &mut buf).unwrap() == 0 {
+            break;
+        }
+        fleet.kill(&only);
+        killed = true;
+    }
+    let output = child.wait_with_output().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&only) && stderr.contains("no capacity"),
+        "{stderr}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(30), "bounded time");
+}
