@@ -134,9 +134,7 @@ pub fn plan(
                 .chains
         }
         PlacementRequest::Stages(n) => {
-            planner::plan_with_stages(&workers, &cost, &policy, &config, *n)
-                .map_err(failed)?
-                .chains
+            replicas_of(&workers, &cost, &policy, &config, *n).map_err(failed)?
         }
         PlacementRequest::Explicit(stages) => {
             let assignment: Vec<(String, planner::LayerRange)> = stages.clone();
@@ -158,6 +156,33 @@ pub fn plan(
                 .collect()
         })
         .collect())
+}
+
+/// Chains of exactly `stages` stages: the best one, then replicas from the workers left while
+/// capacity allows (up to the planner's chain limit).
+fn replicas_of(
+    workers: &[WorkerCandidate],
+    cost: &ModelCost,
+    policy: &Policy,
+    config: &PlannerConfig,
+    stages: usize,
+) -> Result<Vec<planner::Chain>, PlanError> {
+    let mut pool = workers.to_vec();
+    let mut chains: Vec<planner::Chain> = Vec::new();
+    while chains.len() < config.max_chains.max(1) {
+        match planner::plan_with_stages(&pool, cost, policy, config, stages) {
+            Ok(plan) => {
+                let Some(chain) = plan.chains.into_iter().next() else {
+                    break;
+                };
+                pool.retain(|w| !chain.stages.iter().any(|s| s.worker_id == w.worker_id));
+                chains.push(chain);
+            }
+            Err(e) if chains.is_empty() => return Err(e),
+            Err(_) => break,
+        }
+    }
+    Ok(chains)
 }
 
 /// The order each worker of `placement` receives, as (worker id, order).

@@ -205,3 +205,42 @@ fn forward_refuses_bad_rows_and_leaves_caches_intact() {
         .unwrap_err();
     assert!(matches!(err, ForwardError::ContextOverflow { .. }), "{err}");
 }
+
+mod arbitrary_bytes {
+    use proptest::prelude::*;
+    use std::io::Write;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, .. ProptestConfig::default() })]
+
+        /// The GGUF reader never panics on arbitrary bytes, with or without a valid magic.
+        #[test]
+        fn gguf_reader_never_panics(prefix in any::<bool>(), bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let mut file = tempfile::Builder::new().suffix(".gguf").tempfile().unwrap();
+            if prefix {
+                file.write_all(b"GGUF\x03\x00\x00\x00").unwrap();
+            }
+            file.write_all(&bytes).unwrap();
+            let _ = sovra_model::GgufModel::open(file.path());
+        }
+
+        /// Corrupting any byte of a small valid model's header gives an error or a model, never
+        /// a panic, also when loading its slices.
+        #[test]
+        fn corrupted_headers_never_panic(index in 0usize..4096, value in any::<u8>()) {
+            let mut data = Vec::new();
+            sovra_model::synthetic::SyntheticLlama { layers: 2, hidden_size: 32, heads: 2, kv_heads: 1, ffn_size: 64, vocab_size: 300, context_length: 64, ..sovra_model::synthetic::SyntheticLlama::tiny() }
+                .write(&mut std::io::Cursor::new(&mut data))
+                .unwrap();
+            let i = index % data.len().min(4096);
+            data[i] = value;
+            let mut file = tempfile::Builder::new().suffix(".gguf").tempfile().unwrap();
+            file.write_all(&data).unwrap();
+            if let Ok(model) = sovra_model::GgufModel::open(file.path()) {
+                let layers = model.spec().layers;
+                let _ = sovra_model::LlamaSlice::load(&model, sovra_model::LayerRange::new(0, layers), sovra_model::WeightMode::F32, &candle_core::Device::Cpu);
+                let _ = sovra_model::ModelTokenizer::from_gguf(model.metadata());
+            }
+        }
+    }
+}

@@ -167,3 +167,66 @@ async fn only_named_peers_with_federation_certificates_reach_a_stage() {
     .await;
     assert!(String::from_utf8_lossy(&revoked.reason).contains("revoked"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn malformed_frames_close_the_connection_and_the_stage_keeps_serving() {
+    let (fed, workers, tenant) = fleet(&[("ovh-fr", "FR"), ("ionos-de", "DE")], "q8_0").await;
+    fed.place("smollm2", How::Stages(2)).await;
+    let all = fed.workers().await;
+    let (fr, de) = (
+        all.iter().find(|w| w.provider == "ovh-fr").unwrap(),
+        all.iter().find(|w| w.provider == "ionos-de").unwrap(),
+    );
+    let fr_dir = workers
+        .iter()
+        .find(|w| {
+            std::fs::read_to_string(w.data_dir.join("identity.json"))
+                .unwrap()
+                .contains(&fr.id)
+        })
+        .unwrap()
+        .data_dir
+        .clone();
+    let identity = identity_of(&fr_dir);
+    // Garbage, an oversized declaration, a wrong dtype: each closes the connection with the
+    // malformed-frame code, from a peer that is otherwise legitimate.
+    let mut oversized = 0x7fff_ffffu32.to_le_bytes().to_vec();
+    oversized.extend_from_slice(b"SVF1");
+    let mut wrong_dtype = sovra_worker::frame::encode(&frame());
+    let dtype_at = 4 + 4 + 1 + 8 + 4 + 4 + 4 + 1;
+    wrong_dtype[dtype_at] = 7;
+    for bytes in [
+        b"\x10\x00\x00\x00not a frame at all".to_vec(),
+        oversized,
+        wrong_dtype,
+    ] {
+        let endpoint = quic::endpoint("127.0.0.1:0".parse().unwrap(), &identity).unwrap();
+        let conn = quic::connect(
+            &endpoint,
+            de.advertise_addr.parse().unwrap(),
+            &de.id,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        let mut stream = conn.open_uni().await.unwrap();
+        let _ = stream.write_all(&bytes).await;
+        let _ = stream.finish();
+        match tokio::time::timeout(Duration::from_secs(10), conn.closed())
+            .await
+            .unwrap()
+        {
+            quinn::ConnectionError::ApplicationClosed(close) => {
+                assert_eq!(close.error_code, quic::CODE_MALFORMED_FRAME.into());
+            }
+            other => panic!("expected a malformed-frame close, got {other:?}"),
+        }
+    }
+    let out = run_job(
+        fed.channel(Some(&tenant)).await,
+        chat_request("Hello!", 8, 0.0, 0),
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.tokens.len(), 8);
+}

@@ -1,0 +1,101 @@
+//! Sovereignty: jobs under mixed policies run only on workers their policy allows, and every
+//! job's audit record says where each layer ran.
+
+use std::collections::HashMap;
+
+use sovra_proto::pb;
+use sovra_proto::pb::set_placement_request::How;
+use sovra_tests::federation::{chat_request, fleet, run_job};
+use tonic::Code;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_jobs_under_mixed_policies_never_leave_their_countries() {
+    let providers = [
+        ("fr-a", "FR"),
+        ("fr-b", "FR"),
+        ("de-a", "DE"),
+        ("nl-a", "NL"),
+    ];
+    let (fed, _workers, tenant) = fleet(&providers, "q8_0").await;
+    // One-stage chains: every worker holds a replica of the whole model.
+    let placement = fed.place("smollm2", How::Stages(1)).await;
+    assert_eq!(placement.chains.len(), 4, "{placement:?}");
+    let country_of: HashMap<String, String> = fed
+        .workers()
+        .await
+        .into_iter()
+        .map(|w| (w.id, w.country))
+        .collect();
+    let policies: [&[&str]; 5] = [&["FR"], &["DE"], &["FR", "DE"], &["NL", "DE"], &[]];
+    let mut handles = Vec::new();
+    for i in 0..50 {
+        let countries: Vec<String> = policies[i % policies.len()]
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        let mut request = chat_request(&format!("Name a city, number {i}."), 4, 0.0, 0);
+        request.policy = Some(pb::Policy {
+            countries: countries.clone(),
+            ..Default::default()
+        });
+        let channel = fed.channel(Some(&tenant)).await;
+        handles.push(tokio::spawn(async move {
+            (countries, run_job(channel, request).await)
+        }));
+    }
+    let mut jobs = pb::jobs_client::JobsClient::new(fed.channel(Some(&tenant)).await);
+    for handle in handles {
+        let (countries, result) = handle.await.unwrap();
+        let out = result.unwrap();
+        assert_eq!(out.tokens.len(), 4);
+        let record = jobs
+            .get_job(pb::JobRef {
+                job_id: out.job_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(record.state, "done");
+        assert!(!record.audit.is_empty());
+        let mut covered = 0;
+        for stage in &record.audit {
+            assert_eq!(
+                country_of[&stage.worker_id], stage.country,
+                "the audit names the worker's real country"
+            );
+            assert!(
+                countries.is_empty() || countries.contains(&stage.country),
+                "{} ran in {} under {countries:?}",
+                out.job_id,
+                stage.country
+            );
+            assert_eq!(stage.start_layer, covered);
+            covered = stage.end_layer;
+        }
+        assert_eq!(covered, 30, "the audit covers every layer");
+    }
+    // A policy no chain can meet is refused, naming what is missing.
+    let mut request = chat_request("Hello", 4, 0.0, 0);
+    request.policy = Some(pb::Policy {
+        countries: vec!["IT".into()],
+        ..Default::default()
+    });
+    let err = run_job(fed.channel(Some(&tenant)).await, request)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("outside IT"), "{}", err.message());
+    let mut request = chat_request("Hello", 4, 0.0, 0);
+    request.policy = Some(pb::Policy {
+        required_certifications: vec!["SecNumCloud".into()],
+        ..Default::default()
+    });
+    let err = run_job(fed.channel(Some(&tenant)).await, request)
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("lacks certification SecNumCloud"),
+        "{}",
+        err.message()
+    );
+}
