@@ -286,7 +286,7 @@ pub async fn worker_list(conn: &ConnectArgs) -> Result<()> {
         .iter()
         .map(|w| {
             let d = w.device.clone().unwrap_or_default();
-            json!({"id": w.id, "provider": w.provider, "country": w.country, "state": w.state, "device": d.kind, "device_name": d.name, "device_memory_bytes": d.memory_bytes, "offered_memory_bytes": w.offered_memory_bytes, "speed_gflops": w.speed_gflops, "advertise_addr": w.advertise_addr, "last_seen_unix": w.last_seen_unix})
+            json!({"id": w.id, "provider": w.provider, "country": w.country, "state": w.state, "device": d.kind, "device_name": d.name, "device_memory_bytes": d.memory_bytes, "offered_memory_bytes": w.offered_memory_bytes, "speed_gflops": w.speed_gflops, "advertise_addr": w.advertise_addr, "last_seen_unix": w.last_seen_unix, "open_sessions": w.open_sessions, "kv_cache_bytes": w.kv_cache_bytes})
         })
         .collect();
     emit(conn.json, Value::Array(docs), || {

@@ -4,6 +4,7 @@
 //! clear error.
 
 use std::collections::HashMap;
+use std::io::Read;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -145,22 +146,20 @@ impl Fleet {
     }
 }
 
-fn start_fleet(workers: usize) -> Fleet {
-    sovra_tests::smollm2_path();
-    let dir = tempfile::tempdir().unwrap();
+fn spawn_coordinator(dir: &std::path::Path, listen: &str) -> (Child, String) {
     let mut coordinator = Command::new(SOVRA)
         .args([
             "coordinator",
             "start",
             "--listen",
-            "127.0.0.1:0",
+            listen,
             "--lease",
             "1s",
             "--heartbeat",
             "200ms",
             "--data-dir",
         ])
-        .arg(dir.path().join("coordinator"))
+        .arg(dir.join("coordinator"))
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -169,9 +168,16 @@ fn start_fleet(workers: usize) -> Fleet {
     BufReader::new(coordinator.stdout.take().unwrap())
         .read_line(&mut url)
         .unwrap();
+    (coordinator, url.trim().to_string())
+}
+
+fn start_fleet(workers: usize) -> Fleet {
+    sovra_tests::smollm2_path();
+    let dir = tempfile::tempdir().unwrap();
+    let (coordinator, url) = spawn_coordinator(dir.path(), "127.0.0.1:0");
     let mut fleet = Fleet {
         dir,
-        url: url.trim().to_string(),
+        url,
         coordinator,
         workers: HashMap::new(),
         next_provider: 0,
@@ -333,7 +339,7 @@ fn a_job_with_no_capacity_left_ends_with_a_clear_error() {
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut buf = [0u8; 1];
     while !killed {
-        if std::io::Read::read(&mut out, &mut buf).unwrap() == 0 {
+        if out.read(&mut buf).unwrap() == 0 {
             break;
         }
         fleet.kill(&only);
@@ -347,4 +353,91 @@ fn a_job_with_no_capacity_left_ends_with_a_clear_error() {
         "{stderr}"
     );
     assert!(started.elapsed() < Duration::from_secs(30), "bounded time");
+}
+
+#[test]
+fn a_coordinator_crash_ends_running_jobs_clearly_and_the_federation_resumes() {
+    let mut fleet = start_fleet(3);
+    let tenant = fleet.ok(&["tenant", "add", "acme"]).trim().to_string();
+    fleet.place_three_stages();
+    let reference = run_job(&fleet, &tenant, &[], |_| {}).0;
+    let mut args = vec![
+        "run",
+        "-m",
+        "smollm2",
+        "--chat",
+        "--ignore-eos",
+        "--max-tokens",
+        "400",
+        "--json",
+        "--token",
+        tenant.as_str(),
+    ];
+    args.push("Write a long essay about mountains.");
+    let mut child = fleet
+        .cmd(&args)
+        .env_remove("SOVRA_TOKEN_FILE")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    for _ in 0..5 {
+        lines.next().unwrap().unwrap();
+    }
+    fleet.coordinator.kill().unwrap();
+    fleet.coordinator.wait().unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("connection to the coordinator was lost"),
+        "{stderr}"
+    );
+
+    let port = fleet.url.rsplit(':').next().unwrap().to_string();
+    let (coordinator, url) = spawn_coordinator(fleet.dir.path(), &format!("127.0.0.1:{port}"));
+    fleet.coordinator = coordinator;
+    assert_eq!(url, fleet.url);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while fleet.up().len() < 3 {
+        assert!(Instant::now() < deadline, "workers did not reconnect");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let jobs = fleet.json(&["job", "list"]);
+    let cut = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["generated_tokens"].as_u64() != Some(40))
+        .expect("the cut job");
+    assert_eq!(cut["state"], "failed");
+    assert!(
+        cut["error"]
+            .as_str()
+            .unwrap()
+            .contains("coordinator restarted"),
+        "{cut}"
+    );
+    // The workers dropped the orphaned session's state.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let workers = fleet.json(&["worker", "list"]);
+        if workers
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|w| w["open_sessions"] == 0)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "sessions still open: {workers}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    fleet.wait_ready();
+    assert_eq!(
+        run_job(&fleet, &tenant, &[], |_| {}).0,
+        reference,
+        "the federation serves again"
+    );
 }

@@ -214,6 +214,8 @@ pub(crate) struct LiveJob {
     last_token: Option<Instant>,
     spec: JobSpec,
     attempts: u32,
+    /// Last sign of progress (launch or token), for the stall watchdog.
+    progress: Instant,
 }
 
 fn audit_of(chain: &ChainStages) -> Vec<AuditStage> {
@@ -362,6 +364,7 @@ impl Federation {
             last_token: None,
             spec,
             attempts: 0,
+            progress: Instant::now(),
         };
         if let Err((session, error)) = self.launch(job, chain, placement.version).await {
             self.finish_job(session, JobState::Failed, None, Some(error));
@@ -399,6 +402,7 @@ impl Federation {
             opens[tail].prompt_tokens = job.record.prompt_ids.len();
         }
         let job_id = job.record.id.clone();
+        job.progress = Instant::now();
         {
             let mut jobs = self.jobs();
             jobs.by_id.insert(job_id.clone(), session);
@@ -506,6 +510,23 @@ impl Federation {
         }
         self.set_placement(model, crate::placement::PlacementRequest::Auto)
             .map(|_| ())
+    }
+
+    /// Moves jobs that made no progress for `stall` to another chain (a stage that hangs
+    /// without dropping its connection).
+    pub fn check_stalled_jobs(&self, now: Instant, stall: Duration) {
+        let stalled: Vec<u64> = self
+            .jobs()
+            .live
+            .iter()
+            .filter(|(_, j)| !j.stages.is_empty() && now.duration_since(j.progress) > stall)
+            .map(|(s, _)| *s)
+            .collect();
+        for session in stalled {
+            let _ = self
+                .recoveries
+                .send((session, format!("no progress for {stall:?}")));
+        }
     }
 
     fn take_job(&self, session: u64) -> Option<LiveJob> {
@@ -714,6 +735,7 @@ impl Federation {
             } else if job.stages.last().map(String::as_str) == Some(worker) {
                 if let Some((index, token_id, text)) = token {
                     let now = Instant::now();
+                    job.progress = now;
                     job.first_token.get_or_insert(now);
                     job.last_token = Some(now);
                     job.record.token_ids.push(token_id);

@@ -17,6 +17,9 @@ use crate::federation::{DataDir, Federation, FederationConfig};
 use crate::service::ControlPlane;
 use crate::store::SledStore;
 
+/// A running job with no token for this long is moved to another chain.
+const JOB_STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Settings of a coordinator process.
 #[derive(Debug, Clone)]
 pub struct CoordinatorConfig {
@@ -82,8 +85,10 @@ async fn expire_leases(fed: Arc<Federation>) {
     let mut tick = tokio::time::interval(period);
     loop {
         tick.tick().await;
-        if let Err(e) = fed.expire_leases(std::time::Instant::now()) {
+        let now = std::time::Instant::now();
+        if let Err(e) = fed.expire_leases(now) {
             error!(cause = %e, "expiring leases");
         }
+        fed.check_stalled_jobs(now, JOB_STALL_TIMEOUT);
     }
 }
