@@ -73,6 +73,43 @@ async fn concurrent(channel: &AuthChannel, jobs: usize, tokens: u32) -> Result<f
     Ok(total as f64 / start.elapsed().as_secs_f64())
 }
 
+struct Load {
+    jobs: usize,
+    finished: usize,
+    failed: usize,
+    p50_ms: f64,
+    p99_ms: f64,
+    tok_s: f64,
+}
+
+/// Submits `jobs` jobs at once and measures each one's latency from submission to summary.
+async fn load(channel: &AuthChannel, jobs: usize, tokens: u32) -> Result<Load> {
+    let start = Instant::now();
+    let handles: Vec<_> = (0..jobs)
+        .map(|_| {
+            let channel = channel.clone();
+            tokio::spawn(async move {
+                let t = Instant::now();
+                job(channel, tokens).await.map(|(n, _)| (n, t.elapsed().as_secs_f64() * 1e3))
+            })
+        })
+        .collect();
+    let (mut latencies, mut total, mut failed) = (Vec::new(), 0u32, 0);
+    for h in handles {
+        match h.await? {
+            Ok((n, ms)) => {
+                total += n;
+                latencies.push(ms);
+            }
+            Err(_) => failed += 1,
+        }
+    }
+    let wall = start.elapsed().as_secs_f64();
+    latencies.sort_by(f64::total_cmp);
+    let pick = |q: f64| latencies.get(((latencies.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(0.0);
+    Ok(Load { jobs, finished: latencies.len(), failed, p50_ms: pick(0.5), p99_ms: pick(0.99), tok_s: total as f64 / wall })
+}
+
 fn local_decode(model_path: &Path, args: &DemoArgs, tokens: usize) -> Result<f64> {
     let model = GgufModel::open(model_path)?;
     let tokenizer = ModelTokenizer::from_gguf(model.metadata())?;
@@ -160,6 +197,7 @@ pub async fn run(
     for n in [1usize, 4, 16] {
         aggregate.push((n, concurrent(tenant, n, 32).await?));
     }
+    let load = load(tenant, 100, 32).await?;
     let hop_us = (1.0 / three - 1.0 / one) / 3.0 * 1e6;
     let worker_threads = args
         .worker_threads
@@ -185,5 +223,9 @@ pub async fn run(
     for (n, tps) in &aggregate {
         println!("| {n} | {tps:.1} | {:.2}x |", tps / base);
     }
+    println!(
+        "\nLoad: {} concurrent jobs of 32 tokens on 3 stages: {} finished, {} failed; job latency p50 {:.0} ms, p99 {:.0} ms; aggregate {:.1} tok/s",
+        load.jobs, load.finished, load.failed, load.p50_ms, load.p99_ms, load.tok_s
+    );
     Ok(())
 }
