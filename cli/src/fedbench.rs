@@ -90,7 +90,9 @@ async fn load(channel: &AuthChannel, jobs: usize, tokens: u32) -> Result<Load> {
             let channel = channel.clone();
             tokio::spawn(async move {
                 let t = Instant::now();
-                job(channel, tokens).await.map(|(n, _)| (n, t.elapsed().as_secs_f64() * 1e3))
+                job(channel, tokens)
+                    .await
+                    .map(|(n, _)| (n, t.elapsed().as_secs_f64() * 1e3))
             })
         })
         .collect();
@@ -106,8 +108,20 @@ async fn load(channel: &AuthChannel, jobs: usize, tokens: u32) -> Result<Load> {
     }
     let wall = start.elapsed().as_secs_f64();
     latencies.sort_by(f64::total_cmp);
-    let pick = |q: f64| latencies.get(((latencies.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(0.0);
-    Ok(Load { jobs, finished: latencies.len(), failed, p50_ms: pick(0.5), p99_ms: pick(0.99), tok_s: total as f64 / wall })
+    let pick = |q: f64| {
+        latencies
+            .get(((latencies.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    Ok(Load {
+        jobs,
+        finished: latencies.len(),
+        failed,
+        p50_ms: pick(0.5),
+        p99_ms: pick(0.99),
+        tok_s: total as f64 / wall,
+    })
 }
 
 fn local_decode(model_path: &Path, args: &DemoArgs, tokens: usize) -> Result<f64> {

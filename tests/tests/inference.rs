@@ -328,3 +328,91 @@ async fn job_policies_narrow_the_model_and_bad_requests_are_refused() {
     .unwrap();
     assert_eq!(ok.tokens.len(), 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn absurd_control_plane_fields_are_refused() {
+    let (fed, _workers, tenant) = fleet(&[("ovh-fr", "FR")], "q8_0").await;
+    fed.place("smollm2", How::Stages(1)).await;
+    let mut huge = chat_request("Hello", 4, 0.0, 0);
+    huge.sampling.as_mut().unwrap().max_tokens = u32::MAX;
+    assert_eq!(
+        run_job(fed.channel(Some(&tenant)).await, huge)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument
+    );
+    let mut many_stops = chat_request("Hello", 4, 0.0, 0);
+    many_stops.sampling.as_mut().unwrap().stop = vec!["x".into(); 100];
+    assert_eq!(
+        run_job(fed.channel(Some(&tenant)).await, many_stops)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument
+    );
+    let mut no_model = chat_request("Hello", 4, 0.0, 0);
+    no_model.model = String::new();
+    assert_eq!(
+        run_job(fed.channel(Some(&tenant)).await, no_model)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    let mut models = pb::models_client::ModelsClient::new(fed.operator().await);
+    let missing_spec = pb::AddModelRequest {
+        name: "x".into(),
+        dtype: "q8_0".into(),
+        file_sha256: "0".repeat(64),
+        ..Default::default()
+    };
+    assert_eq!(
+        models.add_model(missing_spec).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    let absurd_spec = pb::AddModelRequest {
+        name: "y".into(),
+        dtype: "q8_0".into(),
+        file_sha256: "0".repeat(64),
+        spec: Some(pb::ModelSpec {
+            architecture: "llama".into(),
+            layers: 1_000_000,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    assert_eq!(
+        models.add_model(absurd_spec).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    let mut placements = pb::placements_client::PlacementsClient::new(fed.operator().await);
+    let zero = pb::SetPlacementRequest {
+        model: "smollm2".into(),
+        how: Some(How::Stages(0)),
+    };
+    assert_eq!(
+        placements.set_placement(zero).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    let too_many = pb::SetPlacementRequest {
+        model: "smollm2".into(),
+        how: Some(How::Stages(1000)),
+    };
+    assert_eq!(
+        placements.set_placement(too_many).await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+    // Still serving.
+    assert_eq!(
+        run_job(
+            fed.channel(Some(&tenant)).await,
+            chat_request("Hello", 4, 0.0, 0)
+        )
+        .await
+        .unwrap()
+        .tokens
+        .len(),
+        4
+    );
+}

@@ -99,3 +99,88 @@ async fn fifty_jobs_under_mixed_policies_never_leave_their_countries() {
         err.message()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failover_stays_inside_the_jobs_policy() {
+    let providers = [
+        ("fr-a", "FR"),
+        ("nl-a", "NL"),
+        ("fr-b", "FR"),
+        ("de-a", "DE"),
+    ];
+    let (fed, workers, tenant) = fleet(&providers, "q8_0").await;
+    fed.place("smollm2", How::Stages(1)).await;
+    let mut request = chat_request("Write a long story about the sea.", 60, 0.0, 0);
+    request.policy = Some(pb::Policy {
+        countries: vec!["FR".into()],
+        ..Default::default()
+    });
+    let reference = run_job(fed.channel(Some(&tenant)).await, request.clone())
+        .await
+        .unwrap();
+    let mut stream = pb::jobs_client::JobsClient::new(fed.channel(Some(&tenant)).await)
+        .run_job(request)
+        .await
+        .unwrap()
+        .into_inner();
+    let mut first_worker = String::new();
+    let mut tokens = Vec::new();
+    let mut workers: Vec<Option<sovra_tests::federation::TestWorker>> =
+        workers.into_iter().map(Some).collect();
+    while let Some(event) = stream.message().await.unwrap() {
+        match event.kind {
+            Some(pb::job_event::Kind::Started(s)) => first_worker = s.stages[0].worker_id.clone(),
+            Some(pb::job_event::Kind::Token(t)) => {
+                tokens.push(t.token_id);
+                if tokens.len() == 10 {
+                    // Stop the worker the job runs on: the job must move to the other FR worker.
+                    let index = workers
+                        .iter()
+                        .position(|w| {
+                            w.as_ref().is_some_and(|w| {
+                                std::fs::read_to_string(w.data_dir.join("identity.json"))
+                                    .unwrap()
+                                    .contains(&first_worker)
+                            })
+                        })
+                        .unwrap();
+                    let victim = workers[index].take().unwrap();
+                    victim.stop().await.unwrap();
+                }
+            }
+            Some(pb::job_event::Kind::Summary(_)) => break,
+            None => {}
+        }
+    }
+    assert_eq!(tokens, reference.tokens, "the stream continued exactly");
+    let record = pb::jobs_client::JobsClient::new(fed.channel(Some(&tenant)).await)
+        .get_job(pb::JobRef {
+            job_id: reference.job_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(record.state, "done");
+    let jobs = pb::jobs_client::JobsClient::new(fed.operator().await)
+        .list_jobs(pb::ListJobsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    let moved = jobs.iter().find(|j| j.job_id != reference.job_id).unwrap();
+    assert_eq!(moved.state, "done");
+    assert!(
+        moved.audit.len() >= 2,
+        "the audit lists both chains: {:?}",
+        moved.audit
+    );
+    assert!(
+        moved.audit.iter().all(|a| a.country == "FR"),
+        "{:?}",
+        moved.audit
+    );
+    assert_ne!(
+        moved.audit[0].worker_id,
+        moved.audit.last().unwrap().worker_id
+    );
+}

@@ -277,6 +277,20 @@ pub async fn run(
         session.sessions.clone(),
         session.slices.clone(),
     ));
+    let result = serve(&session, shutdown).await;
+    // Stop everything: the coordinator sees the stream end, peers see the endpoint close, and
+    // the stage engines exit once their senders are gone.
+    *lock_any(&session.uplink) = None;
+    session.plane.close();
+    lock_any(&session.sessions).clear();
+    lock(&session.slices).clear();
+    result
+}
+
+async fn serve(
+    session: &AgentSession<'_>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), WorkerError> {
     tokio::pin!(shutdown);
     let mut backoff = Duration::from_millis(200);
     loop {
@@ -288,6 +302,7 @@ pub async fn run(
                 Ok(()) => warn!("agent stream closed by the coordinator; reconnecting"),
             },
         }
+        *lock_any(&session.uplink) = None;
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
             _ = tokio::time::sleep(backoff) => {}

@@ -80,6 +80,14 @@ impl DataPlane {
         lock(&self.routes).remove(&session);
     }
 
+    /// Closes the endpoint and forgets every route and link (the worker is stopping).
+    pub fn close(&self) {
+        self.endpoint
+            .close(quic::CODE_NO_ERROR.into(), b"the worker is stopping");
+        lock(&self.routes).clear();
+        lock(&self.links).clear();
+    }
+
     /// Refuses these workers from now on and closes their connections.
     pub fn revoke(&self, workers: &[String]) {
         lock(&self.revoked).extend(workers.iter().cloned());
