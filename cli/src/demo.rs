@@ -183,9 +183,7 @@ async fn demo(
         chat: true,
         system: None,
         sampling: args.sampling.clone(),
-        country: vec![],
-        require_cert: vec![],
-        exclude_provider: vec![],
+        policy: Default::default(),
         prompt: args.prompt.clone(),
     };
     say(args.json, &format!("\n> {}\n", args.prompt));

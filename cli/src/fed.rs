@@ -331,15 +331,33 @@ pub struct ModelAddArgs {
     /// Weight mode the workers load it in: gguf, q8_0 or f32.
     #[arg(long, default_value_t = WeightMode::DEFAULT)]
     pub dtype: WeightMode,
-    /// Countries its layers may run in, comma-separated (default: any).
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+}
+
+/// Sovereignty flags: where layers may run (a job's narrow its model's).
+#[derive(Debug, Clone, Default, Args)]
+pub struct PolicyArgs {
+    /// Countries the layers may run in, comma-separated (default: any).
     #[arg(long, value_delimiter = ',')]
     pub country: Vec<String>,
-    /// Certifications every provider must hold (repeatable or comma-separated).
+    /// Certifications every provider used must hold (repeatable or comma-separated).
     #[arg(long = "require-cert", value_delimiter = ',')]
     pub require_cert: Vec<String>,
     /// Providers never to use (repeatable or comma-separated).
     #[arg(long = "exclude-provider", value_delimiter = ',')]
     pub exclude_provider: Vec<String>,
+}
+
+impl PolicyArgs {
+    /// The protobuf policy.
+    pub fn to_pb(&self) -> pb::Policy {
+        pb::Policy {
+            countries: self.country.clone(),
+            required_certifications: self.require_cert.clone(),
+            excluded_providers: self.exclude_provider.clone(),
+        }
+    }
 }
 
 /// Runs `sovra model add`.
@@ -359,11 +377,7 @@ pub async fn model_add(args: ModelAddArgs, conn: &ConnectArgs) -> Result<()> {
             .unwrap_or_default(),
         file_path: path.display().to_string(),
         dtype: args.dtype.to_string(),
-        policy: Some(pb::Policy {
-            countries: args.country,
-            required_certifications: args.require_cert,
-            excluded_providers: args.exclude_provider,
-        }),
+        policy: Some(args.policy.to_pb()),
     };
     let mut client = pb::models_client::ModelsClient::new(conn.channel().await?);
     let m = client

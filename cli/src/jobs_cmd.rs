@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use sovra_proto::channel::AuthChannel;
 use sovra_proto::pb;
 
-use crate::fed::{ConnectArgs, status, table};
+use crate::fed::{ConnectArgs, PolicyArgs, status, table};
 use crate::generate::SamplingArgs;
 
 /// Arguments of `sovra run`.
@@ -25,15 +25,8 @@ pub struct RunArgs {
     pub system: Option<String>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
-    /// Countries the job's layers may run in, comma-separated (narrows the model's policy).
-    #[arg(long, value_delimiter = ',')]
-    pub country: Vec<String>,
-    /// Certifications every provider used must hold.
-    #[arg(long = "require-cert", value_delimiter = ',')]
-    pub require_cert: Vec<String>,
-    /// Providers never to use.
-    #[arg(long = "exclude-provider", value_delimiter = ',')]
-    pub exclude_provider: Vec<String>,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
     /// The prompt.
     pub prompt: String,
 }
@@ -56,11 +49,7 @@ impl RunArgs {
                 stop: s.stop.clone(),
                 ignore_eos: s.ignore_eos,
             }),
-            policy: Some(pb::Policy {
-                countries: self.country.clone(),
-                required_certifications: self.require_cert.clone(),
-                excluded_providers: self.exclude_provider.clone(),
-            }),
+            policy: Some(self.policy.to_pb()),
         }
     }
 }

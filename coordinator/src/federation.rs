@@ -3,7 +3,6 @@
 //! from it.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,10 +12,12 @@ use sovra_proto::token::{self, JoinToken};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use crate::datadir::{DataDir, load_or_create_ca, pem_to_der, write_private};
 use crate::error::CoordinatorError;
 use crate::placement::{self, PlacementRequest};
 use crate::records::*;
 use crate::store::{Batch, Store};
+use crate::validate::{clean_list, clean_policy, host_of, validate_name};
 
 /// Settings of a coordinator.
 #[derive(Debug, Clone)]
@@ -123,20 +124,20 @@ pub struct WorkerHello {
     pub threads: u32,
 }
 
-struct LiveWorker {
-    stream: u64,
-    commands: mpsc::UnboundedSender<AgentCommand>,
-    last_heartbeat: Instant,
-    sessions: u32,
-    kv_bytes: u64,
+pub(crate) struct LiveWorker {
+    pub(crate) stream: u64,
+    pub(crate) commands: mpsc::UnboundedSender<AgentCommand>,
+    pub(crate) last_heartbeat: Instant,
+    pub(crate) sessions: u32,
+    pub(crate) kv_bytes: u64,
 }
 
 #[derive(Default)]
-struct Live {
-    workers: HashMap<String, LiveWorker>,
+pub(crate) struct Live {
+    pub(crate) workers: HashMap<String, LiveWorker>,
     /// (model, worker) → (version, state, message).
-    statuses: HashMap<(String, String), (u64, AssignmentState, String)>,
-    next_stream: u64,
+    pub(crate) statuses: HashMap<(String, String), (u64, AssignmentState, String)>,
+    pub(crate) next_stream: u64,
 }
 
 /// The coordinator's state: durable records in the store, live streams in memory.
@@ -150,47 +151,6 @@ pub struct Federation {
     pub(crate) recoveries: mpsc::UnboundedSender<(u64, String)>,
     recovery_queue: Mutex<Option<mpsc::UnboundedReceiver<(u64, String)>>>,
     pub(crate) replan_lock: tokio::sync::Mutex<()>,
-}
-
-/// Files the coordinator keeps in its data dir.
-pub struct DataDir {
-    /// The folder.
-    pub root: PathBuf,
-}
-
-impl DataDir {
-    /// CA certificate (handed to clients).
-    pub fn ca_cert(&self) -> PathBuf {
-        self.root.join("ca.pem")
-    }
-    /// CA key (0600).
-    pub fn ca_key(&self) -> PathBuf {
-        self.root.join("ca-key.pem")
-    }
-    /// Operator token (0600).
-    pub fn admin_token(&self) -> PathBuf {
-        self.root.join("admin.token")
-    }
-    /// The sled database.
-    pub fn db(&self) -> PathBuf {
-        self.root.join("db")
-    }
-}
-
-/// Writes `contents` to `path` readable by the owner only.
-pub fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(contents.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(tmp, path)
 }
 
 impl Federation {
@@ -257,7 +217,7 @@ impl Federation {
         self.store.as_ref()
     }
 
-    fn live(&self) -> std::sync::MutexGuard<'_, Live> {
+    pub(crate) fn live(&self) -> std::sync::MutexGuard<'_, Live> {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -336,7 +296,10 @@ impl Federation {
                     name: key.to_string(),
                 })
             }
-            other => Ok(other?),
+            other => {
+                other?;
+                Ok(self.store.flush()?)
+            }
         }
     }
 
@@ -548,217 +511,6 @@ impl Federation {
         Ok(vec![host])
     }
 
-    /// Finds the worker a verified client certificate belongs to, refusing revoked providers and
-    /// superseded certificates.
-    pub fn authenticate_worker(&self, cert_der: &[u8]) -> Result<WorkerRecord, CoordinatorError> {
-        let identity = ca::worker_identity(cert_der)
-            .map_err(|e| CoordinatorError::Unauthenticated(e.to_string()))?;
-        let worker: WorkerRecord =
-            read(self.store(), WORKERS, &identity.worker_id)?.ok_or_else(|| {
-                CoordinatorError::Unauthenticated(format!(
-                    "unknown worker `{}`",
-                    identity.worker_id
-                ))
-            })?;
-        if worker.cert_fingerprint != ca::fingerprint_der(cert_der)
-            || worker.provider != identity.provider
-        {
-            return Err(CoordinatorError::Unauthenticated(
-                "this certificate is not the worker's current one".into(),
-            ));
-        }
-        if self.provider(&worker.provider)?.revoked {
-            return Err(CoordinatorError::PermissionDenied(format!(
-                "provider `{}` is revoked",
-                worker.provider
-            )));
-        }
-        Ok(worker)
-    }
-
-    /// Every worker, with its state.
-    pub fn list_workers(&self) -> Result<Vec<(WorkerRecord, ProviderRecord)>, CoordinatorError> {
-        let providers: HashMap<String, ProviderRecord> =
-            read_all::<ProviderRecord>(self.store(), PROVIDERS)?
-                .into_iter()
-                .map(|p| (p.name.clone(), p))
-                .collect();
-        Ok(read_all::<WorkerRecord>(self.store(), WORKERS)?
-            .into_iter()
-            .filter_map(|w| providers.get(&w.provider).cloned().map(|p| (w, p)))
-            .collect())
-    }
-
-    fn set_worker_state(&self, id: &str, state: WorkerState) -> Result<(), CoordinatorError> {
-        if let Some(mut w) = read::<WorkerRecord>(self.store(), WORKERS, id)? {
-            w.state = state;
-            w.last_seen_unix = now_unix();
-            self.store
-                .apply(Batch::new().put(WORKERS, id, encode(&w)))?;
-        }
-        Ok(())
-    }
-
-    /// Registers an opened agent stream; returns its stream number, the command receiver and the
-    /// assignments the worker should load now.
-    pub fn worker_connected(
-        &self,
-        worker: &WorkerRecord,
-        hello: WorkerHello,
-    ) -> Result<(u64, mpsc::UnboundedReceiver<AgentCommand>), CoordinatorError> {
-        if host_of(&hello.advertise_addr) != host_of(&worker.advertise_addr) {
-            return Err(CoordinatorError::InvalidArgument(format!(
-                "worker `{}` joined with data-plane address {} and now claims {}: the host must stay the one in its certificate",
-                worker.id, worker.advertise_addr, hello.advertise_addr
-            )));
-        }
-        let mut record = worker.clone();
-        record.advertise_addr = hello.advertise_addr.clone();
-        record.device = hello.device;
-        record.offered_memory_bytes = hello.offered_memory_bytes;
-        record.speed_gflops = hello.speed_gflops;
-        record.threads = hello.threads;
-        record.state = WorkerState::Up;
-        record.last_seen_unix = now_unix();
-        self.store
-            .apply(Batch::new().put(WORKERS, &record.id, encode(&record)))?;
-        let (tx, rx) = mpsc::unbounded_channel();
-        for order in self.orders_for(&record.id)? {
-            let _ = tx.send(AgentCommand::Assign(order));
-        }
-        let mut live = self.live();
-        live.next_stream += 1;
-        let stream = live.next_stream;
-        live.workers.insert(
-            record.id.clone(),
-            LiveWorker {
-                stream,
-                commands: tx,
-                last_heartbeat: Instant::now(),
-                sessions: 0,
-                kv_bytes: 0,
-            },
-        );
-        info!(worker = %record.id, speed_gflops = record.speed_gflops, "worker up");
-        Ok((stream, rx))
-    }
-
-    /// Records a heartbeat; false when the stream is no longer the worker's live one.
-    pub fn heartbeat(&self, worker_id: &str, stream: u64, load: Option<(u32, u64)>) -> bool {
-        let mut live = self.live();
-        match live.workers.get_mut(worker_id) {
-            Some(w) if w.stream == stream => {
-                w.last_heartbeat = Instant::now();
-                if let Some((sessions, kv_bytes)) = load {
-                    w.sessions = sessions;
-                    w.kv_bytes = kv_bytes;
-                }
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// Sessions and KV bytes a live worker reported last.
-    pub fn worker_load(&self, worker_id: &str) -> Option<(u32, u64)> {
-        self.live()
-            .workers
-            .get(worker_id)
-            .map(|w| (w.sessions, w.kv_bytes))
-    }
-
-    /// Sends a command to a live worker; false when it has no stream.
-    pub fn send_to(&self, worker_id: &str, command: AgentCommand) -> bool {
-        self.live()
-            .workers
-            .get(worker_id)
-            .is_some_and(|w| w.commands.send(command).is_ok())
-    }
-
-    /// Marks a worker down when its (current) stream ends.
-    pub fn worker_disconnected(
-        &self,
-        worker_id: &str,
-        stream: u64,
-    ) -> Result<(), CoordinatorError> {
-        let removed = {
-            let mut live = self.live();
-            match live.workers.get(worker_id) {
-                Some(w) if w.stream == stream => live.workers.remove(worker_id).is_some(),
-                _ => false,
-            }
-        };
-        if removed {
-            self.set_worker_state(worker_id, WorkerState::Down)?;
-            self.fail_jobs_on(worker_id, "lost its connection to the coordinator");
-            info!(worker = worker_id, "worker stream closed, marked down");
-        }
-        Ok(())
-    }
-
-    /// Marks down every worker whose last heartbeat is older than the lease.
-    pub fn expire_leases(&self, now: Instant) -> Result<Vec<String>, CoordinatorError> {
-        let expired: Vec<String> = {
-            let mut live = self.live();
-            let ids: Vec<String> = live
-                .workers
-                .iter()
-                .filter(|(_, w)| now.duration_since(w.last_heartbeat) > self.config.lease)
-                .map(|(id, _)| id.clone())
-                .collect();
-            for id in &ids {
-                live.workers.remove(id);
-            }
-            ids
-        };
-        for id in &expired {
-            warn!(worker = %id, "lease expired, marked down");
-            self.set_worker_state(id, WorkerState::Down)?;
-            self.fail_jobs_on(id, "stopped heartbeating");
-        }
-        Ok(expired)
-    }
-
-    /// True while the worker has a live agent stream.
-    pub fn is_live(&self, worker_id: &str) -> bool {
-        self.live().workers.contains_key(worker_id)
-    }
-
-    /// Records an assignment's progress (reports of older placement versions are ignored).
-    pub fn assignment_status(
-        &self,
-        worker_id: &str,
-        model: &str,
-        version: u64,
-        state: AssignmentState,
-        message: String,
-    ) {
-        let mut live = self.live();
-        let key = (model.to_string(), worker_id.to_string());
-        if live
-            .statuses
-            .get(&key)
-            .is_some_and(|(v, _, _)| *v > version)
-        {
-            return;
-        }
-        live.statuses.insert(key, (version, state, message));
-    }
-
-    /// The reported state of `worker`'s assignment for `model` at `version`.
-    pub fn stage_state(
-        &self,
-        model: &str,
-        worker: &str,
-        version: u64,
-    ) -> Option<(AssignmentState, String)> {
-        self.live()
-            .statuses
-            .get(&(model.to_string(), worker.to_string()))
-            .filter(|(v, _, _)| *v == version)
-            .map(|(_, s, m)| (*s, m.clone()))
-    }
-
     /// Registers a model and places it if the fleet allows.
     pub fn add_model(
         &self,
@@ -885,7 +637,10 @@ impl Federation {
     }
 
     /// Every assignment a worker holds in current placements.
-    fn orders_for(&self, worker_id: &str) -> Result<Vec<AssignmentOrder>, CoordinatorError> {
+    pub(crate) fn orders_for(
+        &self,
+        worker_id: &str,
+    ) -> Result<Vec<AssignmentOrder>, CoordinatorError> {
         let mut out = Vec::new();
         for p in read_all::<PlacementRecord>(self.store(), PLACEMENTS)? {
             let model = self.model(&p.model)?;
@@ -898,102 +653,4 @@ impl Federation {
         }
         Ok(out)
     }
-}
-
-fn load_or_create_ca(dir: &DataDir) -> Result<FederationCa, CoordinatorError> {
-    let io = |what: &str, path: &Path, e: std::io::Error| {
-        CoordinatorError::Io(format!("{what} {}: {e}", path.display()))
-    };
-    if dir.ca_cert().exists() {
-        let cert =
-            std::fs::read_to_string(dir.ca_cert()).map_err(|e| io("reading", &dir.ca_cert(), e))?;
-        let key =
-            std::fs::read_to_string(dir.ca_key()).map_err(|e| io("reading", &dir.ca_key(), e))?;
-        return FederationCa::from_pem(&cert, &key)
-            .map_err(|e| CoordinatorError::Internal(e.to_string()));
-    }
-    let name = dir
-        .root
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("sovra")
-        .to_string();
-    let ca =
-        FederationCa::generate(&name).map_err(|e| CoordinatorError::Internal(e.to_string()))?;
-    write_private(&dir.ca_key(), ca.key_pem()).map_err(|e| io("writing", &dir.ca_key(), e))?;
-    std::fs::write(dir.ca_cert(), ca.cert_pem()).map_err(|e| io("writing", &dir.ca_cert(), e))?;
-    info!(fingerprint = %ca.fingerprint(), "federation CA created");
-    Ok(ca)
-}
-
-fn pem_to_der(pem: &str) -> Result<Vec<u8>, CoordinatorError> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-    CertificateDer::from_pem_slice(pem.as_bytes())
-        .map(|c| c.to_vec())
-        .map_err(|e| CoordinatorError::Internal(format!("issued certificate does not parse: {e}")))
-}
-
-/// Host part of `host:port` (IPv6 in brackets).
-pub fn host_of(addr: &str) -> Option<String> {
-    let (host, port) = addr.rsplit_once(':')?;
-    port.parse::<u16>().ok()?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    (!host.is_empty()).then(|| host.to_string())
-}
-
-/// Checks a name: 1 to 40 lowercase letters, digits or '-', starting with a letter.
-pub fn validate_name(kind: &str, name: &str) -> Result<(), CoordinatorError> {
-    let ok = (1..=40).contains(&name.len())
-        && name.bytes().next().is_some_and(|b| b.is_ascii_lowercase())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if ok {
-        Ok(())
-    } else {
-        Err(CoordinatorError::InvalidArgument(format!(
-            "{kind} name `{name}` must be 1-40 lowercase letters, digits or '-', starting with a letter"
-        )))
-    }
-}
-
-fn clean_list(kind: &str, items: &[String]) -> Result<Vec<String>, CoordinatorError> {
-    let mut out: Vec<String> = Vec::new();
-    for item in items.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
-        if item.len() > 64
-            || !item
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
-            return Err(CoordinatorError::InvalidArgument(format!(
-                "{kind} `{item}` is not a plain word"
-            )));
-        }
-        if !out.iter().any(|o| o == item) {
-            out.push(item.to_string());
-        }
-    }
-    Ok(out)
-}
-
-/// Normalises a policy (upper-case countries, no duplicates), refusing malformed entries.
-pub fn clean_policy(policy: &PolicyRecord) -> Result<PolicyRecord, CoordinatorError> {
-    let countries: Vec<String> = policy
-        .countries
-        .iter()
-        .map(|c| c.trim().to_ascii_uppercase())
-        .collect();
-    for c in countries.iter().filter(|c| !c.is_empty()) {
-        if c.len() != 2 || !c.bytes().all(|b| b.is_ascii_uppercase()) {
-            return Err(CoordinatorError::InvalidArgument(format!(
-                "country `{c}` is not a two-letter ISO code"
-            )));
-        }
-    }
-    Ok(PolicyRecord {
-        countries: clean_list("country", &countries)?,
-        required_certifications: clean_list("certification", &policy.required_certifications)?,
-        excluded_providers: clean_list("provider", &policy.excluded_providers)?,
-    })
 }

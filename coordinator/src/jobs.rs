@@ -25,10 +25,6 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_PROMPT_BYTES: usize = 1 << 20;
 /// Largest token budget accepted.
 const MAX_TOKENS_LIMIT: usize = 1 << 20;
-/// How many times one job may be moved to another chain.
-const MAX_RECOVERIES: u32 = 5;
-/// How long a job may wait for a replacement chain.
-const RECOVERY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What a client asks for.
 #[derive(Debug, Clone)]
@@ -206,16 +202,16 @@ pub struct SessionOpen {
 
 /// A running job's live state.
 pub(crate) struct LiveJob {
-    record: JobRecord,
-    stages: Vec<String>,
-    events: mpsc::Sender<JobEvent>,
-    started: Option<Instant>,
-    first_token: Option<Instant>,
-    last_token: Option<Instant>,
-    spec: JobSpec,
-    attempts: u32,
+    pub(crate) record: JobRecord,
+    pub(crate) stages: Vec<String>,
+    pub(crate) events: mpsc::Sender<JobEvent>,
+    pub(crate) started: Option<Instant>,
+    pub(crate) first_token: Option<Instant>,
+    pub(crate) last_token: Option<Instant>,
+    pub(crate) spec: JobSpec,
+    pub(crate) attempts: u32,
     /// Last sign of progress (launch or token), for the stall watchdog.
-    progress: Instant,
+    pub(crate) progress: Instant,
 }
 
 fn audit_of(chain: &ChainStages) -> Vec<AuditStage> {
@@ -233,14 +229,14 @@ fn audit_of(chain: &ChainStages) -> Vec<AuditStage> {
 /// A stage's answer to an opening: the prompt ids (head) or the refusal.
 type OpenReply = oneshot::Sender<Result<Vec<u32>, String>>;
 /// The stages of a chain a job runs on.
-type ChainStages = Vec<(WorkerRecord, ProviderRecord, LayerRange)>;
+pub(crate) type ChainStages = Vec<(WorkerRecord, ProviderRecord, LayerRange)>;
 
 /// Live jobs and pending session openings.
 #[derive(Default)]
 pub(crate) struct JobTable {
-    live: HashMap<u64, LiveJob>,
-    by_id: HashMap<String, u64>,
-    opens: HashMap<(u64, String), OpenReply>,
+    pub(crate) live: HashMap<u64, LiveJob>,
+    pub(crate) by_id: HashMap<String, u64>,
+    pub(crate) opens: HashMap<(u64, String), OpenReply>,
 }
 
 /// Narrows a model's policy with a job's: countries intersect, requirements and exclusions add up.
@@ -307,7 +303,7 @@ pub fn policy_violation(policy: &PolicyRecord, provider: &ProviderRecord) -> Opt
 }
 
 impl Federation {
-    fn jobs(&self) -> std::sync::MutexGuard<'_, JobTable> {
+    pub(crate) fn jobs(&self) -> std::sync::MutexGuard<'_, JobTable> {
         self.job_table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -319,10 +315,7 @@ impl Federation {
     ) -> Result<(String, mpsc::Receiver<JobEvent>), CoordinatorError> {
         validate_spec(&spec)?;
         let model = self.model(&spec.model)?;
-        let policy = narrow_policy(
-            &model.policy,
-            &crate::federation::clean_policy(&spec.policy)?,
-        )?;
+        let policy = narrow_policy(&model.policy, &crate::validate::clean_policy(&spec.policy)?)?;
         let placement = self.placement(&model.name)?;
         let chain = self.pick_chain(&placement, &policy)?;
         let job_id = format!("job-{}", token::random_hex(8));
@@ -348,6 +341,8 @@ impl Federation {
         };
         self.store()
             .apply(Batch::new().put(JOBS, &job_id, encode(&record)))?;
+        // Durable before the job starts: a coordinator crash must not forget it.
+        self.store().flush()?;
         let (tx, rx) = mpsc::channel(4096);
         let _ = tx
             .send(JobEvent::Started {
@@ -375,13 +370,13 @@ impl Federation {
     /// Opens `job` on `chain` and starts it, replaying its history (prompt and tokens so far)
     /// when it already ran elsewhere. On failure returns the session and the reason; the job
     /// is then registered under that session.
-    async fn launch(
+    pub(crate) async fn launch(
         &self,
         mut job: LiveJob,
         chain: ChainStages,
         version: u64,
     ) -> Result<(), (u64, String)> {
-        let session = u64::from_str_radix(&token::random_hex(8), 16).unwrap_or(1);
+        let session = new_session_id();
         let worker_ids: Vec<String> = chain.iter().map(|(w, _, _)| w.id.clone()).collect();
         job.stages = worker_ids.clone();
         job.record.audit.extend(audit_of(&chain));
@@ -426,129 +421,6 @@ impl Federation {
         self.send_to(&worker_ids[0], AgentCommand::StartSession(session));
         info!(job = %job_id, session, stages = worker_ids.len(), replay, "job running");
         Ok(())
-    }
-
-    /// Moves a job whose chain failed to another ready chain (replanning around the failed
-    /// workers if none is ready), replaying its history there; ends it with a clear error when
-    /// no capacity is left or the recovery takes too long.
-    pub async fn recover(self: std::sync::Arc<Self>, session: u64, reason: String) {
-        let Some(mut job) = self.take_job(session) else {
-            return;
-        };
-        for worker in &job.stages {
-            self.send_to(worker, AgentCommand::CloseSession(session));
-        }
-        job.attempts += 1;
-        warn!(job = %job.record.id, attempt = job.attempts, %reason, "recovering the job on another chain");
-        let failed = |fed: &Self, job: LiveJob, why: String| {
-            let session = fed.park(job);
-            fed.finish_job(session, JobState::Failed, None, Some(why));
-        };
-        if job.attempts > MAX_RECOVERIES {
-            return failed(
-                &self,
-                job,
-                format!("{reason}; gave up after {MAX_RECOVERIES} recoveries"),
-            );
-        }
-        let deadline = Instant::now() + RECOVERY_TIMEOUT;
-        let mut replanned = false;
-        loop {
-            let placement = match self.placement(&job.record.model) {
-                Ok(p) => p,
-                Err(e) => return failed(&self, job, e.to_string()),
-            };
-            if let Ok(chain) = self.pick_chain(&placement, &job.record.policy) {
-                match self.launch(job, chain, placement.version).await {
-                    Ok(()) => return,
-                    Err((new_session, error)) => {
-                        let Some(again) = self.take_job(new_session) else {
-                            return;
-                        };
-                        job = again;
-                        job.attempts += 1;
-                        if job.attempts > MAX_RECOVERIES {
-                            return failed(&self, job, error);
-                        }
-                        continue;
-                    }
-                }
-            }
-            if !replanned {
-                replanned = true;
-                if let Err(e) = self.replan_around_failures(&job.record.model).await {
-                    return failed(
-                        &self,
-                        job,
-                        format!("{reason}, and no capacity is left to continue: {e}"),
-                    );
-                }
-            }
-            if Instant::now() > deadline {
-                return failed(
-                    &self,
-                    job,
-                    format!(
-                        "{reason}, and no replacement chain was ready within {RECOVERY_TIMEOUT:?}"
-                    ),
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Replans `model` over the live workers unless a ready chain appeared meanwhile.
-    async fn replan_around_failures(&self, model: &str) -> Result<(), CoordinatorError> {
-        let _one_at_a_time = self.replan_lock.lock().await;
-        let placement = self.placement(model)?;
-        let all_live = placement
-            .chains
-            .iter()
-            .any(|c| c.iter().all(|s| self.is_live(&s.worker_id)));
-        if all_live && !placement.chains.is_empty() {
-            return Ok(());
-        }
-        self.set_placement(model, crate::placement::PlacementRequest::Auto)
-            .map(|_| ())
-    }
-
-    /// Moves jobs that made no progress for `stall` to another chain (a stage that hangs
-    /// without dropping its connection).
-    pub fn check_stalled_jobs(&self, now: Instant, stall: Duration) {
-        let stalled: Vec<u64> = self
-            .jobs()
-            .live
-            .iter()
-            .filter(|(_, j)| !j.stages.is_empty() && now.duration_since(j.progress) > stall)
-            .map(|(s, _)| *s)
-            .collect();
-        for session in stalled {
-            let _ = self
-                .recoveries
-                .send((session, format!("no progress for {stall:?}")));
-        }
-    }
-
-    fn take_job(&self, session: u64) -> Option<LiveJob> {
-        let mut jobs = self.jobs();
-        let job = jobs.live.remove(&session)?;
-        jobs.by_id.remove(&job.record.id);
-        Some(job)
-    }
-
-    /// Registers a job under a fresh session (to end it through [`Self::finish_job`]).
-    fn park(&self, job: LiveJob) -> u64 {
-        let session = u64::from_str_radix(&token::random_hex(8), 16).unwrap_or(1);
-        let mut jobs = self.jobs();
-        jobs.by_id.insert(job.record.id.clone(), session);
-        jobs.live.insert(
-            session,
-            LiveJob {
-                stages: vec![],
-                ..job
-            },
-        );
-        session
     }
 
     fn session_orders(
@@ -635,7 +507,7 @@ impl Federation {
     }
 
     /// Chooses the least busy ready chain whose every stage obeys `policy`.
-    fn pick_chain(
+    pub(crate) fn pick_chain(
         &self,
         placement: &PlacementRecord,
         policy: &PolicyRecord,
@@ -791,10 +663,11 @@ impl Federation {
         job.record.finish_reason = finish.clone();
         job.record.error = error.clone();
         job.record.finished_unix = now_unix();
-        if let Err(e) =
-            self.store()
-                .apply(Batch::new().put(JOBS, &job.record.id, encode(&job.record)))
-        {
+        let recorded = self
+            .store()
+            .apply(Batch::new().put(JOBS, &job.record.id, encode(&job.record)))
+            .and_then(|()| self.store().flush());
+        if let Err(e) = recorded {
             warn!(cause = %e, job = %job.record.id, "recording the job");
         }
         let event = match (state, finish) {
@@ -849,22 +722,6 @@ impl Federation {
         }
         self.get_job(caller, id)
     }
-
-    /// Fails every job running on `worker` (its stream ended).
-    pub(crate) fn fail_jobs_on(&self, worker: &str, why: &str) {
-        let sessions: Vec<u64> = self
-            .jobs()
-            .live
-            .iter()
-            .filter(|(_, j)| j.stages.iter().any(|s| s == worker))
-            .map(|(s, _)| *s)
-            .collect();
-        for session in sessions {
-            let _ = self
-                .recoveries
-                .send((session, format!("worker {worker} {why}")));
-        }
-    }
 }
 
 /// Marks the jobs a previous coordinator process left running as failed: their clients lost
@@ -882,6 +739,11 @@ pub fn abandon_running_jobs(store: &dyn crate::store::Store) -> Result<(), Coord
         }
     }
     Ok(store.apply(batch)?)
+}
+
+/// A fresh random session id.
+pub(crate) fn new_session_id() -> u64 {
+    u64::from_str_radix(&token::random_hex(8), 16).unwrap_or(1)
 }
 
 fn visible(caller: &Caller, job: &JobRecord) -> bool {

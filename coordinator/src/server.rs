@@ -12,8 +12,9 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tracing::{error, info};
 
+use crate::datadir::DataDir;
 use crate::error::CoordinatorError;
-use crate::federation::{DataDir, Federation, FederationConfig};
+use crate::federation::{Federation, FederationConfig};
 use crate::service::ControlPlane;
 use crate::store::SledStore;
 

@@ -1,0 +1,232 @@
+//! The live fleet: worker authentication, agent streams and their heartbeats, leases, and the
+//! assignment states workers report.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use sovra_proto::ca;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::error::CoordinatorError;
+use crate::federation::{AgentCommand, AssignmentState, Federation, LiveWorker, WorkerHello};
+use crate::records::*;
+use crate::store::Batch;
+use crate::validate::host_of;
+
+impl Federation {
+    /// Finds the worker a verified client certificate belongs to, refusing revoked providers and
+    /// superseded certificates.
+    pub fn authenticate_worker(&self, cert_der: &[u8]) -> Result<WorkerRecord, CoordinatorError> {
+        let identity = ca::worker_identity(cert_der)
+            .map_err(|e| CoordinatorError::Unauthenticated(e.to_string()))?;
+        let worker: WorkerRecord =
+            read(self.store(), WORKERS, &identity.worker_id)?.ok_or_else(|| {
+                CoordinatorError::Unauthenticated(format!(
+                    "unknown worker `{}`",
+                    identity.worker_id
+                ))
+            })?;
+        if worker.cert_fingerprint != ca::fingerprint_der(cert_der)
+            || worker.provider != identity.provider
+        {
+            return Err(CoordinatorError::Unauthenticated(
+                "this certificate is not the worker's current one".into(),
+            ));
+        }
+        if self.provider(&worker.provider)?.revoked {
+            return Err(CoordinatorError::PermissionDenied(format!(
+                "provider `{}` is revoked",
+                worker.provider
+            )));
+        }
+        Ok(worker)
+    }
+
+    /// Every worker, with its state.
+    pub fn list_workers(&self) -> Result<Vec<(WorkerRecord, ProviderRecord)>, CoordinatorError> {
+        let providers: HashMap<String, ProviderRecord> =
+            read_all::<ProviderRecord>(self.store(), PROVIDERS)?
+                .into_iter()
+                .map(|p| (p.name.clone(), p))
+                .collect();
+        Ok(read_all::<WorkerRecord>(self.store(), WORKERS)?
+            .into_iter()
+            .filter_map(|w| providers.get(&w.provider).cloned().map(|p| (w, p)))
+            .collect())
+    }
+
+    pub(crate) fn set_worker_state(
+        &self,
+        id: &str,
+        state: WorkerState,
+    ) -> Result<(), CoordinatorError> {
+        if let Some(mut w) = read::<WorkerRecord>(self.store(), WORKERS, id)? {
+            w.state = state;
+            w.last_seen_unix = now_unix();
+            self.store()
+                .apply(Batch::new().put(WORKERS, id, encode(&w)))?;
+        }
+        Ok(())
+    }
+
+    /// Registers an opened agent stream; returns its stream number, the command receiver and the
+    /// assignments the worker should load now.
+    pub fn worker_connected(
+        &self,
+        worker: &WorkerRecord,
+        hello: WorkerHello,
+    ) -> Result<(u64, mpsc::UnboundedReceiver<AgentCommand>), CoordinatorError> {
+        if host_of(&hello.advertise_addr) != host_of(&worker.advertise_addr) {
+            return Err(CoordinatorError::InvalidArgument(format!(
+                "worker `{}` joined with data-plane address {} and now claims {}: the host must stay the one in its certificate",
+                worker.id, worker.advertise_addr, hello.advertise_addr
+            )));
+        }
+        let mut record = worker.clone();
+        record.advertise_addr = hello.advertise_addr.clone();
+        record.device = hello.device;
+        record.offered_memory_bytes = hello.offered_memory_bytes;
+        record.speed_gflops = hello.speed_gflops;
+        record.threads = hello.threads;
+        record.state = WorkerState::Up;
+        record.last_seen_unix = now_unix();
+        self.store()
+            .apply(Batch::new().put(WORKERS, &record.id, encode(&record)))?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        for order in self.orders_for(&record.id)? {
+            let _ = tx.send(AgentCommand::Assign(order));
+        }
+        let mut live = self.live();
+        live.next_stream += 1;
+        let stream = live.next_stream;
+        live.workers.insert(
+            record.id.clone(),
+            LiveWorker {
+                stream,
+                commands: tx,
+                last_heartbeat: Instant::now(),
+                sessions: 0,
+                kv_bytes: 0,
+            },
+        );
+        info!(worker = %record.id, speed_gflops = record.speed_gflops, "worker up");
+        Ok((stream, rx))
+    }
+
+    /// Records a heartbeat; false when the stream is no longer the worker's live one.
+    pub fn heartbeat(&self, worker_id: &str, stream: u64, load: Option<(u32, u64)>) -> bool {
+        let mut live = self.live();
+        match live.workers.get_mut(worker_id) {
+            Some(w) if w.stream == stream => {
+                w.last_heartbeat = Instant::now();
+                if let Some((sessions, kv_bytes)) = load {
+                    w.sessions = sessions;
+                    w.kv_bytes = kv_bytes;
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Sessions and KV bytes a live worker reported last.
+    pub fn worker_load(&self, worker_id: &str) -> Option<(u32, u64)> {
+        self.live()
+            .workers
+            .get(worker_id)
+            .map(|w| (w.sessions, w.kv_bytes))
+    }
+
+    /// Sends a command to a live worker; false when it has no stream.
+    pub fn send_to(&self, worker_id: &str, command: AgentCommand) -> bool {
+        self.live()
+            .workers
+            .get(worker_id)
+            .is_some_and(|w| w.commands.send(command).is_ok())
+    }
+
+    /// Marks a worker down when its (current) stream ends.
+    pub fn worker_disconnected(
+        &self,
+        worker_id: &str,
+        stream: u64,
+    ) -> Result<(), CoordinatorError> {
+        let removed = {
+            let mut live = self.live();
+            match live.workers.get(worker_id) {
+                Some(w) if w.stream == stream => live.workers.remove(worker_id).is_some(),
+                _ => false,
+            }
+        };
+        if removed {
+            self.set_worker_state(worker_id, WorkerState::Down)?;
+            self.fail_jobs_on(worker_id, "lost its connection to the coordinator");
+            info!(worker = worker_id, "worker stream closed, marked down");
+        }
+        Ok(())
+    }
+
+    /// Marks down every worker whose last heartbeat is older than the lease.
+    pub fn expire_leases(&self, now: Instant) -> Result<Vec<String>, CoordinatorError> {
+        let expired: Vec<String> = {
+            let mut live = self.live();
+            let ids: Vec<String> = live
+                .workers
+                .iter()
+                .filter(|(_, w)| now.duration_since(w.last_heartbeat) > self.config().lease)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in &ids {
+                live.workers.remove(id);
+            }
+            ids
+        };
+        for id in &expired {
+            warn!(worker = %id, "lease expired, marked down");
+            self.set_worker_state(id, WorkerState::Down)?;
+            self.fail_jobs_on(id, "stopped heartbeating");
+        }
+        Ok(expired)
+    }
+
+    /// True while the worker has a live agent stream.
+    pub fn is_live(&self, worker_id: &str) -> bool {
+        self.live().workers.contains_key(worker_id)
+    }
+
+    /// Records an assignment's progress (reports of older placement versions are ignored).
+    pub fn assignment_status(
+        &self,
+        worker_id: &str,
+        model: &str,
+        version: u64,
+        state: AssignmentState,
+        message: String,
+    ) {
+        let mut live = self.live();
+        let key = (model.to_string(), worker_id.to_string());
+        if live
+            .statuses
+            .get(&key)
+            .is_some_and(|(v, _, _)| *v > version)
+        {
+            return;
+        }
+        live.statuses.insert(key, (version, state, message));
+    }
+
+    /// The reported state of `worker`'s assignment for `model` at `version`.
+    pub fn stage_state(
+        &self,
+        model: &str,
+        worker: &str,
+        version: u64,
+    ) -> Option<(AssignmentState, String)> {
+        self.live()
+            .statuses
+            .get(&(model.to_string(), worker.to_string()))
+            .filter(|(v, _, _)| *v == version)
+            .map(|(_, s, m)| (*s, m.clone()))
+    }
+}

@@ -1,0 +1,157 @@
+//! Moving jobs off failed chains: when a stage dies (its stream drops, its lease expires, it
+//! reports a failure) or a job stalls, the job goes to another ready chain within its policy —
+//! replanning over the live workers when none is ready — and replays its history there.
+
+use std::time::{Duration, Instant};
+
+use tracing::warn;
+
+use crate::error::CoordinatorError;
+use crate::federation::{AgentCommand, Federation};
+use crate::jobs::{JobState, LiveJob, new_session_id};
+
+/// How many times one job may be moved to another chain.
+const MAX_RECOVERIES: u32 = 5;
+/// How long a job may wait for a replacement chain.
+const RECOVERY_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Federation {
+    /// Moves a job whose chain failed to another ready chain (replanning around the failed
+    /// workers if none is ready), replaying its history there; ends it with a clear error when
+    /// no capacity is left or the recovery takes too long.
+    pub async fn recover(self: std::sync::Arc<Self>, session: u64, reason: String) {
+        let Some(mut job) = self.take_job(session) else {
+            return;
+        };
+        for worker in &job.stages {
+            self.send_to(worker, AgentCommand::CloseSession(session));
+        }
+        job.attempts += 1;
+        warn!(job = %job.record.id, attempt = job.attempts, %reason, "recovering the job on another chain");
+        let failed = |fed: &Self, job: LiveJob, why: String| {
+            let session = fed.park(job);
+            fed.finish_job(session, JobState::Failed, None, Some(why));
+        };
+        if job.attempts > MAX_RECOVERIES {
+            return failed(
+                &self,
+                job,
+                format!("{reason}; gave up after {MAX_RECOVERIES} recoveries"),
+            );
+        }
+        let deadline = Instant::now() + RECOVERY_TIMEOUT;
+        let mut replanned = false;
+        loop {
+            let placement = match self.placement(&job.record.model) {
+                Ok(p) => p,
+                Err(e) => return failed(&self, job, e.to_string()),
+            };
+            if let Ok(chain) = self.pick_chain(&placement, &job.record.policy) {
+                match self.launch(job, chain, placement.version).await {
+                    Ok(()) => return,
+                    Err((new_session, error)) => {
+                        let Some(again) = self.take_job(new_session) else {
+                            return;
+                        };
+                        job = again;
+                        job.attempts += 1;
+                        if job.attempts > MAX_RECOVERIES {
+                            return failed(&self, job, error);
+                        }
+                        continue;
+                    }
+                }
+            }
+            if !replanned {
+                replanned = true;
+                if let Err(e) = self.replan_around_failures(&job.record.model).await {
+                    return failed(
+                        &self,
+                        job,
+                        format!("{reason}, and no capacity is left to continue: {e}"),
+                    );
+                }
+            }
+            if Instant::now() > deadline {
+                return failed(
+                    &self,
+                    job,
+                    format!(
+                        "{reason}, and no replacement chain was ready within {RECOVERY_TIMEOUT:?}"
+                    ),
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Replans `model` over the live workers unless a ready chain appeared meanwhile.
+    async fn replan_around_failures(&self, model: &str) -> Result<(), CoordinatorError> {
+        let _one_at_a_time = self.replan_lock.lock().await;
+        let placement = self.placement(model)?;
+        let all_live = placement
+            .chains
+            .iter()
+            .any(|c| c.iter().all(|s| self.is_live(&s.worker_id)));
+        if all_live && !placement.chains.is_empty() {
+            return Ok(());
+        }
+        self.set_placement(model, crate::placement::PlacementRequest::Auto)
+            .map(|_| ())
+    }
+
+    /// Moves jobs that made no progress for `stall` to another chain (a stage that hangs
+    /// without dropping its connection).
+    pub fn check_stalled_jobs(&self, now: Instant, stall: Duration) {
+        let stalled: Vec<u64> = self
+            .jobs()
+            .live
+            .iter()
+            .filter(|(_, j)| !j.stages.is_empty() && now.duration_since(j.progress) > stall)
+            .map(|(s, _)| *s)
+            .collect();
+        for session in stalled {
+            let _ = self
+                .recoveries
+                .send((session, format!("no progress for {stall:?}")));
+        }
+    }
+
+    fn take_job(&self, session: u64) -> Option<LiveJob> {
+        let mut jobs = self.jobs();
+        let job = jobs.live.remove(&session)?;
+        jobs.by_id.remove(&job.record.id);
+        Some(job)
+    }
+
+    /// Registers a job under a fresh session (to end it through [`Self::finish_job`]).
+    fn park(&self, job: LiveJob) -> u64 {
+        let session = new_session_id();
+        let mut jobs = self.jobs();
+        jobs.by_id.insert(job.record.id.clone(), session);
+        jobs.live.insert(
+            session,
+            LiveJob {
+                stages: vec![],
+                ..job
+            },
+        );
+        session
+    }
+
+    /// Fails every job running on `worker` (its stream ended).
+    pub(crate) fn fail_jobs_on(&self, worker: &str, why: &str) {
+        let sessions: Vec<u64> = self
+            .jobs()
+            .live
+            .iter()
+            .filter(|(_, j)| j.stages.iter().any(|s| s == worker))
+            .map(|(s, _)| *s)
+            .collect();
+        for session in sessions {
+            let _ = self
+                .recoveries
+                .send((session, format!("worker {worker} {why}")));
+        }
+    }
+}
