@@ -142,7 +142,7 @@ fn decode_run(
 }
 
 fn token(i: usize, vocab: usize) -> u32 {
-    (sovra_model::sampling::splitmix64(i as u64) % (vocab as u64 - 32) + 32) as u32
+    (sovra_model::sampling::splitmix64(i as u64) % (vocab as u64).max(1)) as u32
 }
 
 fn median(repeat: usize, mut f: impl FnMut() -> Result<Duration>) -> Result<Duration> {

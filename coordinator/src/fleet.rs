@@ -99,6 +99,7 @@ impl Federation {
         }
         let mut live = self.live();
         live.next_stream += 1;
+        let replaced = live.workers.contains_key(&record.id);
         let stream = live.next_stream;
         live.workers.insert(
             record.id.clone(),
@@ -110,6 +111,11 @@ impl Federation {
                 kv_bytes: 0,
             },
         );
+        drop(live);
+        if replaced {
+            // The worker resets its sessions on a new stream: move the jobs it ran.
+            self.fail_jobs_on(&record.id, "reconnected and reset its sessions");
+        }
         info!(worker = %record.id, speed_gflops = record.speed_gflops, "worker up");
         Ok((stream, rx))
     }
@@ -204,6 +210,13 @@ impl Federation {
         state: AssignmentState,
         message: String,
     ) {
+        // Only assignments this worker actually holds are recorded (a peer cannot grow the map).
+        let assigned = self
+            .placement(model)
+            .is_ok_and(|p| p.chains.iter().flatten().any(|s| s.worker_id == worker_id));
+        if !assigned {
+            return;
+        }
         let mut live = self.live();
         let key = (model.to_string(), worker_id.to_string());
         if live

@@ -467,6 +467,19 @@ impl Federation {
         workers: &[String],
         opens: Vec<SessionOpen>,
     ) -> Result<Vec<u32>, String> {
+        let result = self.open_all(session, workers, opens).await;
+        if result.is_err() {
+            self.jobs().opens.retain(|(s, _), _| *s != session);
+        }
+        result
+    }
+
+    async fn open_all(
+        &self,
+        session: u64,
+        workers: &[String],
+        opens: Vec<SessionOpen>,
+    ) -> Result<Vec<u32>, String> {
         let mut answers = Vec::new();
         for (worker, open) in workers.iter().zip(opens) {
             let (tx, rx) = oneshot::channel();
@@ -606,22 +619,31 @@ impl Federation {
                 failed = Some(format!("stage {worker} failed: {e}"));
             } else if job.stages.last().map(String::as_str) == Some(worker) {
                 if let Some((index, token_id, text)) = token {
-                    let now = Instant::now();
-                    job.progress = now;
-                    job.first_token.get_or_insert(now);
-                    job.last_token = Some(now);
-                    job.record.token_ids.push(token_id);
-                    job.record.text.push_str(&text);
-                    if job
-                        .events
-                        .try_send(JobEvent::Token {
+                    if job.record.token_ids.len() >= job.spec.stop.max_tokens {
+                        failed = Some(format!(
+                            "stage {worker} sent more than the {} tokens asked for",
+                            job.spec.stop.max_tokens
+                        ));
+                    } else {
+                        let now = Instant::now();
+                        job.progress = now;
+                        job.first_token.get_or_insert(now);
+                        job.last_token = Some(now);
+                        job.record.token_ids.push(token_id);
+                        job.record.text.push_str(&text);
+                        match job.events.try_send(JobEvent::Token {
                             index,
                             token_id,
                             text,
-                        })
-                        .is_err()
-                    {
-                        failed = Some("the client went away".into());
+                        }) {
+                            Ok(()) => {}
+                            Err(mpsc::error::TrySendError::Closed(_)) => {
+                                failed = Some("the client went away".into());
+                            }
+                            Err(mpsc::error::TrySendError::Full(_)) => {
+                                failed = Some("the client did not read its stream in time".into());
+                            }
+                        }
                     }
                 }
                 finished = finish;
@@ -630,6 +652,8 @@ impl Federation {
         if let Some(e) = failed {
             if e.contains("client went away") {
                 self.finish_job(session, JobState::Cancelled, None, Some(e));
+            } else if e.contains("did not read its stream") || e.contains("more than the") {
+                self.finish_job(session, JobState::Failed, None, Some(e));
             } else {
                 let _ = self.recoveries.send((session, e));
             }
@@ -674,7 +698,11 @@ impl Federation {
             (JobState::Done, Some(reason)) => JobEvent::Summary(summary(&job, reason)),
             _ => JobEvent::Failed(error.unwrap_or_else(|| state.as_str().to_string())),
         };
-        let _ = job.events.try_send(event);
+        // The last event waits for room (a slow client), within bounds.
+        let events = job.events.clone();
+        tokio::spawn(async move {
+            let _ = events.send_timeout(event, Duration::from_secs(30)).await;
+        });
         info!(job = %job.record.id, state = state.as_str(), tokens = job.record.token_ids.len(), "job ended");
     }
 

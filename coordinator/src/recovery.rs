@@ -53,6 +53,9 @@ impl Federation {
                         let Some(again) = self.take_job(new_session) else {
                             return;
                         };
+                        for w in &again.stages {
+                            self.send_to(w, AgentCommand::CloseSession(new_session));
+                        }
                         job = again;
                         job.attempts += 1;
                         if job.attempts > MAX_RECOVERIES {

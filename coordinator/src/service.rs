@@ -244,19 +244,19 @@ async fn serve_agent(
         tokio::select! {
             command = commands.recv() => match command {
                 Some(command) => {
-                    if tx.send(Ok(command_pb(command))).await.is_err() {
+                    if !send_bounded(&tx, Ok(command_pb(command)), fed.config().lease).await {
                         break;
                     }
                 }
                 None => {
-                    let _ = tx.send(Err(Status::unavailable("lease expired, provider revoked or stream replaced"))).await;
+                    let _ = send_bounded(&tx, Err(Status::unavailable("lease expired, provider revoked or stream replaced")), fed.config().lease).await;
                     break;
                 }
             },
             message = inbound.message() => match message {
                 Ok(Some(m)) => {
                     if !handle_agent_message(&fed, &worker, stream, m) {
-                        let _ = tx.send(Err(Status::unavailable("this agent stream is no longer current"))).await;
+                        let _ = send_bounded(&tx, Err(Status::unavailable("this agent stream is no longer current")), fed.config().lease).await;
                         break;
                     }
                 }
@@ -267,6 +267,18 @@ async fn serve_agent(
     if let Err(e) = fed.worker_disconnected(&worker, stream) {
         tracing::error!(cause = %e, worker, "marking worker down");
     }
+}
+
+/// Sends on an agent stream, giving up (false) when the worker does not read within `limit`.
+async fn send_bounded(
+    tx: &mpsc::Sender<Result<pb::CoordinatorMessage, Status>>,
+    message: Result<pb::CoordinatorMessage, Status>,
+    limit: Duration,
+) -> bool {
+    matches!(
+        tokio::time::timeout(limit, tx.send(message)).await,
+        Ok(Ok(()))
+    )
 }
 
 fn handle_agent_message(

@@ -441,8 +441,12 @@ impl AgentSession<'_> {
                     seq += 1;
                     let (open_sessions, kv_cache_bytes) = self.load();
                     let beat = pb::AgentMessage { kind: Some(pb::agent_message::Kind::Heartbeat(pb::Heartbeat { seq, open_sessions, kv_cache_bytes })) };
-                    if tx.send(beat).await.is_err() {
-                        return Ok(());
+                    match tx.try_send(beat) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            return Err(WorkerError::Io("the coordinator stopped reading the agent stream".into()));
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => return Ok(()),
                     }
                 }
                 message = inbound.message() => match message.map_err(refusal)? {

@@ -18,6 +18,8 @@ use crate::stage::{EngineInput, EngineOutput, Peer};
 
 /// How long dialing a peer may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one frame may take to be accepted by a peer.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where the frames of one session go, and who may send them.
 #[derive(Debug, Clone)]
@@ -130,12 +132,25 @@ impl DataPlane {
             .entry(peer.clone())
             .or_default()
             .push(conn.clone());
+        self.read_connection(&peer, &conn).await;
+        let id = conn.stable_id();
+        let mut incoming = lock(&self.incoming);
+        if let Some(conns) = incoming.get_mut(&peer) {
+            conns.retain(|c| c.stable_id() != id);
+            if conns.is_empty() {
+                incoming.remove(&peer);
+            }
+        }
+    }
+
+    /// Reads every frame of a connection until it ends or misbehaves.
+    async fn read_connection(&self, peer: &str, conn: &quinn::Connection) {
         while let Ok(mut stream) = conn.accept_uni().await {
             loop {
                 match read_frame(&mut stream).await {
                     Ok(None) => break,
                     Ok(Some(frame)) => {
-                        if let Err(reason) = self.route(&peer, frame) {
+                        if let Err(reason) = self.route(peer, frame) {
                             warn!(peer = %peer, %reason, "frame refused; closing the connection");
                             conn.close(quic::CODE_UNEXPECTED_FRAME.into(), reason.as_bytes());
                             return;
@@ -143,10 +158,8 @@ impl DataPlane {
                     }
                     Err(e) => {
                         warn!(peer = %peer, cause = %e, "malformed frame; closing the connection");
-                        conn.close(
-                            quic::CODE_MALFORMED_FRAME.into(),
-                            format!("malformed frame: {e}").as_bytes(),
-                        );
+                        let reason = format!("malformed frame: {e}");
+                        conn.close(quic::CODE_MALFORMED_FRAME.into(), reason.as_bytes());
                         return;
                     }
                 }
@@ -217,16 +230,26 @@ impl DataPlane {
             let conn = quic::connect(&self.endpoint, addr, &to.worker_id, CONNECT_TIMEOUT)
                 .await
                 .map_err(|e| e.to_string())?;
-            let mut stream = conn
-                .open_uni()
+            let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, conn.open_uni())
                 .await
+                .map_err(|_| {
+                    format!(
+                        "{} granted no stream within {CONNECT_TIMEOUT:?}",
+                        to.worker_id
+                    )
+                })?
                 .map_err(|e| format!("opening a stream to {}: {e}", to.worker_id))?;
             info!(peer = %to.worker_id, addr = %addr, "data-plane link up");
             while let Some(frame) = rx.recv().await {
-                if let Err(e) = write_frame(&mut stream, &frame).await {
-                    self.report_undelivered(&frame, &to, &e.to_string());
-                    return Err(format!("writing to {}: {e}", to.worker_id));
-                }
+                let written =
+                    tokio::time::timeout(WRITE_TIMEOUT, write_frame(&mut stream, &frame)).await;
+                let error = match written {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => format!("the peer read nothing for {WRITE_TIMEOUT:?}"),
+                };
+                self.report_undelivered(&frame, &to, &error);
+                return Err(format!("writing to {}: {error}", to.worker_id));
             }
             Ok::<(), String>(())
         }

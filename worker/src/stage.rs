@@ -395,6 +395,19 @@ impl StageEngine {
         };
         match sender_ok {
             Some(true) => {
+                // A session never has more rows in flight than its context holds: a sender
+                // that floods a stage fails its own session.
+                let context = self.slice.spec().context_length;
+                let backlog: usize = self
+                    .sessions
+                    .get(&session)
+                    .map_or(0, |s| s.queue.iter().map(work_rows).sum());
+                if backlog + work_rows(&work) > context {
+                    return self.fail(
+                        session,
+                        format!("{from} sent more rows than the context holds"),
+                    );
+                }
                 if let Some(s) = self.sessions.get_mut(&session) {
                     s.queue.push_back(work);
                 }
