@@ -18,7 +18,8 @@ const RECOVERY_TIMEOUT: Duration = Duration::from_secs(60);
 impl Federation {
     /// Moves a job whose chain failed to another ready chain (replanning around the failed
     /// workers if none is ready), replaying its history there; ends it with a clear error when
-    /// no capacity is left or the recovery takes too long.
+    /// no capacity is left or the recovery takes too long. While it waits, the job stays
+    /// registered (with no stages), so its tenant can still cancel it.
     pub async fn recover(self: std::sync::Arc<Self>, session: u64, reason: String) {
         let Some(mut job) = self.take_job(session) else {
             return;
@@ -28,38 +29,48 @@ impl Federation {
         }
         job.attempts += 1;
         warn!(job = %job.record.id, attempt = job.attempts, %reason, "recovering the job on another chain");
-        let failed = |fed: &Self, job: LiveJob, why: String| {
-            let session = fed.park(job);
-            fed.finish_job(session, JobState::Failed, None, Some(why));
-        };
-        if job.attempts > MAX_RECOVERIES {
-            return failed(
-                &self,
-                job,
+        let model = job.record.model.clone();
+        let policy = job.record.policy.clone();
+        let mut parked = self.park(job);
+        let fail =
+            |parked: u64, why: String| self.finish_job(parked, JobState::Failed, None, Some(why));
+        if self
+            .jobs()
+            .live
+            .get(&parked)
+            .is_some_and(|j| j.attempts > MAX_RECOVERIES)
+        {
+            return fail(
+                parked,
                 format!("{reason}; gave up after {MAX_RECOVERIES} recoveries"),
             );
         }
         let deadline = Instant::now() + RECOVERY_TIMEOUT;
         let mut replanned = false;
         loop {
-            let placement = match self.placement(&job.record.model) {
+            let placement = match self.placement(&model) {
                 Ok(p) => p,
-                Err(e) => return failed(&self, job, e.to_string()),
+                Err(e) => return fail(parked, e.to_string()),
             };
-            if let Ok(chain) = self.pick_chain(&placement, &job.record.policy) {
+            if let Ok(chain) = self.pick_chain(&placement, &policy) {
+                // Gone from the table: it was cancelled (and finished) meanwhile.
+                let Some(job) = self.take_job(parked) else {
+                    return;
+                };
                 match self.launch(job, chain, placement.version).await {
                     Ok(()) => return,
                     Err((new_session, error)) => {
-                        let Some(again) = self.take_job(new_session) else {
+                        let Some(mut again) = self.take_job(new_session) else {
                             return;
                         };
                         for w in &again.stages {
                             self.send_to(w, AgentCommand::CloseSession(new_session));
                         }
-                        job = again;
-                        job.attempts += 1;
-                        if job.attempts > MAX_RECOVERIES {
-                            return failed(&self, job, error);
+                        again.attempts += 1;
+                        let exhausted = again.attempts > MAX_RECOVERIES;
+                        parked = self.park(again);
+                        if exhausted {
+                            return fail(parked, error);
                         }
                         continue;
                     }
@@ -67,22 +78,18 @@ impl Federation {
             }
             if !replanned {
                 replanned = true;
-                if let Err(e) = self.replan_around_failures(&job.record.model).await {
-                    return failed(
-                        &self,
-                        job,
+                if let Err(e) = self.replan_around_failures(&model).await {
+                    return fail(
+                        parked,
                         format!("{reason}, and no capacity is left to continue: {e}"),
                     );
                 }
             }
             if Instant::now() > deadline {
-                return failed(
-                    &self,
-                    job,
-                    format!(
-                        "{reason}, and no replacement chain was ready within {RECOVERY_TIMEOUT:?}"
-                    ),
+                let why = format!(
+                    "{reason}, and no replacement chain was ready within {RECOVERY_TIMEOUT:?}"
                 );
+                return fail(parked, why);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
