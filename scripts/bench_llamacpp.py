@@ -16,7 +16,6 @@ def llamacpp_run(llm, prompt, n_gen):
     t0 = time.perf_counter()
     llm.eval(prompt)
     pp = time.perf_counter() - t0
-    tok = int(max(range(llm.n_vocab()), key=lambda i: llm.scores[llm.n_tokens - 1][i])) if False else None
     t1 = time.perf_counter()
     for _ in range(n_gen):
         tok = llm.sample(top_k=1)
@@ -42,7 +41,7 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     from llama_cpp import Llama
-    prompt = json.load(open(args.golden))["ids"] if "ids" in json.load(open(args.golden)) else json.load(open(args.golden))["prompt_ids"]
+    prompt = json.load(open(args.golden))["prompt_ids"]
     llm = Llama(model_path=args.model, n_threads=args.threads, n_threads_batch=args.threads, n_ctx=512, n_batch=512, verbose=False)
     results = {"llama.cpp": []}
     modes = ["gguf", "q8_0", "f32"]
