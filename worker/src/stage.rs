@@ -6,7 +6,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 use sovra_model::llama::logits_row;
@@ -18,6 +19,9 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
 use crate::frame::Frame;
+
+/// Longest a stage woken with few of its sessions ready waits for more of them.
+pub const GATHER: Duration = Duration::from_millis(2);
 
 /// Prompt tokens run per forward of a prefill chunk, so long prompts do not stall decodes.
 pub const PREFILL_CHUNK: usize = 64;
@@ -192,6 +196,9 @@ impl StageEngine {
                     Ok(input) => self.handle(input),
                     Err(_) => return,
                 }
+                if self.gather(&inputs) {
+                    return;
+                }
             }
             loop {
                 match inputs.try_recv() {
@@ -202,6 +209,33 @@ impl StageEngine {
             }
             self.step();
             self.publish_stats();
+        }
+    }
+
+    /// After waking from idle with few of its sessions ready, waits up to [`GATHER`] for
+    /// more of them, so concurrent sessions run as larger batches instead of fragmenting into
+    /// many small forwards. A lone session never waits. Returns true when the inputs are gone.
+    fn gather(&mut self, inputs: &Receiver<EngineInput>) -> bool {
+        let deadline = Instant::now() + GATHER;
+        loop {
+            let open = self.sessions.len();
+            let ready = self
+                .sessions
+                .values()
+                .filter(|s| !s.queue.is_empty())
+                .count();
+            if open < 2 || ready * 2 >= open {
+                return false;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            match inputs.recv_timeout(left) {
+                Ok(input) => self.handle(input),
+                Err(RecvTimeoutError::Timeout) => return false,
+                Err(RecvTimeoutError::Disconnected) => return true,
+            }
         }
     }
 
@@ -466,6 +500,12 @@ impl StageEngine {
         if batch.is_empty() {
             return;
         }
+        debug!(
+            segments = batch.len(),
+            rows = batch.iter().map(|(_, w)| work_rows(w)).sum::<usize>(),
+            open = self.sessions.len(),
+            "stage forward"
+        );
         let input = match self.batch_input(&batch) {
             Ok(input) => input,
             Err(e) => {
