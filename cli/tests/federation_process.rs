@@ -185,6 +185,11 @@ fn operator_workflow_survives_a_coordinator_sigkill() {
             .as_f64()
             .unwrap()
     };
+    println!(
+        "speed: 1 thread {:.1}, 2 threads {:.1} GFLOP/s",
+        speed("ovh-fr"),
+        speed("ionos-de")
+    );
     assert!(
         speed("ovh-fr") < speed("ionos-de"),
         "1 thread {} vs 2 threads {} GFLOP/s",
