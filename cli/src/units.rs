@@ -3,17 +3,21 @@
 
 use std::time::Duration;
 
-/// Parses `N[ms|s|m|h|d]` (a bare number is seconds).
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+/// Splits `12.5GiB` into its number and its (trimmed) unit.
+fn number_and_unit(text: &str) -> Option<(f64, &str)> {
     let t = text.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (number, unit) = t.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a duration like 90s, 30m or 1h"))?;
-    let seconds = match unit.trim() {
+    Some((number.parse().ok()?, unit.trim()))
+}
+
+/// Parses `N[ms|s|m|h|d]` (a bare number is seconds).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (value, unit) = number_and_unit(text)
+        .ok_or_else(|| format!("`{text}` is not a duration like 90s, 30m or 1h"))?;
+    let seconds = match unit {
         "ms" => value / 1000.0,
         "" | "s" => value,
         "m" => value * 60.0,
@@ -33,15 +37,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 
 /// Parses a size: `N[B|KB|MB|GB|TB|KiB|MiB|GiB|TiB]` (a bare number is bytes).
 pub fn parse_bytes(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (number, unit) = t.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a size like 512MiB or 2GiB"))?;
-    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+    let (value, unit) = number_and_unit(text)
+        .ok_or_else(|| format!("`{text}` is not a size like 512MiB or 2GiB"))?;
+    let scale: f64 = match unit.to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
         "kb" | "k" => 1e3,
         "mb" | "m" => 1e6,

@@ -169,10 +169,7 @@ impl DataPlane {
 
     /// Hands a frame to its session's engine if `peer` is the sender the session names.
     fn route(&self, peer: &str, frame: Frame) -> Result<(), String> {
-        let (session, is_token) = match &frame {
-            Frame::Activations { session, .. } => (*session, false),
-            Frame::Token { session, .. } => (*session, true),
-        };
+        let (session, is_token) = (frame.session(), matches!(frame, Frame::Token { .. }));
         let routes = lock(&self.routes);
         match routes.get(&session) {
             Some(route) => {
@@ -265,11 +262,8 @@ impl DataPlane {
     }
 
     fn report_undelivered(&self, frame: &Frame, to: &Peer, reason: &str) {
-        let session = match frame {
-            Frame::Activations { session, .. } | Frame::Token { session, .. } => *session,
-        };
         let _ = self.failures.send(EngineOutput::Failed {
-            session,
+            session: frame.session(),
             error: format!("cannot reach {}: {reason}", to.worker_id),
         });
     }

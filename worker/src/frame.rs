@@ -134,6 +134,15 @@ pub enum FrameError {
     Io(String),
 }
 
+impl Frame {
+    /// The session the frame belongs to.
+    pub fn session(&self) -> u64 {
+        match self {
+            Frame::Activations { session, .. } | Frame::Token { session, .. } => *session,
+        }
+    }
+}
+
 /// Encodes `frame` completely: the `u32` little-endian body length, then
 /// the body. Encoding does not validate: a frame that [`validate`] refuses
 /// encodes to bytes the decoder refuses ([`write_frame`] validates first).
