@@ -6,12 +6,8 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Result, anyhow};
-use sovra_model::{
-    ChatPrompt, GgufModel, LayerRange, ModelTokenizer, SamplingParams, StopConditions,
-};
 use sovra_proto::channel::AuthChannel;
 use sovra_proto::pb;
-use sovra_worker::{GenerateRequest, LocalPipeline, generate};
 
 use crate::demo::DemoArgs;
 use crate::fed::status;
@@ -124,34 +120,38 @@ async fn load(channel: &AuthChannel, jobs: usize, tokens: u32) -> Result<Load> {
     })
 }
 
-fn local_decode(model_path: &Path, args: &DemoArgs, tokens: usize) -> Result<f64> {
-    let model = GgufModel::open(model_path)?;
-    let tokenizer = ModelTokenizer::from_gguf(model.metadata())?;
-    let pipeline = LocalPipeline::load(
-        &model,
-        &[LayerRange::new(0, model.spec().layers)],
-        args.dtype,
-        &candle_core::Device::Cpu,
-    )?;
-    let prompt = tokenizer.encode(
-        &ChatPrompt {
-            user: PROMPT.into(),
-            system: None,
-        }
-        .render(),
-    )?;
-    let request = GenerateRequest {
-        prompt,
-        sampling: SamplingParams::default(),
-        stop: StopConditions {
-            max_tokens: tokens,
-            stop: vec![],
-            ignore_eos: true,
-        },
-    };
+/// Decode speed of `sovra generate --local` run as its own process (the command a user
+/// would compare against), median of 3, while the federation idles.
+fn local_decode(exe: &Path, model_path: &Path, args: &DemoArgs, tokens: u32) -> Result<f64> {
     let mut runs = Vec::new();
     for _ in 0..3 {
-        runs.push(generate(&pipeline, &tokenizer, &request, |_| {})?.decode_tok_s);
+        let out = std::process::Command::new(exe)
+            .args([
+                "generate",
+                "--local",
+                "--chat",
+                "--ignore-eos",
+                "--json",
+                "--model",
+            ])
+            .arg(model_path)
+            .args(["--dtype", &args.dtype.to_string()])
+            .args(["--max-tokens", &tokens.to_string(), PROMPT])
+            .stderr(std::process::Stdio::inherit())
+            .output()?;
+        if !out.status.success() {
+            return Err(anyhow!("generate --local failed ({})", out.status));
+        }
+        let summary = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["type"] == "summary")
+            .ok_or_else(|| anyhow!("generate --local printed no summary"))?;
+        runs.push(
+            summary["decode_tok_s"]
+                .as_f64()
+                .ok_or_else(|| anyhow!("summary without decode_tok_s"))?,
+        );
     }
     Ok(median(runs))
 }
@@ -196,13 +196,14 @@ async fn set_stages(operator: &AuthChannel, stages: u32) -> Result<()> {
 /// Runs the benchmark and prints a markdown report.
 pub async fn run(
     args: &DemoArgs,
+    exe: &Path,
     model_path: &Path,
     operator: &AuthChannel,
     tenant: &AuthChannel,
 ) -> Result<()> {
     let tokens = 64u32;
     let threads = candle_core::utils::get_num_threads();
-    let local = local_decode(model_path, args, tokens as usize)?;
+    let local = local_decode(exe, model_path, args, tokens)?;
     set_stages(operator, 1).await?;
     let one = solo(tenant, tokens).await?;
     set_stages(operator, 3).await?;
@@ -215,7 +216,7 @@ pub async fn run(
     let hop_us = (1.0 / three - 1.0 / one) / 3.0 * 1e6;
     let worker_threads = args
         .worker_threads
-        .map_or_else(|| "cores/3".to_string(), |t| t.to_string());
+        .unwrap_or_else(candle_core::utils::get_num_threads);
     println!(
         "### {} weights, {tokens} greedy tokens; generate --local with {threads} threads, each of the 3 workers with {worker_threads}; all processes on this machine\n",
         args.dtype
