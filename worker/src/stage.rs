@@ -503,12 +503,7 @@ impl StageEngine {
         if batch.is_empty() {
             return;
         }
-        debug!(
-            segments = batch.len(),
-            rows = batch.iter().map(|(_, w)| work_rows(w)).sum::<usize>(),
-            open = self.sessions.len(),
-            "stage forward"
-        );
+        let began = Instant::now();
         let input = match self.batch_input(&batch) {
             Ok(input) => input,
             Err(e) => {
@@ -541,6 +536,13 @@ impl StageEngine {
             }
             result
         };
+        debug!(
+            segments = batch.len(),
+            rows = rows.iter().sum::<usize>(),
+            open = self.sessions.len(),
+            us = began.elapsed().as_micros() as u64,
+            "stage forward"
+        );
         match output {
             Ok(SliceOutput::Hidden(h)) => self.forward_hidden(&batch, &h),
             Ok(SliceOutput::Logits(l)) => self.sample(&batch, &l),
@@ -645,6 +647,27 @@ impl StageEngine {
                 tail.emitted += 1;
             }
             tail.finished = step.finished.is_some();
+            // The next token goes round the ring before its event goes to the coordinator, so
+            // the head starts the next step while the event travels.
+            if !tail.finished {
+                if s.order.head.worker_id == s.order.me {
+                    s.queue.push_back(Work::Tokens {
+                        start: position,
+                        ids: vec![token],
+                        sample: true,
+                    });
+                } else {
+                    let frame = Frame::Token {
+                        session: *id,
+                        position: position as u32,
+                        token,
+                    };
+                    let _ = self.out.send(EngineOutput::Send {
+                        to: s.order.head.clone(),
+                        frame,
+                    });
+                }
+            }
             let _ = self.out.send(EngineOutput::Token {
                 session: *id,
                 index,
@@ -653,26 +676,6 @@ impl StageEngine {
                 finish: step.finished,
                 emitted: step.emitted,
             });
-            if tail.finished {
-                continue;
-            }
-            let frame = Frame::Token {
-                session: *id,
-                position: position as u32,
-                token,
-            };
-            if s.order.head.worker_id == s.order.me {
-                s.queue.push_back(Work::Tokens {
-                    start: position,
-                    ids: vec![token],
-                    sample: true,
-                });
-            } else {
-                let _ = self.out.send(EngineOutput::Send {
-                    to: s.order.head.clone(),
-                    frame,
-                });
-            }
         }
     }
 }
