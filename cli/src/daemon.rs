@@ -110,6 +110,11 @@ pub struct WorkerStartArgs {
     /// Folder holding model files (looked up by file name).
     #[arg(long, env = "SOVRA_MODELS_DIR")]
     pub models_dir: Option<PathBuf>,
+    /// On a head stage, wait up to this long (e.g. 60ms) for the next tokens of all open
+    /// sessions so they run as one batch. Pays where stages share cores (several workers on one
+    /// host); leave it unset where each worker has its own machine.
+    #[arg(long, env = "SOVRA_BATCH_WAIT", value_parser = parse_duration)]
+    pub batch_wait: Option<Duration>,
 }
 
 /// Runs `sovra worker start`.
@@ -122,6 +127,7 @@ pub async fn worker_start(args: WorkerStartArgs) -> Result<()> {
         advertise: args.advertise,
         max_memory: args.max_memory,
         models_dir: args.models_dir,
+        batch_wait: args.batch_wait.unwrap_or_default(),
     };
     agent::run(config, shutdown_signal()).await?;
     eprintln!("sovra worker stopped");

@@ -26,6 +26,8 @@ pub struct TestFederation {
     pub operator_token: String,
     /// The federation state.
     pub fed: Arc<Federation>,
+    /// Batch wait of the workers started from now on.
+    pub worker_batch_wait: Duration,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<()>>,
 }
@@ -90,6 +92,7 @@ impl TestFederation {
             ca_pem,
             operator_token,
             fed,
+            worker_batch_wait: Duration::ZERO,
             stop: Some(stop),
             server: Some(server),
         }
@@ -163,6 +166,7 @@ impl TestFederation {
             advertise: None,
             max_memory,
             models_dir: None,
+            batch_wait: self.worker_batch_wait,
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(agent::run(config, async {
@@ -242,7 +246,17 @@ pub async fn fleet(
     providers: &[(&str, &str)],
     dtype: &str,
 ) -> (TestFederation, Vec<TestWorker>, String) {
-    let fed = TestFederation::start().await;
+    fleet_with(providers, dtype, Duration::ZERO).await
+}
+
+/// As [`fleet`], with workers whose head stages wait up to `batch_wait` to batch sessions.
+pub async fn fleet_with(
+    providers: &[(&str, &str)],
+    dtype: &str,
+    batch_wait: Duration,
+) -> (TestFederation, Vec<TestWorker>, String) {
+    let mut fed = TestFederation::start().await;
+    fed.worker_batch_wait = batch_wait;
     let mut workers = Vec::new();
     for (name, country) in providers {
         fed.add_provider(name, country, &["ISO27001"]).await;

@@ -6,7 +6,7 @@ use std::time::Duration;
 use sovra_model::{ChatPrompt, LayerRange, SamplingParams, StopConditions, WeightMode};
 use sovra_proto::pb;
 use sovra_proto::pb::set_placement_request::How;
-use sovra_tests::federation::{chat_request, eventually, fleet, run_job};
+use sovra_tests::federation::{chat_request, eventually, fleet, fleet_with, run_job};
 use sovra_worker::{GenerateRequest, generate};
 use tonic::Code;
 
@@ -73,7 +73,8 @@ async fn distributed_greedy_equals_local_for_every_golden_case_on_1_2_and_3_stag
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sampled_jobs_equal_local_and_concurrent_jobs_equal_solo_runs() {
-    let (fed, _workers, tenant) = fleet(&PROVIDERS, "q8_0").await;
+    // The head batches sessions as the demo's does, so concurrent sessions share forwards.
+    let (fed, _workers, tenant) = fleet_with(&PROVIDERS, "q8_0", Duration::from_millis(30)).await;
     fed.place("smollm2", How::Stages(3)).await;
     let sampling = SamplingParams {
         temperature: 0.8,

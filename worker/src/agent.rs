@@ -47,6 +47,9 @@ pub struct WorkerConfig {
     pub max_memory: Option<u64>,
     /// Folder to look for model files in.
     pub models_dir: Option<PathBuf>,
+    /// How long a head stage waits for the next tokens of all its sessions to batch them
+    /// (see [`StageEngine::with_batch_wait`]); zero runs whatever is ready.
+    pub batch_wait: Duration,
 }
 
 impl WorkerConfig {
@@ -479,6 +482,7 @@ impl AgentSession<'_> {
             Some(Kind::Assign(a)) => {
                 let loader = Loader {
                     models_dir: self.config.models_dir.clone(),
+                    batch_wait: self.config.batch_wait,
                     slices: self.slices.clone(),
                     outputs: self.outputs.clone(),
                 };
@@ -620,6 +624,7 @@ fn refusal(status: tonic::Status) -> WorkerError {
 /// What loading a slice needs.
 struct Loader {
     models_dir: Option<PathBuf>,
+    batch_wait: Duration,
     slices: SliceTable,
     outputs: mpsc::UnboundedSender<EngineOutput>,
 }
@@ -651,7 +656,8 @@ async fn load_assignment(a: pb::Assignment, loader: Loader, tx: mpsc::Sender<pb:
                 Arc::new(tokenizer),
                 loader.outputs.clone(),
                 stats.clone(),
-            );
+            )
+            .with_batch_wait(loader.batch_wait);
             let spawned = std::thread::Builder::new()
                 .name(format!("stage-{}", a.model))
                 .spawn(move || engine_core.run(inputs));

@@ -20,11 +20,11 @@ use tracing::{debug, warn};
 
 use crate::frame::Frame;
 
-/// Longest a stage woken with few of its sessions ready waits for more of them.
+/// Longest a stage woken with some of its sessions ready keeps taking the frames that are
+/// still arriving (the rest of a batch the previous stage sent as one burst).
 pub const GATHER: Duration = Duration::from_millis(2);
-/// Open sessions from which waiting for a larger batch pays (measured: with 4 sessions the
-/// wait cost more than the larger batch gained; with 16 it gained).
-pub const GATHER_MIN_SESSIONS: usize = 8;
+/// A burst is over when no frame came for this long.
+pub const GATHER_QUIET: Duration = Duration::from_micros(300);
 
 /// Prompt tokens run per forward of a prefill chunk, so long prompts do not stall decodes.
 pub const PREFILL_CHUNK: usize = 64;
@@ -172,6 +172,7 @@ pub struct StageEngine {
     sessions: HashMap<u64, StageSession>,
     out: mpsc::UnboundedSender<EngineOutput>,
     stats: Arc<EngineStats>,
+    batch_wait: Duration,
 }
 
 impl StageEngine {
@@ -188,7 +189,17 @@ impl StageEngine {
             sessions: HashMap::new(),
             out,
             stats,
+            batch_wait: Duration::ZERO,
         }
+    }
+
+    /// On the head stage, how long to wait for the next tokens of all open sessions before a
+    /// forward, so they run as one batch (zero: run whatever is ready). Worth it where stages
+    /// share their cores, as in the one-machine demo: one batch of all sessions there beats
+    /// several smaller batches passing through the stages side by side.
+    pub fn with_batch_wait(mut self, wait: Duration) -> Self {
+        self.batch_wait = wait;
+        self
     }
 
     /// Runs until every input sender is gone. Blocks when there is nothing to do.
@@ -215,37 +226,46 @@ impl StageEngine {
         }
     }
 
-    /// After waking from idle with few of its sessions ready, waits up to [`GATHER`] for
-    /// more of them, so concurrent sessions run as larger batches instead of fragmenting into
-    /// many small forwards. Fewer than [`GATHER_MIN_SESSIONS`] open sessions never wait. Returns true when the inputs are gone.
+    /// After waking from idle with only some of its sessions ready, takes the frames still
+    /// arriving, so sessions that one forward upstream produced run as one batch here too:
+    /// every stage waits while frames keep coming less than [`GATHER_QUIET`] apart, at most
+    /// [`GATHER`]; the head also waits up to its batch wait for the next tokens of all its
+    /// sessions, so sessions that drifted apart merge into one batch. Returns true when the
+    /// inputs are gone.
     fn gather(&mut self, inputs: &Receiver<EngineInput>) -> bool {
-        let deadline = Instant::now() + GATHER;
+        let woke = Instant::now();
+        let burst_end = woke + GATHER;
+        let ring_end = woke + self.batch_wait;
+        let head = self.slice.is_head_stage();
         loop {
             let open = self.sessions.len();
             let ready = self
                 .sessions
                 .values()
-                .filter(|s| !s.queue.is_empty())
+                .filter(|s| session_has_work(s))
                 .count();
-            if open < GATHER_MIN_SESSIONS || ready * 2 >= open {
+            if open < 2 || ready >= open {
                 return false;
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            let now = Instant::now();
+            let (wait, quiet_ends) = if head && now < ring_end {
+                (ring_end - now, false)
+            } else if now < burst_end {
+                (GATHER_QUIET.min(burst_end - now), true)
+            } else {
                 return false;
-            }
-            match inputs.recv_timeout(left) {
+            };
+            match inputs.recv_timeout(wait) {
                 Ok(input) => self.handle(input),
-                Err(RecvTimeoutError::Timeout) => return false,
+                Err(RecvTimeoutError::Timeout) if quiet_ends => return false,
+                Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return true,
             }
         }
     }
 
     fn has_work(&self) -> bool {
-        self.sessions
-            .values()
-            .any(|s| !s.queue.is_empty() || (s.started && !s.pending_prompt.is_empty()))
+        self.sessions.values().any(session_has_work)
     }
 
     fn publish_stats(&self) {
@@ -678,6 +698,10 @@ impl StageEngine {
             });
         }
     }
+}
+
+fn session_has_work(s: &StageSession) -> bool {
+    !s.queue.is_empty() || (s.started && !s.pending_prompt.is_empty())
 }
 
 fn work_rows(work: &Work) -> usize {
