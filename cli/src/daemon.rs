@@ -113,8 +113,22 @@ pub struct WorkerStartArgs {
     /// On a head stage, wait up to this long (e.g. 60ms) for the next tokens of all open
     /// sessions so they run as one batch. Pays where stages share cores (several workers on one
     /// host); leave it unset where each worker has its own machine.
-    #[arg(long, env = "SOVRA_BATCH_WAIT", value_parser = parse_duration)]
+    #[arg(long, env = "SOVRA_BATCH_WAIT", value_parser = parse_batch_wait)]
     pub batch_wait: Option<Duration>,
+}
+
+/// Longest `--batch-wait`: a head waits this long on every step where a session lags, so a
+/// larger value would stall every job behind one slow session.
+const MAX_BATCH_WAIT: Duration = Duration::from_secs(1);
+
+fn parse_batch_wait(text: &str) -> Result<Duration, String> {
+    let wait = parse_duration(text)?;
+    if wait > MAX_BATCH_WAIT {
+        return Err(format!(
+            "batch wait `{text}` is longer than {MAX_BATCH_WAIT:?}"
+        ));
+    }
+    Ok(wait)
 }
 
 /// Runs `sovra worker start`.
@@ -132,4 +146,16 @@ pub async fn worker_start(args: WorkerStartArgs) -> Result<()> {
     agent::run(config, shutdown_signal()).await?;
     eprintln!("sovra worker stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_wait_is_bounded() {
+        assert_eq!(parse_batch_wait("60ms"), Ok(Duration::from_millis(60)));
+        assert!(parse_batch_wait("5s").unwrap_err().contains("longer than"));
+        assert!(parse_batch_wait("0").is_err());
+    }
 }

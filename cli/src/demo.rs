@@ -204,7 +204,7 @@ async fn onboard(
 ) -> Result<()> {
     let mut providers = pb::providers_client::ProvidersClient::new(operator.clone());
     let mut workers = pb::workers_client::WorkersClient::new(operator.clone());
-    for (name, country, certs) in PROVIDERS {
+    for (index, &(name, country, certs)) in PROVIDERS.iter().enumerate() {
         providers
             .add_provider(pb::AddProviderRequest {
                 name: name.into(),
@@ -256,7 +256,7 @@ async fn onboard(
         );
         // One worker at a time: each measures its speed while the others idle, so workers
         // sharing this machine measure the same speed and get even shares of the layers.
-        let joined = procs.0.len() - 1;
+        let joined = index + 1;
         wait(
             &format!("the worker of {name} to join"),
             Duration::from_secs(120),
