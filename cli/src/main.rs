@@ -100,12 +100,13 @@ enum WorkerCommand {
 /// How long candle's compute threads spin for the next op before they sleep, in spin-loop
 /// iterations (candle's default is 25,000).
 const SPIN_LIMIT_VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
-/// A worker's compute threads spin about 35 µs (1,500 iterations here) instead of candle's
+/// A worker's compute threads spin about 7 µs (300 iterations here) instead of candle's
 /// ~0.6 ms: a stage is idle while the other stages of its chain compute, and on a host shared
-/// with other stages the long spin took the cores from the stage that had work (measured with
-/// `sovra demo --bench --worker-threads 2`: 3-stage decode 0.60x → 0.76x `generate --local`).
-/// Set `CANDLE_BARRIER_POOL_SPIN_LIMIT` to override.
-const WORKER_SPIN_LIMIT: u32 = 1_500;
+/// with other stages the spin takes the cores from the stage that has work. Measured with
+/// `sovra demo --bench --dtype q8_0` (3-stage decode, tok/s, runs interleaved): 25,000 →
+/// 0.56–0.60x `generate --local`; 6,000 → 70–77 tok/s; 1,500 → 76–92; 300 → 84–104; f32
+/// unchanged. Set `CANDLE_BARRIER_POOL_SPIN_LIMIT` to override.
+const WORKER_SPIN_LIMIT: u32 = 300;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
