@@ -87,6 +87,17 @@ impl Sampler {
 
     /// Chooses the token at sequence position `position` (the index the token will occupy).
     pub fn sample(&self, logits: &[f32], position: u64) -> Result<u32, SamplingError> {
+        if self.params.is_greedy() {
+            // The highest finite logit, the lowest token id among equals; one pass, no copy
+            // (this runs on the tail for every token, between its forward and the next hop).
+            let mut best: Option<(u32, f32)> = None;
+            for (i, &v) in logits.iter().enumerate() {
+                if v.is_finite() && best.is_none_or(|(_, b)| v.total_cmp(&b).is_gt()) {
+                    best = Some((i as u32, v));
+                }
+            }
+            return best.map(|(i, _)| i).ok_or(SamplingError::NoFiniteLogit);
+        }
         let mut candidates: Vec<(u32, f32)> = logits
             .iter()
             .enumerate()
@@ -98,10 +109,6 @@ impl Sampler {
         }
         // Highest logit first; ties broken by the lower token id, so greedy is argmax.
         let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-        if self.params.is_greedy() {
-            let best = candidates.iter().min_by(|a, b| by_logit(a, b));
-            return Ok(best.map(|c| c.0).unwrap_or(0));
-        }
         let keep = self
             .params
             .top_k
@@ -183,6 +190,16 @@ mod tests {
         let s = params(0.0, None, None, 0);
         assert_eq!(s.sample(&[1.0, 3.0, 3.0, -1.0], 0).unwrap(), 1);
         assert_eq!(s.sample(&[f32::NAN, 0.5, 0.2], 7).unwrap(), 1);
+        assert_eq!(s.sample(&[f32::INFINITY, -2.0, -1.0], 0).unwrap(), 2);
+        assert_eq!(s.sample(&[0.0, -0.0, 0.0], 0).unwrap(), 0);
+        assert_eq!(
+            s.sample(&[f32::NAN, f32::NEG_INFINITY], 0),
+            Err(SamplingError::NoFiniteLogit)
+        );
+        let l = logits();
+        let max = l.iter().cloned().fold(f32::MIN, f32::max);
+        let first = l.iter().position(|&v| v == max).unwrap() as u32;
+        assert_eq!(s.sample(&l, 3).unwrap(), first);
     }
 
     #[test]
