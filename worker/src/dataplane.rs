@@ -16,6 +16,10 @@ use crate::frame::{Frame, read_frame, write_frame};
 use crate::quic::{self, QuicError, TlsIdentity};
 use crate::stage::{EngineInput, EngineOutput, Peer};
 
+/// Log target of one line per frame at each step of a hop (debug level), for latency analysis
+/// (`scripts/hop_timeline.py`).
+pub const HOP: &str = "sovra_worker::hop";
+
 /// How long dialing a peer may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one frame may take to be accepted by a peer.
@@ -150,6 +154,7 @@ impl DataPlane {
                 match read_frame(&mut stream).await {
                     Ok(None) => break,
                     Ok(Some(frame)) => {
+                        debug!(target: HOP, session = frame.session(), "frame read");
                         if let Err(reason) = self.route(peer, frame) {
                             warn!(peer = %peer, %reason, "frame refused; closing the connection");
                             conn.close(quic::CODE_UNEXPECTED_FRAME.into(), reason.as_bytes());
@@ -241,7 +246,10 @@ impl DataPlane {
                 let written =
                     tokio::time::timeout(WRITE_TIMEOUT, write_frame(&mut stream, &frame)).await;
                 let error = match written {
-                    Ok(Ok(())) => continue,
+                    Ok(Ok(())) => {
+                        debug!(target: HOP, session = frame.session(), "frame written");
+                        continue;
+                    }
                     Ok(Err(e)) => e.to_string(),
                     Err(_) => format!("the peer read nothing for {WRITE_TIMEOUT:?}"),
                 };

@@ -207,7 +207,10 @@ impl StageEngine {
         loop {
             if !self.has_work() {
                 match inputs.recv() {
-                    Ok(input) => self.handle(input),
+                    Ok(input) => {
+                        debug!(target: crate::dataplane::HOP, "engine woke");
+                        self.handle(input)
+                    }
                     Err(_) => return,
                 }
                 if self.gather(&inputs) {
@@ -648,6 +651,7 @@ impl StageEngine {
             if tail.finished {
                 continue;
             }
+            let t0 = Instant::now();
             let logits = match logits_row(logits, row) {
                 Ok(l) => l,
                 Err(e) => return self.fail(*id, format!("reading logits: {e}")),
@@ -656,6 +660,7 @@ impl StageEngine {
                 Ok(t) => t,
                 Err(e) => return self.fail(*id, e.to_string()),
             };
+            debug!(target: crate::dataplane::HOP, us = t0.elapsed().as_micros() as u64, "tail sampled");
             let stream = tail.stream.get_or_insert_with(|| {
                 let mut stop = s.order.stop.clone();
                 stop.max_tokens = stop.max_tokens.min(context.saturating_sub(position)).max(1);
