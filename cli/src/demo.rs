@@ -46,7 +46,7 @@ pub struct DemoArgs {
     /// Keep the demo's folder (logs, data dirs) instead of deleting it.
     #[arg(long)]
     pub keep: bool,
-    /// Instead of one answer, benchmark the federation against this process (markdown table).
+    /// Instead of one answer, benchmark the federation against `generate --local` (markdown).
     #[arg(long)]
     pub bench: bool,
     /// Compute threads of each worker process (default: all of this machine's cores).

@@ -1,4 +1,5 @@
-//! `sovra demo --bench`: the demo federation measured against this process, in one run:
+//! `sovra demo --bench`: the demo federation measured against `generate --local`, in one run
+//! (the runs compared alternate, round by round):
 //! decode speed of one job on 3 stages vs `generate --local`, the cost of a hop, and the
 //! aggregate throughput of concurrent jobs.
 
@@ -47,14 +48,6 @@ async fn job(channel: AuthChannel, tokens: u32) -> Result<(u32, f64)> {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
-}
-
-async fn solo(channel: &AuthChannel, tokens: u32) -> Result<f64> {
-    let mut runs = Vec::new();
-    for _ in 0..3 {
-        runs.push(job(channel.clone(), tokens).await?.1);
-    }
-    Ok(median(runs))
 }
 
 async fn concurrent(channel: &AuthChannel, jobs: usize, tokens: u32) -> Result<f64> {
@@ -120,40 +113,34 @@ async fn load(channel: &AuthChannel, jobs: usize, tokens: u32) -> Result<Load> {
     })
 }
 
-/// Decode speed of `sovra generate --local` run as its own process (the command a user
-/// would compare against), median of 3, while the federation idles.
+/// Decode speed of one `sovra generate --local` run as its own process (the command a user
+/// would compare against), while the federation idles.
 fn local_decode(exe: &Path, model_path: &Path, args: &DemoArgs, tokens: u32) -> Result<f64> {
-    let mut runs = Vec::new();
-    for _ in 0..3 {
-        let out = std::process::Command::new(exe)
-            .args([
-                "generate",
-                "--local",
-                "--chat",
-                "--ignore-eos",
-                "--json",
-                "--model",
-            ])
-            .arg(model_path)
-            .args(["--dtype", &args.dtype.to_string()])
-            .args(["--max-tokens", &tokens.to_string(), PROMPT])
-            .stderr(std::process::Stdio::inherit())
-            .output()?;
-        if !out.status.success() {
-            return Err(anyhow!("generate --local failed ({})", out.status));
-        }
-        let summary = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .find(|v| v["type"] == "summary")
-            .ok_or_else(|| anyhow!("generate --local printed no summary"))?;
-        runs.push(
-            summary["decode_tok_s"]
-                .as_f64()
-                .ok_or_else(|| anyhow!("summary without decode_tok_s"))?,
-        );
+    let out = std::process::Command::new(exe)
+        .args([
+            "generate",
+            "--local",
+            "--chat",
+            "--ignore-eos",
+            "--json",
+            "--model",
+        ])
+        .arg(model_path)
+        .args(["--dtype", &args.dtype.to_string()])
+        .args(["--max-tokens", &tokens.to_string(), PROMPT])
+        .stderr(std::process::Stdio::inherit())
+        .output()?;
+    if !out.status.success() {
+        return Err(anyhow!("generate --local failed ({})", out.status));
     }
-    Ok(median(runs))
+    let summary = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["type"] == "summary")
+        .ok_or_else(|| anyhow!("generate --local printed no summary"))?;
+    summary["decode_tok_s"]
+        .as_f64()
+        .ok_or_else(|| anyhow!("summary without decode_tok_s"))
 }
 
 async fn set_stages(operator: &AuthChannel, stages: u32) -> Result<()> {
@@ -193,7 +180,26 @@ async fn set_stages(operator: &AuthChannel, stages: u32) -> Result<()> {
     }
 }
 
-/// Runs the benchmark and prints a markdown report.
+/// Rounds of the single-job comparison (generate --local, 1 stage, 3 stages, one after the
+/// other in each round).
+const SOLO_ROUNDS: usize = 5;
+/// Rounds of the concurrency comparison (1, 4 and 16 jobs in each round).
+const CONCURRENT_ROUNDS: usize = 3;
+
+fn ratios(runs: &[f64], base: &[f64]) -> Vec<f64> {
+    runs.iter().zip(base).map(|(r, b)| r / b).collect()
+}
+
+fn list(v: &[f64]) -> String {
+    v.iter()
+        .map(|r| format!("{r:.2}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Runs the benchmark and prints a markdown report. The runs being compared alternate within
+/// each round and every ratio is the median of the rounds' own ratios, so a stretch where the
+/// host is slower weighs on both sides of a ratio.
 pub async fn run(
     args: &DemoArgs,
     exe: &Path,
@@ -203,17 +209,29 @@ pub async fn run(
 ) -> Result<()> {
     let tokens = 64u32;
     let threads = candle_core::utils::get_num_threads();
-    let local = local_decode(exe, model_path, args, tokens)?;
-    set_stages(operator, 1).await?;
-    let one = solo(tenant, tokens).await?;
-    set_stages(operator, 3).await?;
-    let three = solo(tenant, tokens).await?;
-    let mut aggregate = Vec::new();
-    for n in [1usize, 4, 16] {
-        aggregate.push((n, concurrent(tenant, n, 32).await?));
+    let (mut local, mut one, mut three) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..SOLO_ROUNDS {
+        local.push(local_decode(exe, model_path, args, tokens)?);
+        set_stages(operator, 1).await?;
+        job(tenant.clone(), 8).await?;
+        one.push(job(tenant.clone(), tokens).await?.1);
+        set_stages(operator, 3).await?;
+        job(tenant.clone(), 8).await?;
+        three.push(job(tenant.clone(), tokens).await?.1);
+    }
+    let (one_ratio, three_ratio) = (ratios(&one, &local), ratios(&three, &local));
+    let mut aggregate: Vec<(usize, Vec<f64>)> = [1usize, 4, 16].map(|n| (n, Vec::new())).into();
+    for _ in 0..CONCURRENT_ROUNDS {
+        for (n, runs) in aggregate.iter_mut() {
+            runs.push(concurrent(tenant, *n, 32).await?);
+        }
     }
     let load = load(tenant, 100, 32).await?;
-    let hop_us = (1.0 / three - 1.0 / one) / 3.0 * 1e6;
+    let hop_us: Vec<f64> = one
+        .iter()
+        .zip(&three)
+        .map(|(o, t)| (1.0 / t - 1.0 / o) / 3.0 * 1e6)
+        .collect();
     let worker_threads = args
         .worker_threads
         .unwrap_or_else(candle_core::utils::get_num_threads);
@@ -221,22 +239,45 @@ pub async fn run(
         "### {} weights, {tokens} greedy tokens; generate --local with {threads} threads, each of the 3 workers with {worker_threads}; all processes on this machine\n",
         args.dtype
     );
-    println!("| run | decode tok/s | vs generate --local |");
-    println!("|---|---|---|");
-    println!("| generate --local (one process) | {local:.1} | 1.00x |");
-    println!("| job on 1 stage | {one:.1} | {:.2}x |", one / local);
     println!(
-        "| job on 3 stages (FR → DE → NL) | {three:.1} | {:.2}x |",
-        three / local
+        "{SOLO_ROUNDS} rounds of: generate --local, a job on 1 stage, a job on 3 stages; medians\n"
+    );
+    println!("| run | decode tok/s | vs generate --local | ratio in each round |");
+    println!("|---|---|---|---|");
+    println!(
+        "| generate --local (one process) | {:.1} | 1.00x | |",
+        median(local.clone())
     );
     println!(
-        "\nPer-hop overhead (3 hops per token on 3 stages, vs 1 stage): {hop_us:.0} µs per token per hop\n"
+        "| job on 1 stage | {:.1} | {:.2}x | {} |",
+        median(one.clone()),
+        median(one_ratio.clone()),
+        list(&one_ratio)
     );
-    println!("| concurrent jobs (32 tokens each, 3 stages) | aggregate tok/s | vs 1 job |");
-    println!("|---|---|---|");
-    let base = aggregate[0].1;
-    for (n, tps) in &aggregate {
-        println!("| {n} | {tps:.1} | {:.2}x |", tps / base);
+    println!(
+        "| job on 3 stages (FR → DE → NL) | {:.1} | {:.2}x | {} |",
+        median(three.clone()),
+        median(three_ratio.clone()),
+        list(&three_ratio)
+    );
+    println!(
+        "\nPer-hop overhead (3 hops per token on 3 stages, vs 1 stage in the same round): {:.0} µs per token per hop\n",
+        median(hop_us)
+    );
+    println!(
+        "{CONCURRENT_ROUNDS} rounds of 1, 4 and 16 concurrent jobs (32 tokens each, 3 stages); medians\n"
+    );
+    println!("| concurrent jobs | aggregate tok/s | vs 1 job | ratio in each round |");
+    println!("|---|---|---|---|");
+    let base = aggregate[0].1.clone();
+    for (n, runs) in &aggregate {
+        let r = ratios(runs, &base);
+        println!(
+            "| {n} | {:.1} | {:.2}x | {} |",
+            median(runs.clone()),
+            median(r.clone()),
+            list(&r)
+        );
     }
     println!(
         "\nLoad: {} concurrent jobs of 32 tokens on 3 stages: {} finished, {} failed; job latency p50 {:.0} ms, p99 {:.0} ms; aggregate {:.1} tok/s",
