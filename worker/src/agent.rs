@@ -330,7 +330,11 @@ async fn pump_outputs(
     while let Some(output) = outputs.recv().await {
         let event = match output {
             EngineOutput::Send { to, frame } => {
-                tracing::debug!(target: crate::dataplane::HOP, session = frame.session(), "frame to network");
+                tracing::debug!(
+                    target: crate::dataplane::HOP,
+                    session = frame.session(),
+                    "frame to network"
+                );
                 plane.send(&to, frame);
                 continue;
             }

@@ -660,7 +660,11 @@ impl StageEngine {
                 Ok(t) => t,
                 Err(e) => return self.fail(*id, e.to_string()),
             };
-            debug!(target: crate::dataplane::HOP, us = t0.elapsed().as_micros() as u64, "tail sampled");
+            debug!(
+                target: crate::dataplane::HOP,
+                us = t0.elapsed().as_micros() as u64,
+                "tail sampled"
+            );
             let stream = tail.stream.get_or_insert_with(|| {
                 let mut stop = s.order.stop.clone();
                 stop.max_tokens = stop.max_tokens.min(context.saturating_sub(position)).max(1);
