@@ -39,6 +39,11 @@ pub struct CoordinatorStartArgs {
     /// Tokens of KV cache reserved per layer when planning placements.
     #[arg(long, default_value_t = 4096)]
     pub kv_reserve_tokens: u64,
+    /// Threads of the coordinator's runtime (default: one per core). One suits a coordinator
+    /// that shares a host's cores with workers, as in the demo: each token event is then
+    /// handled on one thread instead of waking a second one.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub io_threads: Option<u16>,
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

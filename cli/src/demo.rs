@@ -129,6 +129,8 @@ async fn demo(
         .args([
             "coordinator",
             "start",
+            "--io-threads",
+            "1",
             "--listen",
             "127.0.0.1:0",
             "--data-dir",

@@ -143,7 +143,8 @@ fn main() -> ExitCode {
         Command::Model(cmd) => model_cmd::run(cmd),
         Command::Bench(args) => bench::run(args),
         Command::Coordinator(CoordinatorCommand::Start(args)) => {
-            block_on(daemon::coordinator_start(args))
+            let io_threads = args.io_threads.map(usize::from);
+            block_on_threads(io_threads, daemon::coordinator_start(args))
         }
         Command::Provider { command, conn } => block_on(fed::provider(command, &conn)),
         Command::Tenant { command, conn } => block_on(fed::tenant(command, &conn)),
@@ -158,7 +159,9 @@ fn main() -> ExitCode {
         Command::Placement { command, conn } => block_on(fed::placement(command, &conn)),
         Command::Run { args, conn } => block_on(jobs_cmd::run(args, &conn)),
         Command::Job { command, conn } => block_on(jobs_cmd::job(command, &conn)),
-        Command::Demo(args) => block_on(demo::run(args)),
+        // The demo's own process only streams jobs' events; one runtime thread leaves the
+        // cores to the workers.
+        Command::Demo(args) => block_on_threads(Some(1), demo::run(args)),
     };
     match result {
         Ok(code) => code,
@@ -173,9 +176,19 @@ fn main() -> ExitCode {
 fn block_on(
     fut: impl std::future::Future<Output = anyhow::Result<()>>,
 ) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    block_on_threads(None, fut)
+}
+
+/// As [`block_on`], with `threads` runtime threads (default: one per core).
+fn block_on_threads(
+    threads: Option<usize>,
+    fut: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<ExitCode> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        builder.worker_threads(n);
+    }
+    let runtime = builder.enable_all().build()?;
     runtime.block_on(fut)?;
     Ok(ExitCode::SUCCESS)
 }
