@@ -11,13 +11,13 @@ use sovra_coordinator::federation::FederationConfig;
 use sovra_coordinator::server::{self, CoordinatorConfig};
 use sovra_worker::agent::{self, WorkerConfig};
 
-use crate::units::{parse_bytes, parse_duration};
+use crate::units::{parse_bytes, parse_duration, parse_path};
 
 /// Arguments of `sovra coordinator start`.
 #[derive(Debug, Args)]
 pub struct CoordinatorStartArgs {
     /// Folder of the CA, the operator token (admin.token) and the database.
-    #[arg(long, env = "SOVRA_DATA_DIR")]
+    #[arg(long, env = "SOVRA_DATA_DIR", value_parser = parse_path)]
     pub data_dir: PathBuf,
     /// Address to listen on (port 0 picks a free port, printed at start).
     #[arg(long, env = "SOVRA_LISTEN", default_value = "127.0.0.1:7070")]
@@ -101,7 +101,7 @@ pub struct WorkerStartArgs {
     #[arg(long, env = "SOVRA_JOIN_TOKEN", hide_env_values = true)]
     pub join_token: Option<String>,
     /// Folder of the worker's key, certificate and identity.
-    #[arg(long, env = "SOVRA_DATA_DIR")]
+    #[arg(long, env = "SOVRA_DATA_DIR", value_parser = parse_path)]
     pub data_dir: PathBuf,
     /// Data-plane listen address.
     #[arg(long, env = "SOVRA_LISTEN", default_value = "127.0.0.1:7080")]
@@ -113,7 +113,7 @@ pub struct WorkerStartArgs {
     #[arg(long, env = "SOVRA_MAX_MEMORY", value_parser = parse_bytes)]
     pub max_memory: Option<u64>,
     /// Folder holding model files (looked up by file name).
-    #[arg(long, env = "SOVRA_MODELS_DIR")]
+    #[arg(long, env = "SOVRA_MODELS_DIR", value_parser = parse_path)]
     pub models_dir: Option<PathBuf>,
     /// On a head stage, wait up to this long (e.g. 60ms) for the next tokens of all open
     /// sessions so they run as one batch. Pays where stages share cores (several workers on one

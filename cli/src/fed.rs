@@ -12,7 +12,7 @@ use sovra_model::{GgufModel, LayerRange, WeightMode};
 use sovra_proto::channel::{AuthChannel, connect};
 use sovra_proto::pb;
 
-use crate::units::{human_bytes, parse_duration};
+use crate::units::{human_bytes, parse_duration, parse_path};
 
 /// How to reach the coordinator.
 #[derive(Debug, Clone, Args)]
@@ -21,13 +21,13 @@ pub struct ConnectArgs {
     #[arg(long, global = true, env = "SOVRA_COORDINATOR")]
     pub coordinator: Option<String>,
     /// Federation CA certificate (ca.pem from the coordinator's data dir).
-    #[arg(long, global = true, env = "SOVRA_CA")]
+    #[arg(long, global = true, env = "SOVRA_CA", value_parser = parse_path)]
     pub ca: Option<PathBuf>,
     /// API token (operator or tenant).
     #[arg(long, global = true, env = "SOVRA_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// File holding the API token (e.g. the coordinator's admin.token).
-    #[arg(long, global = true, env = "SOVRA_TOKEN_FILE")]
+    #[arg(long, global = true, env = "SOVRA_TOKEN_FILE", value_parser = parse_path)]
     pub token_file: Option<PathBuf>,
     /// Print one JSON document instead of a table.
     #[arg(long, global = true)]

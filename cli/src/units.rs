@@ -13,6 +13,18 @@ fn number_and_unit(text: &str) -> Option<(f64, &str)> {
     Some((number.parse().ok()?, unit.trim()))
 }
 
+/// Parses a file or folder path, refusing an empty one with a message that also covers an
+/// environment variable set to nothing (which counts as given).
+pub fn parse_path(text: &str) -> Result<std::path::PathBuf, String> {
+    if text.is_empty() {
+        return Err(
+            "the path is empty (if it comes from an environment variable, unset it or give a path)"
+                .into(),
+        );
+    }
+    Ok(text.into())
+}
+
 /// Parses `N[ms|s|m|h|d]` (a bare number is seconds).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let (value, unit) = number_and_unit(text)
@@ -71,6 +83,12 @@ pub fn human_bytes(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paths_must_not_be_empty() {
+        assert_eq!(parse_path("a/b"), Ok(std::path::PathBuf::from("a/b")));
+        assert!(parse_path("").unwrap_err().contains("environment variable"));
+    }
 
     #[test]
     fn durations_and_sizes_parse() {

@@ -198,6 +198,27 @@ fn errors_are_one_line_or_one_json_object_with_nonzero_exit() {
 }
 
 #[test]
+fn an_empty_path_variable_is_refused_with_a_message_naming_it() {
+    for (var, args) in [
+        ("SOVRA_TOKEN_FILE", &["job", "list"][..]),
+        ("SOVRA_CA", &["job", "list"][..]),
+        ("SOVRA_DATA_DIR", &["coordinator", "start"][..]),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_sovra"))
+            .args(args)
+            .env(var, "")
+            .output()
+            .expect("running sovra");
+        assert!(!out.status.success(), "{var}");
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert!(
+            stderr.contains("the path is empty") && stderr.contains("environment variable"),
+            "{var}: {stderr}"
+        );
+    }
+}
+
+#[test]
 fn inspect_reports_the_spec_and_slice_memory() {
     let out = sovra(&[
         "model", "inspect", "-m", "smollm2", "--layers", "0..10", "--dtype", "gguf", "--json",
