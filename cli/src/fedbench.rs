@@ -45,7 +45,8 @@ async fn job(channel: AuthChannel, tokens: u32) -> Result<(u32, f64)> {
     Err(anyhow!("job ended without a summary"))
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
@@ -190,11 +191,17 @@ fn ratios(runs: &[f64], base: &[f64]) -> Vec<f64> {
     runs.iter().zip(base).map(|(r, b)| r / b).collect()
 }
 
-fn list(v: &[f64]) -> String {
-    v.iter()
-        .map(|r| format!("{r:.2}"))
-        .collect::<Vec<_>>()
-        .join(" ")
+/// A table row: the median of `runs`, the median of the rounds' ratios against `base`, and
+/// each round's ratio.
+fn row(label: &str, runs: &[f64], base: &[f64]) -> String {
+    let r = ratios(runs, base);
+    let each: Vec<String> = r.iter().map(|x| format!("{x:.2}")).collect();
+    format!(
+        "| {label} | {:.1} | {:.2}x | {} |",
+        median(runs),
+        median(&r),
+        each.join(" ")
+    )
 }
 
 /// Runs the benchmark and prints a markdown report. The runs being compared alternate within
@@ -219,7 +226,6 @@ pub async fn run(
         job(tenant.clone(), 8).await?;
         three.push(job(tenant.clone(), tokens).await?.1);
     }
-    let (one_ratio, three_ratio) = (ratios(&one, &local), ratios(&three, &local));
     let mut aggregate: Vec<(usize, Vec<f64>)> = [1usize, 4, 16].map(|n| (n, Vec::new())).into();
     for _ in 0..CONCURRENT_ROUNDS {
         for (n, runs) in aggregate.iter_mut() {
@@ -246,38 +252,21 @@ pub async fn run(
     println!("|---|---|---|---|");
     println!(
         "| generate --local (one process) | {:.1} | 1.00x | |",
-        median(local.clone())
+        median(&local)
     );
-    println!(
-        "| job on 1 stage | {:.1} | {:.2}x | {} |",
-        median(one.clone()),
-        median(one_ratio.clone()),
-        list(&one_ratio)
-    );
-    println!(
-        "| job on 3 stages (FR → DE → NL) | {:.1} | {:.2}x | {} |",
-        median(three.clone()),
-        median(three_ratio.clone()),
-        list(&three_ratio)
-    );
+    println!("{}", row("job on 1 stage", &one, &local));
+    println!("{}", row("job on 3 stages (FR → DE → NL)", &three, &local));
     println!(
         "\nPer-hop overhead (3 hops per token on 3 stages, vs 1 stage in the same round): {:.0} µs per token per hop\n",
-        median(hop_us)
+        median(&hop_us)
     );
     println!(
         "{CONCURRENT_ROUNDS} rounds of 1, 4 and 16 concurrent jobs (32 tokens each, 3 stages); medians\n"
     );
     println!("| concurrent jobs | aggregate tok/s | vs 1 job | ratio in each round |");
     println!("|---|---|---|---|");
-    let base = aggregate[0].1.clone();
     for (n, runs) in &aggregate {
-        let r = ratios(runs, &base);
-        println!(
-            "| {n} | {:.1} | {:.2}x | {} |",
-            median(runs.clone()),
-            median(r.clone()),
-            list(&r)
-        );
+        println!("{}", row(&n.to_string(), runs, &aggregate[0].1));
     }
     println!(
         "\nLoad: {} concurrent jobs of 32 tokens on 3 stages: {} finished, {} failed; job latency p50 {:.0} ms, p99 {:.0} ms; aggregate {:.1} tok/s",
