@@ -29,7 +29,7 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone)]
 pub struct Route {
     /// The engine of the session's model.
-    pub engine: std::sync::mpsc::Sender<EngineInput>,
+    pub engine: mpsc::UnboundedSender<EngineInput>,
     /// Worker allowed to send activations (None on the head).
     pub prev: Option<String>,
     /// Worker allowed to send tokens (the tail; only the head takes tokens).
@@ -44,6 +44,7 @@ pub struct DataPlane {
     incoming: Mutex<HashMap<String, Vec<quinn::Connection>>>,
     links: Mutex<HashMap<String, mpsc::UnboundedSender<Frame>>>,
     failures: mpsc::UnboundedSender<EngineOutput>,
+    runtime: tokio::runtime::Handle,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -66,8 +67,9 @@ impl DataPlane {
             incoming: Mutex::default(),
             links: Mutex::default(),
             failures,
+            runtime: tokio::runtime::Handle::current(),
         });
-        tokio::spawn(plane.clone().accept_loop());
+        plane.runtime.spawn(plane.clone().accept_loop());
         Ok(plane)
     }
 
@@ -111,7 +113,7 @@ impl DataPlane {
 
     async fn accept_loop(self: Arc<Self>) {
         while let Some(incoming) = self.endpoint.accept().await {
-            tokio::spawn(self.clone().serve_connection(incoming));
+            self.runtime.spawn(self.clone().serve_connection(incoming));
         }
     }
 
@@ -212,7 +214,7 @@ impl DataPlane {
         let mut links = lock(&self.links);
         let link = links.entry(to.worker_id.clone()).or_insert_with(|| {
             let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(self.clone().write_loop(to.clone(), rx));
+            self.runtime.spawn(self.clone().write_loop(to.clone(), rx));
             tx
         });
         if let Err(mpsc::error::SendError(frame)) = link.send(frame) {

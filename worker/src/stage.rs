@@ -1,4 +1,4 @@
-//! The stage engine: one thread per loaded slice that owns the slice's sessions (KV caches,
+//! The stage engine: one task per loaded slice that owns the slice's sessions (KV caches,
 //! prompt and sampling state) and runs every frame waiting for it as one batched forward.
 //! It takes [`EngineInput`]s (control orders and frames already checked for their sender) and
 //! emits [`EngineOutput`]s (frames for the next hop, token events); it does no I/O itself.
@@ -6,7 +6,6 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
@@ -15,6 +14,7 @@ use sovra_model::{
     ChatPrompt, FinishReason, LlamaSlice, ModelTokenizer, Sampler, SamplingParams, SegmentInput,
     SessionCache, SliceInput, SliceOutput, StopConditions, TextStream,
 };
+use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
@@ -25,6 +25,10 @@ use crate::frame::Frame;
 pub const GATHER: Duration = Duration::from_millis(2);
 /// A burst is over when no frame came for this long.
 pub const GATHER_QUIET: Duration = Duration::from_micros(300);
+
+/// Largest batch (in rows) whose forward runs inline on the data plane's thread; larger ones
+/// run on a blocking thread while the data plane goes on reading.
+pub const INLINE_ROWS: usize = 32;
 
 /// Prompt tokens run per forward of a prefill chunk, so long prompts do not stall decodes.
 pub const PREFILL_CHUNK: usize = 64;
@@ -202,18 +206,22 @@ impl StageEngine {
         self
     }
 
-    /// Runs until every input sender is gone. Blocks when there is nothing to do.
-    pub fn run(mut self, inputs: Receiver<EngineInput>) {
+    /// Runs until every input sender is gone; waits when there is nothing to do. A forward of
+    /// up to [`INLINE_ROWS`] rows runs inline, on the thread that polls this future: run it on
+    /// the data plane's runtime, so a frame that arrives is read and run, and the frames a
+    /// forward produces are sent, without handing them to another thread. Larger forwards run
+    /// on a blocking thread while the runtime goes on reading.
+    pub async fn run(mut self, mut inputs: mpsc::UnboundedReceiver<EngineInput>) {
         loop {
             if !self.has_work() {
-                match inputs.recv() {
-                    Ok(input) => {
+                match inputs.recv().await {
+                    Some(input) => {
                         debug!(target: crate::dataplane::HOP, "engine woke");
                         self.handle(input)
                     }
-                    Err(_) => return,
+                    None => return,
                 }
-                if self.gather(&inputs) {
+                if self.gather(&mut inputs).await {
                     return;
                 }
             }
@@ -224,8 +232,27 @@ impl StageEngine {
                     Err(TryRecvError::Disconnected) => return,
                 }
             }
-            self.step();
+            let batch = self.take_batch();
+            let rows: usize = batch.iter().map(|(_, w)| work_rows(w)).sum();
+            if rows > INLINE_ROWS {
+                // A long forward (prompt chunks, many sessions) runs on a blocking thread, so
+                // the network goes on reading the frames that arrive meanwhile.
+                let mut engine = self;
+                self = match tokio::task::spawn_blocking(move || {
+                    engine.run_batch(batch);
+                    engine
+                })
+                .await
+                {
+                    Ok(engine) => engine,
+                    Err(e) => return warn!(cause = %e, "the stage engine stopped"),
+                };
+            } else {
+                self.run_batch(batch);
+            }
             self.publish_stats();
+            // Lets the network send what the forward produced and read what arrived meanwhile.
+            tokio::task::yield_now().await;
         }
     }
 
@@ -235,7 +262,7 @@ impl StageEngine {
     /// [`GATHER`]; the head also waits up to its batch wait for the next tokens of all its
     /// sessions, so sessions that drifted apart merge into one batch. Returns true when the
     /// inputs are gone.
-    fn gather(&mut self, inputs: &Receiver<EngineInput>) -> bool {
+    async fn gather(&mut self, inputs: &mut mpsc::UnboundedReceiver<EngineInput>) -> bool {
         let woke = Instant::now();
         let burst_end = woke + GATHER;
         let ring_end = woke + self.batch_wait;
@@ -258,11 +285,11 @@ impl StageEngine {
             } else {
                 return false;
             };
-            match inputs.recv_timeout(wait) {
-                Ok(input) => self.handle(input),
-                Err(RecvTimeoutError::Timeout) if quiet_ends => return false,
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return true,
+            match tokio::time::timeout(wait, inputs.recv()).await {
+                Ok(Some(input)) => self.handle(input),
+                Ok(None) => return true,
+                Err(_) if quiet_ends => return false,
+                Err(_) => {}
             }
         }
     }
@@ -521,8 +548,8 @@ impl StageEngine {
         batch
     }
 
-    fn step(&mut self) {
-        let batch = self.take_batch();
+    /// Runs one batch: its forward, then its frames for the next hop or its samples.
+    fn run_batch(&mut self, batch: Vec<(u64, Work)>) {
         if batch.is_empty() {
             return;
         }
