@@ -247,6 +247,26 @@ impl Rope {
     }
 }
 
+/// Largest batch (rows of all segments) that a quantized slice runs with one rayon thread.
+const SMALL_BATCH: usize = 16;
+
+/// Runs `f` with this thread as the only thread of its own rayon pool, so what rayon would
+/// split runs here in turn, with no other thread woken; gives `f` back if this thread cannot
+/// have such a pool (it already belongs to a rayon pool).
+fn on_this_thread_alone<R: Send, F: FnOnce() -> R + Send>(f: F) -> Result<R, F> {
+    thread_local! {
+        static POOL: Option<rayon::ThreadPool> = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .use_current_thread()
+            .build()
+            .ok();
+    }
+    POOL.with(|pool| match pool {
+        Some(pool) => Ok(pool.install(f)),
+        None => Err(f),
+    })
+}
+
 /// The layers `[start, end)` of a Llama model, ready to run.
 #[derive(Debug)]
 pub struct LlamaSlice {
@@ -362,12 +382,21 @@ impl LlamaSlice {
     ) -> Result<SliceOutput, ForwardError> {
         self.check(&input, segments)?;
         let before: Vec<usize> = segments.iter().map(|s| s.cache.len()).collect();
-        // On CPU this runs the forward inside candle's own rayon pool, so the f32 matmuls
-        // (gemm on rayon) start on warm pool threads instead of handing each op from this
-        // thread to the global pool: generate --local f32 decodes ~8% faster with it.
-        let result = self
-            .device
-            .with_context(|| self.forward_checked(input, segments, profile));
+        let rows: usize = segments.iter().map(|s| s.rows).sum();
+        let small = self.device.is_cpu() && self.mode != WeightMode::F32 && rows <= SMALL_BATCH;
+        // Quantized matmuls and elementwise ops run on candle's barrier pool, not on rayon;
+        // what rayon would split in a small batch (rope, softmax, norms, attention of a few
+        // rows) is too small to pay for waking another thread, which then competes with the
+        // barrier pool's threads for the cores. So a small quantized batch runs here, rayon
+        // included. Otherwise the forward runs inside candle's own rayon pool, so the f32
+        // matmuls (gemm on rayon) start on warm pool threads instead of handing each op from
+        // this thread to the global pool: generate --local f32 decodes ~8% faster with it.
+        let forward = || self.forward_checked(input, segments, profile);
+        let result = if small {
+            on_this_thread_alone(forward).unwrap_or_else(|f| self.device.with_context(f))
+        } else {
+            self.device.with_context(forward)
+        };
         for (segment, len) in segments.iter_mut().zip(&before) {
             match &result {
                 Ok(_) => segment.cache.len = len + segment.rows,
