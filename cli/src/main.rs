@@ -92,7 +92,7 @@ enum CoordinatorCommand {
 #[derive(Debug, Subcommand)]
 enum WorkerCommand {
     /// Join the federation (first start) and serve assigned slices until stopped.
-    Start(daemon::WorkerStartArgs),
+    Start(Box<daemon::WorkerStartArgs>),
     /// List the fleet's workers.
     List,
 }
@@ -113,10 +113,23 @@ fn main() -> ExitCode {
     // The thread count always goes through RAYON_NUM_THREADS, even when it is the default:
     // without it candle looks the machine's cores up again on every parallel op (measured:
     // 18 % slower q8_0 decode with 2 threads).
-    let threads = cli
-        .threads
-        .unwrap_or_else(candle_core::utils::get_num_threads)
-        .max(1);
+    let pinned = match &cli.command {
+        Command::Worker {
+            command: WorkerCommand::Start(args),
+            ..
+        } => args.cpus.as_ref().map(|c| c.0.len()),
+        _ => None,
+    };
+    let threads = match (cli.threads, pinned) {
+        (Some(t), Some(n)) if t != n => {
+            eprintln!("error: --threads {t} disagrees with --cpus, which lists {n} cores");
+            return ExitCode::from(2);
+        }
+        (t, n) => n
+            .or(t)
+            .unwrap_or_else(candle_core::utils::get_num_threads)
+            .max(1),
+    };
     // Safety: no other thread exists yet; the compute pools read these when they start.
     unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
     if matches!(
@@ -151,7 +164,7 @@ fn main() -> ExitCode {
         Command::Worker {
             command: WorkerCommand::Start(args),
             ..
-        } => block_on(daemon::worker_start(args)),
+        } => block_on(daemon::worker_start(*args)),
         Command::Worker {
             command: WorkerCommand::List,
             conn,

@@ -245,3 +245,45 @@ fn inspect_reports_the_spec_and_slice_memory() {
     assert_eq!(slice["holds_head"], false);
     assert!(slice["tensor_bytes"].as_u64().unwrap() > 10 * 2_000_000);
 }
+
+#[test]
+fn a_bad_core_list_is_refused_before_the_worker_starts() {
+    let available = sovra_worker::cpus::allowed_cores().unwrap();
+    let missing = (0..1024)
+        .find(|c| !available.contains(c))
+        .unwrap()
+        .to_string();
+    let worker = |extra: &[&str]| {
+        let mut args = vec![
+            "worker",
+            "start",
+            "--coordinator",
+            "https://127.0.0.1:9",
+            "--data-dir",
+            "/nonexistent/sovra-worker",
+        ];
+        args.extend_from_slice(extra);
+        let out = Command::new(env!("CARGO_BIN_EXE_sovra"))
+            .args(&args)
+            .output()
+            .expect("running sovra");
+        assert!(!out.status.success(), "{extra:?}");
+        String::from_utf8(out.stderr).unwrap()
+    };
+    for (extra, expected) in [
+        (
+            vec!["--cpus", missing.as_str()],
+            "not available to this process",
+        ),
+        (vec!["--cpus", "1-0"], "runs backwards"),
+        (vec!["--cpus", "0,0"], "appears twice"),
+        (vec!["--cpus", "x"], "is not a core number"),
+        (
+            vec!["--threads", "3", "--cpus", "0"],
+            "disagrees with --cpus",
+        ),
+    ] {
+        let stderr = worker(&extra);
+        assert!(stderr.contains(expected), "{extra:?}: {stderr}");
+    }
+}

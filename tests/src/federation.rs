@@ -167,6 +167,7 @@ impl TestFederation {
             max_memory,
             models_dir: None,
             batch_wait: self.worker_batch_wait,
+            cpus: None,
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(agent::run(config, async {

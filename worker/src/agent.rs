@@ -50,6 +50,9 @@ pub struct WorkerConfig {
     /// How long a head stage waits for the next tokens of all its sessions to batch them
     /// (see [`StageEngine::with_batch_wait`]); zero runs whatever is ready.
     pub batch_wait: Duration,
+    /// Cores to pin the compute threads to, one thread per core (None: the scheduler places
+    /// them); see [`crate::cpus`].
+    pub cpus: Option<Vec<usize>>,
 }
 
 impl WorkerConfig {
@@ -261,6 +264,16 @@ pub async fn run(
     };
     let net = PlaneThread::start()
         .map_err(|e| WorkerError::Io(format!("starting the data-plane thread: {e}")))?;
+    if let Some(cores) = config.cpus.clone() {
+        // The data-plane thread runs the forwards: it and candle's pool threads get the cores.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        net.handle.spawn(async move {
+            let _ = tx.send(crate::cpus::pin_compute_threads(&cores));
+        });
+        rx.await
+            .map_err(|_| WorkerError::Io("the data-plane thread stopped".into()))?
+            .map_err(WorkerError::Io)?;
+    }
     let plane = {
         let _runtime = net.handle.enter();
         DataPlane::start(socket, &identity, outputs_tx.clone())

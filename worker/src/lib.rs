@@ -4,6 +4,7 @@
 //! distributed run is compared against, and the generation loop ([`generate`]).
 
 pub mod agent;
+pub mod cpus;
 pub mod dataplane;
 pub mod frame;
 pub mod generate;
