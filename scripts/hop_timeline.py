@@ -8,7 +8,7 @@ Run a one-session demo with the stage and hop logs on, keep its folder, then rea
     python3 scripts/hop_timeline.py /tmp/sovra-demo-XXXXXX
 
 For every decode hop (one row leaving a stage for the next) it measures, in microseconds:
-  to network   end of the forward -> the worker's network task has the frame
+  to network   end of the forward -> the worker's output pump has the frame
   written      -> the frame is written to the QUIC stream
   read         -> the next worker has read the frame from its stream
   engine woke  -> that worker's stage engine has woken up with it
