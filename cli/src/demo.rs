@@ -64,6 +64,29 @@ const DEMO_BATCH_WAIT: &str = "60ms";
 
 struct Processes(Vec<Child>);
 
+/// Makes the child get SIGTERM when this process dies, however it dies (a SIGKILL included),
+/// so the demo's coordinator and workers never outlive it. The signal follows the thread that
+/// spawned the child: the demo spawns from the thread that runs its main future, which lives
+/// as long as the process.
+fn dies_with_this_process(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id() as libc::pid_t;
+    // Safety: the closure runs in the forked child before exec and calls only async-signal-safe
+    // functions (prctl, getppid).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died between the fork and the prctl.
+            if libc::getppid() != parent {
+                return Err(std::io::Error::other("the demo process is gone"));
+            }
+            Ok(())
+        })
+    }
+}
+
 impl Drop for Processes {
     fn drop(&mut self) {
         for child in &mut self.0 {
@@ -125,7 +148,7 @@ async fn demo(
 ) -> Result<()> {
     let coord_dir = root.join("coordinator");
     let log = std::fs::File::create(root.join("coordinator.log"))?;
-    let mut coordinator = Command::new(exe)
+    let mut coordinator = dies_with_this_process(&mut Command::new(exe))
         .args([
             "coordinator",
             "start",
@@ -237,6 +260,7 @@ async fn onboard(
             .unwrap_or_else(candle_core::utils::get_num_threads);
         let cores = sovra_worker::cpus::allowed_cores().unwrap_or_default();
         let mut worker = Command::new(exe);
+        dies_with_this_process(&mut worker);
         worker.args(["--threads", &threads.to_string()]).args([
             "worker",
             "start",

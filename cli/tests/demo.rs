@@ -56,3 +56,75 @@ fn demo_streams_what_local_generation_gives() {
         assert!(d[key].as_f64().unwrap() > 0.0);
     }
 }
+
+/// Pids of the processes whose parent is `parent`, with their command lines.
+fn children_of(parent: u32) -> Vec<(i32, String)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // The fields after the command name (which is in parentheses): state, ppid, ...
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let ppid: u32 = after.split(' ').nth(1).unwrap().parse().unwrap();
+        if ppid == parent {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            out.push((pid, String::from_utf8_lossy(&cmd).replace('\0', " ")));
+        }
+    }
+    out
+}
+
+/// Running (not gone, not a zombie waiting to be reaped).
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat[stat.rfind(')').unwrap() + 2..].starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+#[test]
+fn killing_the_demo_with_sigkill_stops_its_coordinator_and_workers() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+
+    sovra_tests::smollm2_path();
+    let mut demo = Command::new(env!("CARGO_BIN_EXE_sovra"))
+        .args(["demo", "--json", "--ignore-eos", "--max-tokens", "4000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Once a token streams, the coordinator and the three workers are running.
+    let mut first = String::new();
+    BufReader::new(demo.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.contains("\"token\""), "{first}");
+    let children = children_of(demo.id());
+    let roles = |word: &str| children.iter().filter(|(_, c)| c.contains(word)).count();
+    assert_eq!(
+        (roles(" coordinator start"), roles(" worker start")),
+        (1, 3),
+        "{children:?}"
+    );
+    demo.kill().unwrap(); // SIGKILL: the demo cannot clean up after itself
+    demo.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline && children.iter().any(|(pid, _)| alive(*pid)) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let left: Vec<_> = children.iter().filter(|(pid, _)| alive(*pid)).collect();
+    for (pid, _) in &left {
+        // Safety: plain kill(2) on a pid this test saw as the demo's child.
+        unsafe { libc::kill(*pid, libc::SIGKILL) };
+    }
+    assert!(
+        left.is_empty(),
+        "still running after the demo died: {left:?}"
+    );
+}
