@@ -67,24 +67,28 @@ struct Processes(Vec<Child>);
 /// Makes the child get SIGTERM when this process dies, however it dies (a SIGKILL included),
 /// so the demo's coordinator and workers never outlive it. The signal follows the thread that
 /// spawned the child: the demo spawns from the thread that runs its main future, which lives
-/// as long as the process.
+/// as long as the process. Linux only; elsewhere a demo killed outright leaves them running.
 fn dies_with_this_process(cmd: &mut Command) -> &mut Command {
-    use std::os::unix::process::CommandExt;
-    let parent = std::process::id() as libc::pid_t;
-    // Safety: the closure runs in the forked child before exec and calls only async-signal-safe
-    // functions (prctl, getppid).
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The parent may have died between the fork and the prctl.
-            if libc::getppid() != parent {
-                return Err(std::io::Error::other("the demo process is gone"));
-            }
-            Ok(())
-        })
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        let parent = std::process::id() as libc::pid_t;
+        // Safety: the closure runs in the forked child before exec and calls only
+        // async-signal-safe functions (prctl, getppid).
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The parent may have died between the fork and the prctl.
+                if libc::getppid() != parent {
+                    return Err(std::io::Error::other("the demo process is gone"));
+                }
+                Ok(())
+            });
+        }
     }
+    cmd
 }
 
 impl Drop for Processes {

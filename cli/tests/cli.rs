@@ -246,6 +246,7 @@ fn inspect_reports_the_spec_and_slice_memory() {
     assert!(slice["tensor_bytes"].as_u64().unwrap() > 10 * 2_000_000);
 }
 
+#[cfg(target_os = "linux")]
 #[test]
 fn a_bad_core_list_is_refused_before_the_worker_starts() {
     let available = sovra_worker::cpus::allowed_cores().unwrap();

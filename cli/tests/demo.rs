@@ -58,6 +58,7 @@ fn demo_streams_what_local_generation_gives() {
 }
 
 /// Pids of the processes whose parent is `parent`, with their command lines.
+#[cfg(target_os = "linux")]
 fn children_of(parent: u32) -> Vec<(i32, String)> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -79,6 +80,7 @@ fn children_of(parent: u32) -> Vec<(i32, String)> {
 }
 
 /// Running (not gone, not a zombie waiting to be reaped).
+#[cfg(target_os = "linux")]
 fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => !stat[stat.rfind(')').unwrap() + 2..].starts_with('Z'),
@@ -86,6 +88,7 @@ fn alive(pid: i32) -> bool {
     }
 }
 
+#[cfg(target_os = "linux")]
 #[test]
 fn killing_the_demo_with_sigkill_stops_its_coordinator_and_workers() {
     use std::io::{BufRead, BufReader};

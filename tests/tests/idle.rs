@@ -1,5 +1,6 @@
 //! Idle workers do not spin: once a job is over, a federation of three workers (with the
 //! coordinator, all in this process, the only test of this binary) uses almost no CPU.
+#![cfg(target_os = "linux")]
 
 use std::time::{Duration, Instant};
 

@@ -9,6 +9,9 @@
 
 use std::collections::BTreeSet;
 
+/// Highest core number + 1 that a core list may name (the size of Linux's `cpu_set_t`).
+const MAX_CORES: usize = 1024;
+
 /// Parses a core list such as `0-3,8` (ranges and single cores, comma-separated).
 pub fn parse_core_list(text: &str) -> Result<Vec<usize>, String> {
     let mut cores = Vec::new();
@@ -29,10 +32,9 @@ pub fn parse_core_list(text: &str) -> Result<Vec<usize>, String> {
         if start > end {
             return Err(format!("core range `{part}` runs backwards"));
         }
-        if end >= libc::CPU_SETSIZE as usize {
+        if end >= MAX_CORES {
             return Err(format!(
-                "core {end} is beyond the {} this system can name",
-                libc::CPU_SETSIZE
+                "core {end} is beyond the {MAX_CORES} a core list can name"
             ));
         }
         for core in start..=end {
@@ -45,18 +47,60 @@ pub fn parse_core_list(text: &str) -> Result<Vec<usize>, String> {
     Ok(cores)
 }
 
-/// The cores the calling thread may run on (at start, those of the process).
-pub fn allowed_cores() -> std::io::Result<Vec<usize>> {
-    // Safety: a zeroed cpu_set_t is a valid empty set; the kernel writes at most its size.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    let rc =
-        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
+pub use imp::{allowed_cores, pin_current_thread};
+
+#[cfg(target_os = "linux")]
+mod imp {
+    /// The cores the calling thread may run on (at start, those of the process).
+    pub fn allowed_cores() -> std::io::Result<Vec<usize>> {
+        // Safety: a zeroed cpu_set_t is a valid empty set; the kernel writes at most its size.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        let rc =
+            unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok((0..super::MAX_CORES.min(libc::CPU_SETSIZE as usize))
+            .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+            .collect())
     }
-    Ok((0..libc::CPU_SETSIZE as usize)
-        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
-        .collect())
+
+    /// Pins the calling thread to `core`.
+    pub fn pin_current_thread(core: usize) -> std::io::Result<()> {
+        if core >= super::MAX_CORES.min(libc::CPU_SETSIZE as usize) {
+            return Err(std::io::Error::other(format!("core {core} out of range")));
+        }
+        // Safety: a zeroed cpu_set_t is a valid empty set, `core` is within its bounds.
+        let rc = unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(core, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+mod imp {
+    fn unsupported() -> std::io::Error {
+        std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "pinning threads to cores is supported on Linux only",
+        )
+    }
+
+    /// The cores the calling thread may run on: not known on this system.
+    pub fn allowed_cores() -> std::io::Result<Vec<usize>> {
+        Err(unsupported())
+    }
+
+    /// Pins the calling thread to `core`: not supported on this system.
+    pub fn pin_current_thread(_core: usize) -> std::io::Result<()> {
+        Err(unsupported())
+    }
 }
 
 /// Checks that every core of `cores` is one this process may run on.
@@ -88,23 +132,6 @@ pub fn format_core_list(cores: &[usize]) -> String {
         i = j + 1;
     }
     parts.join(",")
-}
-
-/// Pins the calling thread to `core`.
-pub fn pin_current_thread(core: usize) -> std::io::Result<()> {
-    if core >= libc::CPU_SETSIZE as usize {
-        return Err(std::io::Error::other(format!("core {core} out of range")));
-    }
-    // Safety: a zeroed cpu_set_t is a valid empty set, `core` is within its bounds.
-    let rc = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(core, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// Pins the calling thread (the one that will run forwards) to `cores[0]` and each of candle's
@@ -156,6 +183,7 @@ mod tests {
         }
     }
 
+    #[cfg(target_os = "linux")]
     #[test]
     fn pinning_moves_the_thread_and_refuses_a_core_it_may_not_use() {
         let allowed = allowed_cores().unwrap();
@@ -166,9 +194,7 @@ mod tests {
         })
         .join()
         .unwrap();
-        let missing = (0..libc::CPU_SETSIZE as usize)
-            .find(|c| !allowed.contains(c))
-            .unwrap();
+        let missing = (0..MAX_CORES).find(|c| !allowed.contains(c)).unwrap();
         let err = check_available(&[missing]).unwrap_err();
         assert!(err.contains("not available"), "{err}");
     }
