@@ -233,6 +233,19 @@ async fn onboard(
 ) -> Result<()> {
     let mut providers = pb::providers_client::ProvidersClient::new(operator.clone());
     let mut workers = pb::workers_client::WorkersClient::new(operator.clone());
+    // Every worker gets all the cores: the stages of one job compute one after another,
+    // and an idle worker's threads sleep (measured: 3-stage q8_0 decode 0.63x with one
+    // thread per worker, 0.76x with two, against `generate --local`). With quantized
+    // weights each worker pins its compute threads one per core, the same cores for all
+    // (they take turns on them): 3-stage q8_0 decode 1.18x unpinned (10 alternating runs).
+    // f32 forwards run on candle's rayon pool, whose threads are not pinned: 0.98x there,
+    // so f32 workers are left to the scheduler.
+    let threads = args
+        .worker_threads
+        .unwrap_or_else(candle_core::utils::get_num_threads);
+    let cores = sovra_worker::cpus::allowed_cores().unwrap_or_default();
+    let pinned = (args.dtype != WeightMode::F32 && threads <= cores.len())
+        .then(|| sovra_worker::cpus::format_core_list(&cores[..threads]));
     for (index, &(name, country, certs)) in PROVIDERS.iter().enumerate() {
         providers
             .add_provider(pb::AddProviderRequest {
@@ -252,38 +265,25 @@ async fn onboard(
             .into_inner()
             .token;
         let log = std::fs::File::create(root.join(format!("{name}.log")))?;
-        // Every worker gets all the cores: the stages of one job compute one after another,
-        // and an idle worker's threads sleep (measured: 3-stage q8_0 decode 0.63x with one
-        // thread per worker, 0.76x with two, against `generate --local`). With quantized
-        // weights each worker pins its compute threads one per core, the same cores for all
-        // (they take turns on them): 3-stage q8_0 decode 1.18x unpinned (10 alternating runs).
-        // f32 forwards run on candle's rayon pool, whose threads are not pinned: 0.98x there,
-        // so f32 workers are left to the scheduler.
-        let threads = args
-            .worker_threads
-            .unwrap_or_else(candle_core::utils::get_num_threads);
-        let cores = sovra_worker::cpus::allowed_cores().unwrap_or_default();
         let mut worker = Command::new(exe);
-        dies_with_this_process(&mut worker);
-        worker.args(["--threads", &threads.to_string()]).args([
-            "worker",
-            "start",
-            "--batch-wait",
-            DEMO_BATCH_WAIT,
-            "--coordinator",
-            url,
-            "--listen",
-            "127.0.0.1:0",
-            "--join-token",
-            &token,
-            "--data-dir",
-        ]);
-        worker.arg(root.join(name));
-        if args.dtype != WeightMode::F32 && threads <= cores.len() {
-            worker.args([
-                "--cpus",
-                &sovra_worker::cpus::format_core_list(&cores[..threads]),
-            ]);
+        dies_with_this_process(&mut worker)
+            .args(["--threads", &threads.to_string()])
+            .args([
+                "worker",
+                "start",
+                "--batch-wait",
+                DEMO_BATCH_WAIT,
+                "--coordinator",
+                url,
+                "--listen",
+                "127.0.0.1:0",
+                "--join-token",
+                &token,
+                "--data-dir",
+            ])
+            .arg(root.join(name));
+        if let Some(cores) = &pinned {
+            worker.args(["--cpus", cores]);
         }
         let worker = worker
             .stdout(Stdio::null())

@@ -65,13 +65,10 @@ fn children_of(parent: u32) -> Vec<(i32, String)> {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
             continue;
         };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        let Some(stat) = sovra_tests::proc_stat(&pid.to_string()) else {
             continue;
         };
-        // The fields after the command name (which is in parentheses): state, ppid, ...
-        let after = &stat[stat.rfind(')').unwrap() + 2..];
-        let ppid: u32 = after.split(' ').nth(1).unwrap().parse().unwrap();
-        if ppid == parent {
+        if stat[1] == parent.to_string() {
             let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             out.push((pid, String::from_utf8_lossy(&cmd).replace('\0', " ")));
         }
@@ -82,10 +79,7 @@ fn children_of(parent: u32) -> Vec<(i32, String)> {
 /// Running (not gone, not a zombie waiting to be reaped).
 #[cfg(target_os = "linux")]
 fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat[stat.rfind(')').unwrap() + 2..].starts_with('Z'),
-        Err(_) => false,
-    }
+    sovra_tests::proc_stat(&pid.to_string()).is_some_and(|stat| stat[0] != "Z")
 }
 
 #[cfg(target_os = "linux")]

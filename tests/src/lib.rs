@@ -31,6 +31,16 @@ pub fn golden_dir() -> PathBuf {
     workspace_root().join("..").join("shared").join("golden")
 }
 
+/// The fields of `/proc/<pid>/stat` after the command name: state first, then ppid, and so on
+/// (utime and stime at 11 and 12); `pid` may be `self`. None once the process is gone.
+#[cfg(target_os = "linux")]
+pub fn proc_stat(pid: &str) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may itself hold spaces or parentheses.
+    let after = stat.get(stat.rfind(')')? + 2..)?;
+    Some(after.split(' ').map(String::from).collect())
+}
+
 /// The SmolLM2 GGUF, fetched into the cache if it is not there yet.
 pub fn smollm2_path() -> PathBuf {
     let model = known_model("smollm2").expect("smollm2 is a known model");

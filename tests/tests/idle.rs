@@ -11,10 +11,8 @@ const PROVIDERS: [(&str, &str); 3] = [("ovh-fr", "FR"), ("ionos-de", "DE"), ("sc
 
 /// CPU time this process has used (user and system).
 fn cpu_time() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
-    // The fields after the command name (in parentheses): state is 0, utime 11, stime 12.
-    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    let stat = sovra_tests::proc_stat("self").expect("/proc/self/stat");
+    let ticks: u64 = stat[11].parse::<u64>().unwrap() + stat[12].parse::<u64>().unwrap();
     // Linux reports these in clock ticks of 1/100 s (USER_HZ).
     Duration::from_millis(ticks * 10)
 }

@@ -23,7 +23,8 @@ use crate::frame::Frame;
 /// Longest a stage woken with some of its sessions ready keeps taking the frames that are
 /// still arriving (the rest of a batch the previous stage sent as one burst).
 pub const GATHER: Duration = Duration::from_millis(2);
-/// A burst is over when no frame came for this long.
+/// A burst is over when no frame came for this long (the runtime's timers count whole
+/// milliseconds, so in effect up to the next millisecond tick).
 pub const GATHER_QUIET: Duration = Duration::from_micros(300);
 
 /// Largest batch (in rows) whose forward runs inline on the data plane's thread; larger ones
