@@ -138,7 +138,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     };
     drop(procs);
     if args.keep {
-        say(args.json, &format!("demo files kept in {}", root.display()));
+        // On stderr even with --json: the folder is what --keep is asked for.
+        eprintln!("demo files kept in {}", root.display());
     }
     result
 }
