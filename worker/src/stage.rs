@@ -34,6 +34,15 @@ pub const INLINE_ROWS: usize = 32;
 /// Prompt tokens run per forward of a prefill chunk, so long prompts do not stall decodes.
 pub const PREFILL_CHUNK: usize = 64;
 
+/// The text a panic was raised with.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
+
 /// A data-plane neighbour.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Peer {
@@ -578,14 +587,24 @@ impl StageEngine {
                 .zip(&rows)
                 .map(|((_, cache), &rows)| SegmentInput { cache, rows })
                 .collect();
-            let result = self.slice.forward(input, &mut segments);
+            // A panic in a forward (a kernel's bug: peer input is checked before it gets
+            // here) fails the batch's sessions at once and leaves the engine serving the rest,
+            // instead of ending the engine's task with every session it holds.
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                #[cfg(test)]
+                tests::panic_if_asked();
+                self.slice.forward(input, &mut segments)
+            }));
             drop(segments);
             for (id, cache) in caches {
                 if let Some(s) = self.sessions.get_mut(&id) {
                     s.cache = cache;
                 }
             }
-            result
+            match result {
+                Ok(output) => output.map_err(|e| format!("forward failed: {e}")),
+                Err(panic) => Err(format!("forward panicked: {}", panic_message(&*panic))),
+            }
         };
         debug!(
             segments = batch.len(),
@@ -597,9 +616,9 @@ impl StageEngine {
         match output {
             Ok(SliceOutput::Hidden(h)) => self.forward_hidden(&batch, &h),
             Ok(SliceOutput::Logits(l)) => self.sample(&batch, &l),
-            Err(e) => {
+            Err(error) => {
                 for id in ids {
-                    self.fail(id, format!("forward failed: {e}"));
+                    self.fail(id, error.clone());
                 }
             }
         }
@@ -755,3 +774,7 @@ fn work_start_sample(work: &Work) -> (usize, bool) {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "stage_tests.rs"]
+mod tests;

@@ -1,0 +1,118 @@
+use std::sync::atomic::AtomicBool;
+
+use sovra_model::synthetic::SyntheticLlama;
+use sovra_model::{GgufModel, LayerRange, WeightMode};
+
+use super::*;
+
+/// Set to make the next forward of any engine in this test binary panic.
+static PANIC_NEXT_FORWARD: AtomicBool = AtomicBool::new(false);
+
+pub(super) fn panic_if_asked() {
+    if PANIC_NEXT_FORWARD.swap(false, Ordering::SeqCst) {
+        panic!("injected fault");
+    }
+}
+
+fn order(session: u64) -> SessionOrder {
+    let me = Peer {
+        worker_id: "w".into(),
+        addr: "127.0.0.1:1".into(),
+    };
+    SessionOrder {
+        session,
+        me: me.worker_id.clone(),
+        head: me.clone(),
+        tail: me,
+        prompt: "hello".into(),
+        stop: StopConditions {
+            max_tokens: 4,
+            stop: Vec::new(),
+            ignore_eos: true,
+        },
+        ..Default::default()
+    }
+}
+
+async fn open(inputs: &mpsc::UnboundedSender<EngineInput>, session: u64) {
+    let (reply, opened) = oneshot::channel();
+    inputs
+        .send(EngineInput::Open(Box::new(order(session)), reply))
+        .unwrap();
+    opened.await.unwrap().unwrap();
+}
+
+async fn next_output(outputs: &mut mpsc::UnboundedReceiver<EngineOutput>) -> EngineOutput {
+    tokio::time::timeout(Duration::from_secs(30), outputs.recv())
+        .await
+        .expect("the engine went quiet")
+        .expect("the engine stopped")
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_panicking_forward_fails_its_sessions_and_the_engine_serves_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    SyntheticLlama::tiny().write_file(&path).unwrap();
+    let model = GgufModel::open(&path).unwrap();
+    let tokenizer = ModelTokenizer::from_gguf(model.metadata()).unwrap();
+    let slice =
+        LlamaSlice::load(&model, LayerRange::new(0, 6), WeightMode::F32, &Device::Cpu).unwrap();
+    let stats = Arc::new(EngineStats::default());
+    let (out, mut outputs) = mpsc::unbounded_channel();
+    let (inputs, rx) = mpsc::unbounded_channel();
+    let engine = StageEngine::new(Arc::new(slice), Arc::new(tokenizer), out, stats.clone());
+    let task = tokio::spawn(engine.run(rx));
+
+    // Two sessions started together run as one batch, whose forward panics.
+    open(&inputs, 1).await;
+    open(&inputs, 2).await;
+    PANIC_NEXT_FORWARD.store(true, Ordering::SeqCst);
+    inputs.send(EngineInput::Start(1)).unwrap();
+    inputs.send(EngineInput::Start(2)).unwrap();
+    let mut failed = Vec::new();
+    while failed.len() < 2 {
+        match next_output(&mut outputs).await {
+            EngineOutput::Failed { session, error } => {
+                assert_eq!(error, "forward panicked: injected fault");
+                failed.push(session);
+            }
+            other => panic!("expected the batch to fail, got {other:?}"),
+        }
+    }
+    failed.sort();
+    assert_eq!(failed, [1, 2]);
+    assert_eq!(stats.sessions.load(Ordering::Relaxed), 0);
+
+    // The engine goes on: a new session runs to its last token (one stage: head and tail,
+    // so the token frames come back to this same engine).
+    open(&inputs, 3).await;
+    inputs.send(EngineInput::Start(3)).unwrap();
+    let mut tokens = 0;
+    loop {
+        match next_output(&mut outputs).await {
+            EngineOutput::Send { to, frame } => {
+                assert_eq!(to.worker_id, "w");
+                inputs
+                    .send(EngineInput::Frame {
+                        from: to.worker_id,
+                        frame,
+                    })
+                    .unwrap();
+            }
+            EngineOutput::Token {
+                session, finish, ..
+            } => {
+                assert_eq!(session, 3);
+                tokens += 1;
+                if finish.is_some() {
+                    break;
+                }
+            }
+            EngineOutput::Failed { error, .. } => panic!("session 3 failed: {error}"),
+        }
+    }
+    assert_eq!(tokens, 4);
+    drop(inputs);
+    task.await.unwrap();
+}
