@@ -108,6 +108,39 @@ const SPIN_LIMIT_VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
 /// unchanged. Set `CANDLE_BARRIER_POOL_SPIN_LIMIT` to override.
 const WORKER_SPIN_LIMIT: u32 = 300;
 
+/// mimalloc backs its large regions with transparent huge pages (`madvise`), so the weights a
+/// forward streams through take 2 MiB pages instead of 4 KiB ones. Against the system allocator,
+/// alternating runs on the two-core reference host (docs/benchmarks.md): `generate --local`
+/// q8_0 +5 %, f32 +11 %; the 3-stage demo q8_0 +10 %, f32 +7 %.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Commands that hold model weights, or start the processes that do (which inherit the
+/// setting): the others keep 4 KiB pages, so a coordinator or a client does not round its
+/// memory up to 2 MiB pages for nothing.
+fn holds_weights(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::Generate(_)
+            | Command::Model(_)
+            | Command::Bench(_)
+            | Command::Demo(_)
+            | Command::Worker {
+                command: WorkerCommand::Start(_),
+                ..
+            }
+    )
+}
+
+/// Turns transparent huge pages off for this process (and the processes it starts).
+fn keep_small_pages() {
+    #[cfg(target_os = "linux")]
+    // Safety: PR_SET_THP_DISABLE takes plain integers and touches no memory of ours.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The thread count always goes through RAYON_NUM_THREADS, even when it is the default:
@@ -132,6 +165,9 @@ fn main() -> ExitCode {
     };
     // Safety: no other thread exists yet; the compute pools read these when they start.
     unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
+    if !holds_weights(&cli.command) {
+        keep_small_pages();
+    }
     if matches!(
         cli.command,
         Command::Worker {
