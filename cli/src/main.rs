@@ -111,7 +111,7 @@ const WORKER_SPIN_LIMIT: u32 = 300;
 /// mimalloc backs its large regions with transparent huge pages (`madvise`), so the weights a
 /// forward streams through take 2 MiB pages instead of 4 KiB ones. Against the system allocator,
 /// alternating runs on the two-core reference host (docs/benchmarks.md): `generate --local`
-/// q8_0 +5 %, f32 +11 %; the 3-stage demo q8_0 +10 %, f32 +7 %.
+/// q8_0 +5 %, f32 +12 %; the 3-stage demo q8_0 +13 %, f32 +7 %.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
