@@ -731,7 +731,7 @@ async fn load_assignment(a: pb::Assignment, loader: Loader, tx: mpsc::Sender<pb:
                 stats.clone(),
             )
             .with_batch_wait(loader.batch_wait);
-            loader.net.spawn(engine_core.run(inputs));
+            let task = loader.net.spawn(engine_core.run(inputs));
             let mut slices = lock(&loader.slices);
             // Loads of several placement versions may finish out of order: the newest wins.
             if slices
@@ -751,6 +751,13 @@ async fn load_assignment(a: pb::Assignment, loader: Loader, tx: mpsc::Sender<pb:
                 },
             );
             drop(slices);
+            tokio::spawn(watch_engine(
+                task,
+                a.model.clone(),
+                a.placement_version,
+                loader.slices.clone(),
+                tx.clone(),
+            ));
             info!(model = %a.model, layers = %range, version = a.placement_version, "slice ready");
             report(pb::AssignmentState::Ready, format!("layers {range} loaded"))
         }
@@ -761,6 +768,46 @@ async fn load_assignment(a: pb::Assignment, loader: Loader, tx: mpsc::Sender<pb:
         Err(e) => report(pb::AssignmentState::Failed, format!("loader crashed: {e}")),
     };
     let _ = tx.send(outcome).await;
+}
+
+/// Waits for a slice's engine task. If it ended by a panic (a bug in the engine itself: a
+/// forward's panic only fails its batch), its sessions are gone: the slice is forgotten, so a new
+/// session on it is refused, and its assignment is reported failed, so the coordinator stops
+/// choosing chains through it. An engine that ends because its slice was replaced says nothing.
+async fn watch_engine(
+    task: tokio::task::JoinHandle<()>,
+    model: String,
+    version: u64,
+    slices: SliceTable,
+    tx: mpsc::Sender<pb::AgentMessage>,
+) {
+    let Err(error) = task.await else { return };
+    if !error.is_panic() {
+        return;
+    }
+    let payload = error.into_panic();
+    let reason = format!(
+        "the stage engine stopped: {}",
+        crate::stage::panic_message(&*payload)
+    );
+    warn!(%model, version, %reason, "slice failed");
+    {
+        let mut slices = lock(&slices);
+        if slices.get(&model).is_some_and(|l| l.version == version) {
+            slices.remove(&model);
+        }
+    }
+    let status = pb::AssignmentStatus {
+        model,
+        placement_version: version,
+        state: pb::AssignmentState::Failed as i32,
+        message: reason,
+    };
+    let _ = tx
+        .send(pb::AgentMessage {
+            kind: Some(pb::agent_message::Kind::Status(status)),
+        })
+        .await;
 }
 
 /// Finds the model file (registered path, then the models dir), checks its hash, loads the slice.
@@ -798,3 +845,7 @@ fn load_slice(
         .map_err(|e| e.to_string())?;
     Ok((slice, tokenizer))
 }
+
+#[cfg(test)]
+#[path = "agent_tests.rs"]
+mod tests;

@@ -35,7 +35,7 @@ pub const INLINE_ROWS: usize = 32;
 pub const PREFILL_CHUNK: usize = 64;
 
 /// The text a panic was raised with.
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
     payload
         .downcast_ref::<&str>()
         .copied()
