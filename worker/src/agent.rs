@@ -773,7 +773,9 @@ async fn load_assignment(a: pb::Assignment, loader: Loader, tx: mpsc::Sender<pb:
 /// Waits for a slice's engine task. If it ended by a panic (a bug in the engine itself: a
 /// forward's panic only fails its batch), its sessions are gone: the slice is forgotten, so a new
 /// session on it is refused, and its assignment is reported failed, so the coordinator stops
-/// choosing chains through it. An engine that ends because its slice was replaced says nothing.
+/// choosing chains through it. The jobs whose sessions it held are not failed here: they stall,
+/// and the coordinator's stall watchdog moves them to a chain that is ready. An engine that ends
+/// because its slice was replaced says nothing.
 async fn watch_engine(
     task: tokio::task::JoinHandle<()>,
     model: String,
