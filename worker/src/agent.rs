@@ -555,6 +555,7 @@ impl AgentSession<'_> {
                     models_dir: self.config.models_dir.clone(),
                     batch_wait: self.config.batch_wait,
                     slices: self.slices.clone(),
+                    sessions: self.sessions.clone(),
                     outputs: self.outputs.clone(),
                     net: self.net.clone(),
                 };
@@ -698,6 +699,7 @@ struct Loader {
     models_dir: Option<PathBuf>,
     batch_wait: Duration,
     slices: SliceTable,
+    sessions: SessionTable,
     outputs: mpsc::UnboundedSender<EngineOutput>,
     net: tokio::runtime::Handle,
 }
@@ -756,6 +758,8 @@ async fn load_assignment(a: pb::Assignment, loader: Loader, tx: mpsc::Sender<pb:
                 a.model.clone(),
                 a.placement_version,
                 loader.slices.clone(),
+                loader.sessions.clone(),
+                loader.outputs.clone(),
                 tx.clone(),
             ));
             info!(model = %a.model, layers = %range, version = a.placement_version, "slice ready");
@@ -772,15 +776,18 @@ async fn load_assignment(a: pb::Assignment, loader: Loader, tx: mpsc::Sender<pb:
 
 /// Waits for a slice's engine task. If it ended by a panic (a bug in the engine itself: a
 /// forward's panic only fails its batch), its sessions are gone: the slice is forgotten, so a new
-/// session on it is refused, and its assignment is reported failed, so the coordinator stops
-/// choosing chains through it. The jobs whose sessions it held are not failed here: they stall,
-/// and the coordinator's stall watchdog moves them to a chain that is ready. An engine that ends
-/// because its slice was replaced says nothing.
+/// session on it is refused, its open sessions fail at once (the coordinator moves their jobs to
+/// another chain, as for any stage failure, without waiting for its stall watchdog), and its
+/// assignment is reported failed, so the coordinator stops choosing chains through it. An engine
+/// that ends because its slice was replaced says nothing; one of a version already replaced only
+/// reports.
 async fn watch_engine(
     task: tokio::task::JoinHandle<()>,
     model: String,
     version: u64,
     slices: SliceTable,
+    sessions: SessionTable,
+    outputs: mpsc::UnboundedSender<EngineOutput>,
     tx: mpsc::Sender<pb::AgentMessage>,
 ) {
     let Err(error) = task.await else { return };
@@ -793,10 +800,25 @@ async fn watch_engine(
         crate::stage::panic_message(&*payload)
     );
     warn!(%model, version, %reason, "slice failed");
-    {
+    let current = {
         let mut slices = lock(&slices);
-        if slices.get(&model).is_some_and(|l| l.version == version) {
+        let current = slices.get(&model).is_some_and(|l| l.version == version);
+        if current {
             slices.remove(&model);
+        }
+        current
+    };
+    if current {
+        let lost: Vec<u64> = lock_any(&sessions)
+            .iter()
+            .filter(|(_, m)| **m == model)
+            .map(|(id, _)| *id)
+            .collect();
+        for session in lost {
+            let _ = outputs.send(EngineOutput::Failed {
+                session,
+                error: reason.clone(),
+            });
         }
     }
     let status = pb::AssignmentStatus {

@@ -21,7 +21,7 @@ fn table(slice: &Arc<LlamaSlice>, version: u64) -> SliceTable {
 }
 
 #[tokio::test]
-async fn an_engine_that_panics_is_forgotten_and_its_assignment_reported_failed() {
+async fn an_engine_that_panics_is_forgotten_its_sessions_fail_and_its_assignment_is_reported() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.gguf");
     SyntheticLlama::tiny().write_file(&path).unwrap();
@@ -36,11 +36,25 @@ async fn an_engine_that_panics_is_forgotten_and_its_assignment_reported_failed()
         .unwrap(),
     );
     let (tx, mut reports) = mpsc::channel(4);
+    let (outputs, mut failed) = mpsc::unbounded_channel();
+    let sessions: SessionTable = Arc::default();
+    lock_any(&sessions).extend([(1, "m".to_string()), (2, "m".into()), (3, "other".into())]);
+    let watch = |task, version, slices: &SliceTable| {
+        watch_engine(
+            task,
+            "m".into(),
+            version,
+            slices.clone(),
+            sessions.clone(),
+            outputs.clone(),
+            tx.clone(),
+        )
+    };
 
-    // The engine of version 3 panics: the slice goes, the coordinator hears why.
+    // The engine of version 3 panics: the slice goes, its sessions fail, the coordinator hears
+    // why.
     let slices = table(&slice, 3);
-    let task = tokio::spawn(async { panic!("engine bug") });
-    watch_engine(task, "m".into(), 3, slices.clone(), tx.clone()).await;
+    watch(tokio::spawn(async { panic!("engine bug") }), 3, &slices).await;
     match reports.try_recv().unwrap().kind {
         Some(pb::agent_message::Kind::Status(s)) => {
             assert_eq!((s.model.as_str(), s.placement_version), ("m", 3));
@@ -50,24 +64,27 @@ async fn an_engine_that_panics_is_forgotten_and_its_assignment_reported_failed()
         other => panic!("expected a status, got {other:?}"),
     }
     assert!(lock(&slices).get("m").is_none());
+    let mut lost: Vec<(u64, String)> = std::iter::from_fn(|| failed.try_recv().ok())
+        .map(|output| match output {
+            EngineOutput::Failed { session, error } => (session, error),
+            other => panic!("expected failures, got {other:?}"),
+        })
+        .collect();
+    lost.sort();
+    let why = "the stage engine stopped: engine bug".to_string();
+    assert_eq!(lost, [(1, why.clone()), (2, why)]);
 
     // An engine that ends because its slice was replaced says nothing and leaves the table alone.
     let slices = table(&slice, 3);
-    watch_engine(
-        tokio::spawn(async {}),
-        "m".into(),
-        3,
-        slices.clone(),
-        tx.clone(),
-    )
-    .await;
+    watch(tokio::spawn(async {}), 3, &slices).await;
     assert!(reports.try_recv().is_err());
     assert!(lock(&slices).get("m").is_some());
 
-    // A panicked engine of an older version reports, but leaves the newer slice in place.
+    // A panicked engine of an older version reports, but leaves the newer slice and the
+    // sessions (which may run on the newer engine) in place.
     let slices = table(&slice, 4);
-    let task = tokio::spawn(async { panic!("old engine bug") });
-    watch_engine(task, "m".into(), 3, slices.clone(), tx).await;
+    watch(tokio::spawn(async { panic!("old engine bug") }), 3, &slices).await;
     assert!(reports.try_recv().is_ok());
     assert_eq!(lock(&slices).get("m").map(|l| l.version), Some(4));
+    assert!(failed.try_recv().is_err());
 }
