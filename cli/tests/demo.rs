@@ -85,22 +85,18 @@ fn alive(pid: i32) -> bool {
 #[cfg(target_os = "linux")]
 #[test]
 fn killing_the_demo_with_sigkill_stops_its_coordinator_and_workers() {
-    use std::io::{BufRead, BufReader};
-    use std::process::Stdio;
     use std::time::{Duration, Instant};
 
     sovra_tests::smollm2_path();
-    let mut demo = Command::new(env!("CARGO_BIN_EXE_sovra"))
-        .args(["demo", "--json", "--ignore-eos", "--max-tokens", "4000"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
     // Once a token streams, the coordinator and the three workers are running.
-    let mut first = String::new();
-    BufReader::new(demo.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
+    let (mut demo, first) =
+        sovra_tests::spawn_until_first_line(Command::new(env!("CARGO_BIN_EXE_sovra")).args([
+            "demo",
+            "--json",
+            "--ignore-eos",
+            "--max-tokens",
+            "4000",
+        ]));
     assert!(first.contains("\"token\""), "{first}");
     let children = children_of(demo.id());
     let roles = |word: &str| children.iter().filter(|(_, c)| c.contains(word)).count();

@@ -147,27 +147,21 @@ impl Fleet {
 }
 
 fn spawn_coordinator(dir: &std::path::Path, listen: &str) -> (Child, String) {
-    let mut coordinator = Command::new(SOVRA)
-        .args([
-            "coordinator",
-            "start",
-            "--listen",
-            listen,
-            "--lease",
-            "1s",
-            "--heartbeat",
-            "200ms",
-            "--data-dir",
-        ])
-        .arg(dir.join("coordinator"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut url = String::new();
-    BufReader::new(coordinator.stdout.take().unwrap())
-        .read_line(&mut url)
-        .unwrap();
+    let (coordinator, url) = sovra_tests::spawn_until_first_line(
+        Command::new(SOVRA)
+            .args([
+                "coordinator",
+                "start",
+                "--listen",
+                listen,
+                "--lease",
+                "1s",
+                "--heartbeat",
+                "200ms",
+                "--data-dir",
+            ])
+            .arg(dir.join("coordinator")),
+    );
     (coordinator, url.trim().to_string())
 }
 

@@ -41,6 +41,24 @@ pub fn proc_stat(pid: &str) -> Option<Vec<String>> {
     Some(after.split(' ').map(String::from).collect())
 }
 
+/// Starts `command` with its stdout piped and its stderr discarded, and waits for the first line
+/// it prints (the rest of its stdout is closed).
+pub fn spawn_until_first_line(
+    command: &mut std::process::Command,
+) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawning the command");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("piped stdout"))
+        .read_line(&mut line)
+        .expect("reading its first line");
+    (child, line)
+}
+
 /// The SmolLM2 GGUF, fetched into the cache if it is not there yet.
 pub fn smollm2_path() -> PathBuf {
     let model = known_model("smollm2").expect("smollm2 is a known model");
