@@ -255,6 +255,9 @@ impl StageEngine {
                 .await
                 {
                     Ok(engine) => engine,
+                    // The engine's own panic goes on as this task's, so whoever watches the
+                    // task (the agent's `watch_engine`) sees it.
+                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
                     Err(e) => return warn!(cause = %e, "the stage engine stopped"),
                 };
             } else {
