@@ -28,7 +28,10 @@ use tracing::{info, warn};
 use crate::dataplane::{DataPlane, Route};
 use crate::quic::TlsIdentity;
 use crate::speed::{DeviceInfo, cpu_device, measure_speed_gflops};
-use crate::stage::{EngineInput, EngineOutput, EngineStats, Peer, SessionOrder, StageEngine};
+use crate::stage::{
+    EngineInput, EngineOutput, EngineStats, INPUT_BUDGET_BYTES, InputBudget, Peer, SessionOrder,
+    StageEngine,
+};
 
 /// Settings of a worker process.
 #[derive(Debug, Clone)]
@@ -118,6 +121,8 @@ pub struct LoadedSlice {
     pub slice: Arc<LlamaSlice>,
     /// Orders for its engine.
     pub engine: mpsc::UnboundedSender<EngineInput>,
+    /// The bytes of frames its engine's input channel may hold.
+    pub budget: InputBudget,
     /// Its engine's counters.
     pub stats: Arc<EngineStats>,
 }
@@ -648,6 +653,7 @@ impl AgentSession<'_> {
         };
         let route = Route {
             engine: loaded.engine.clone(),
+            budget: loaded.budget.clone(),
             prev: order.prev.as_ref().map(|p| p.worker_id.clone()),
             tail: loaded
                 .slice
@@ -749,6 +755,7 @@ async fn load_assignment(a: pb::Assignment, loader: Loader, tx: mpsc::Sender<pb:
                     range,
                     slice,
                     engine,
+                    budget: InputBudget::new(INPUT_BUDGET_BYTES),
                     stats,
                 },
             );

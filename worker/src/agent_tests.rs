@@ -14,6 +14,7 @@ fn table(slice: &Arc<LlamaSlice>, version: u64) -> SliceTable {
             range: slice.range(),
             slice: slice.clone(),
             engine,
+            budget: InputBudget::new(INPUT_BUDGET_BYTES),
             stats: Arc::default(),
         },
     );

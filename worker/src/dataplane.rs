@@ -12,9 +12,9 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::frame::{Frame, read_frame, write_frame};
+use crate::frame::{Frame, body_len, read_frame, write_frame};
 use crate::quic::{self, QuicError, TlsIdentity};
-use crate::stage::{EngineInput, EngineOutput, Peer};
+use crate::stage::{EngineInput, EngineOutput, InputBudget, Peer};
 
 /// Log target of one line per frame at each step of a hop (debug level), for latency analysis
 /// (`scripts/hop_timeline.py`).
@@ -30,11 +30,16 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Route {
     /// The engine of the session's model.
     pub engine: mpsc::UnboundedSender<EngineInput>,
+    /// The bytes of frames that engine's input channel may hold.
+    pub budget: InputBudget,
     /// Worker allowed to send activations (None on the head).
     pub prev: Option<String>,
     /// Worker allowed to send tokens (the tail; only the head takes tokens).
     pub tail: Option<String>,
 }
+
+/// An engine that takes a frame, and the budget of its input channel.
+type Destination = (mpsc::UnboundedSender<EngineInput>, InputBudget);
 
 /// The data plane of one worker.
 pub struct DataPlane {
@@ -157,11 +162,26 @@ impl DataPlane {
                     Ok(None) => break,
                     Ok(Some(frame)) => {
                         debug!(target: HOP, session = frame.session(), "frame read");
-                        if let Err(reason) = self.route(peer, frame) {
-                            warn!(peer = %peer, %reason, "frame refused; closing the connection");
-                            conn.close(quic::CODE_UNEXPECTED_FRAME.into(), reason.as_bytes());
+                        let (engine, budget) = match self.route(peer, &frame) {
+                            Ok(Some(to)) => to,
+                            Ok(None) => continue,
+                            Err(reason) => {
+                                warn!(peer = %peer, %reason, "frame refused; closing the connection");
+                                conn.close(quic::CODE_UNEXPECTED_FRAME.into(), reason.as_bytes());
+                                return;
+                            }
+                        };
+                        // Back-pressure: this connection is not read further until the
+                        // engine's inputs have room for the frame.
+                        let held = budget.hold(body_len(&frame)).await;
+                        if lock(&self.revoked).contains(peer) {
                             return;
                         }
+                        let _ = engine.send(EngineInput::Frame {
+                            from: peer.to_string(),
+                            frame,
+                            held,
+                        });
                     }
                     Err(e) => {
                         warn!(peer = %peer, cause = %e, "malformed frame; closing the connection");
@@ -174,8 +194,9 @@ impl DataPlane {
         }
     }
 
-    /// Hands a frame to its session's engine if `peer` is the sender the session names.
-    fn route(&self, peer: &str, frame: Frame) -> Result<(), String> {
+    /// Where a frame from `peer` goes: its session's engine if `peer` is the sender the session
+    /// names; nowhere (dropped) if the session is closed but `peer` is named by another one.
+    fn route(&self, peer: &str, frame: &Frame) -> Result<Option<Destination>, String> {
         let (session, is_token) = (frame.session(), matches!(frame, Frame::Token { .. }));
         let routes = lock(&self.routes);
         match routes.get(&session) {
@@ -190,18 +211,14 @@ impl DataPlane {
                         "frame refused: worker {peer} is not the sender the placement names for session {session}"
                     ));
                 }
-                let _ = route.engine.send(EngineInput::Frame {
-                    from: peer.to_string(),
-                    frame,
-                });
-                Ok(())
+                Ok(Some((route.engine.clone(), route.budget.clone())))
             }
             None if routes
                 .values()
                 .any(|r| r.prev.as_deref() == Some(peer) || r.tail.as_deref() == Some(peer)) =>
             {
                 debug!(session, peer, "frame for a closed session dropped");
-                Ok(())
+                Ok(None)
             }
             None => Err(format!(
                 "frame refused: no open session on this worker names worker {peer}"
@@ -278,3 +295,7 @@ impl DataPlane {
         });
     }
 }
+
+#[cfg(test)]
+#[path = "dataplane_tests.rs"]
+mod tests;

@@ -285,7 +285,7 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
 }
 
 /// Body bytes of `frame` (saturating; only huge invalid frames saturate).
-fn body_len(frame: &Frame) -> usize {
+pub fn body_len(frame: &Frame) -> usize {
     match frame {
         Frame::Activations { data, .. } => {
             ACTIVATIONS_HEADER_BYTES.saturating_add(data.len().saturating_mul(4))

@@ -317,4 +317,4 @@ fn tls_err(e: impl std::fmt::Display) -> QuicError {
 
 #[cfg(test)]
 #[path = "quic_tests.rs"]
-mod tests;
+pub(crate) mod tests;

@@ -33,7 +33,7 @@ fn identity_with(ca: &FederationCa, id: &str, provider: &str, extra: &[&str]) ->
     }
 }
 
-fn identity(ca: &FederationCa, id: &str, provider: &str) -> TlsIdentity {
+pub(crate) fn identity(ca: &FederationCa, id: &str, provider: &str) -> TlsIdentity {
     identity_with(ca, id, provider, &[])
 }
 

@@ -15,7 +15,7 @@ use sovra_model::{
     SessionCache, SliceInput, SliceOutput, StopConditions, TextStream,
 };
 use tokio::sync::mpsc::error::TryRecvError;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tracing::{debug, warn};
 
 use crate::frame::Frame;
@@ -33,6 +33,44 @@ pub const INLINE_ROWS: usize = 32;
 
 /// Prompt tokens run per forward of a prefill chunk, so long prompts do not stall decodes.
 pub const PREFILL_CHUNK: usize = 64;
+
+/// Bytes of frames that may wait in one engine's input channel. A connection whose next frame
+/// does not fit is not read until the engine has taken frames out, and QUIC's flow control
+/// then holds its sender: while a long forward runs on a blocking thread, a neighbour cannot
+/// pile up frames in the worker's memory.
+pub const INPUT_BUDGET_BYTES: u32 = crate::frame::MAX_FRAME_BYTES;
+
+/// The bytes of frames one engine's input channel may hold, shared by every connection that
+/// feeds it.
+#[derive(Debug, Clone)]
+pub struct InputBudget {
+    permits: Arc<Semaphore>,
+    total: u32,
+}
+
+impl InputBudget {
+    /// A budget of `total` bytes (at least 1).
+    pub fn new(total: u32) -> Self {
+        let total = total.max(1);
+        Self {
+            permits: Arc::new(Semaphore::new(total as usize)),
+            total,
+        }
+    }
+
+    /// Waits until `bytes` fit (a frame larger than the whole budget waits for all of it) and
+    /// holds them until the returned permit is dropped. (None only if the semaphore were
+    /// closed, which nothing does.)
+    pub async fn hold(&self, bytes: usize) -> Option<OwnedSemaphorePermit> {
+        let wanted = bytes.clamp(1, self.total as usize) as u32;
+        self.permits.clone().acquire_many_owned(wanted).await.ok()
+    }
+
+    /// Bytes not held by any frame now.
+    pub fn available(&self) -> usize {
+        self.permits.available_permits()
+    }
+}
 
 /// The text a panic was raised with.
 pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
@@ -100,6 +138,8 @@ pub enum EngineInput {
         from: String,
         /// The frame.
         frame: Frame,
+        /// Its share of the engine's [`InputBudget`], given back when the engine takes it.
+        held: Option<OwnedSemaphorePermit>,
     },
 }
 
@@ -339,7 +379,10 @@ impl StageEngine {
             EngineInput::Close(session) => {
                 self.sessions.remove(&session);
             }
-            EngineInput::Frame { from, frame } => self.accept_frame(&from, frame),
+            EngineInput::Frame { from, frame, held } => {
+                drop(held);
+                self.accept_frame(&from, frame)
+            }
         }
     }
 

@@ -97,6 +97,7 @@ async fn a_panicking_forward_fails_its_sessions_and_the_engine_serves_on() {
                     .send(EngineInput::Frame {
                         from: to.worker_id,
                         frame,
+                        held: None,
                     })
                     .unwrap();
             }
