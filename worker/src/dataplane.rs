@@ -22,8 +22,11 @@ pub const HOP: &str = "sovra_worker::hop";
 
 /// How long dialing a peer may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long one frame may take to be accepted by a peer.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one frame may take to be accepted by a peer. A peer whose engine runs a long
+/// forward stops reading once that engine's input budget is full, so this is as long as the
+/// coordinator lets a job make no progress before moving it; a peer that is gone is noticed
+/// sooner, by QUIC's idle timeout.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Where the frames of one session go, and who may send them.
 #[derive(Debug, Clone)]
@@ -139,10 +142,21 @@ impl DataPlane {
                 b"the provider of this worker is revoked",
             );
         }
-        lock(&self.incoming)
-            .entry(peer.clone())
-            .or_default()
-            .push(conn.clone());
+        {
+            let mut incoming = lock(&self.incoming);
+            let conns = incoming.entry(peer.clone()).or_default();
+            conns.retain(|c| c.close_reason().is_none());
+            if conns.len() >= quic::MAX_CONNECTIONS_PER_PEER {
+                drop(incoming);
+                let reason = format!(
+                    "worker {peer} already has {} connections open to this worker",
+                    quic::MAX_CONNECTIONS_PER_PEER
+                );
+                warn!(peer = %peer, "connection refused: too many from this peer");
+                return conn.close(quic::CODE_TOO_MANY_CONNECTIONS.into(), reason.as_bytes());
+            }
+            conns.push(conn.clone());
+        }
         self.read_connection(&peer, &conn).await;
         let id = conn.stable_id();
         let mut incoming = lock(&self.incoming);

@@ -24,27 +24,33 @@ fn activations(start_pos: u32) -> Frame {
     }
 }
 
-/// Polls `progress` until it stops moving for a second; returns its last value.
-async fn settled(progress: &AtomicUsize) -> usize {
-    let (mut last, mut since) = (usize::MAX, Instant::now());
-    let deadline = Instant::now() + Duration::from_secs(30);
+/// Polls `progress` until its value has not moved for two seconds; returns that value.
+async fn settled<T: PartialEq + Copy>(progress: impl Fn() -> T) -> T {
+    let (mut last, mut since) = (progress(), Instant::now());
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let now = progress.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = progress();
         if now != last {
             (last, since) = (now, Instant::now());
-        } else if since.elapsed() > Duration::from_secs(1) || Instant::now() > deadline {
+        } else if since.elapsed() > Duration::from_secs(2) || Instant::now() > deadline {
             return now;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A federation CA and the data plane of its worker w-b (its failures are not watched).
+fn worker_b() -> (FederationCa, Arc<DataPlane>) {
+    let ca = FederationCa::generate("test federation").unwrap();
+    let (failures, _) = mpsc::unbounded_channel();
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let plane = DataPlane::start(socket, &identity(&ca, "w-b", "prov-b"), failures).unwrap();
+    (ca, plane)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stage_busy_in_a_forward_holds_its_sender_back_and_loses_nothing() {
-    let ca = FederationCa::generate("test federation").unwrap();
-    let (failures, _failed) = mpsc::unbounded_channel();
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let plane = DataPlane::start(socket, &identity(&ca, "w-b", "prov-b"), failures).unwrap();
+    let (ca, plane) = worker_b();
     let (engine, mut inputs) = mpsc::unbounded_channel();
     let budget = InputBudget::new(BUDGET);
     plane.add_route(
@@ -88,7 +94,8 @@ async fn a_stage_busy_in_a_forward_holds_its_sender_back_and_loses_nothing() {
 
     // The engine's channel holds no more than its budget, and the sender is held back by
     // QUIC's flow control (stream window 16 MiB) instead of the frames piling up here.
-    let stalled_at = settled(&written).await;
+    // Settled: neither the sender nor the engine's channel moves any more.
+    let (stalled_at, _) = settled(|| (written.load(Ordering::SeqCst), inputs.len())).await;
     let frame_bytes = body_len(&activations(0));
     assert!(
         inputs.len() * frame_bytes <= BUDGET as usize,
@@ -133,4 +140,48 @@ async fn a_stage_busy_in_a_forward_holds_its_sender_back_and_loses_nothing() {
         "every frame gave its share back"
     );
     assert!(conn.close_reason().is_none(), "the connection stayed open");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_may_keep_only_a_few_connections_open_to_a_worker() {
+    let (ca, plane) = worker_b();
+    let addr = plane.local_addr().unwrap();
+    let peer = quic::endpoint(
+        "127.0.0.1:0".parse().unwrap(),
+        &identity(&ca, "w-a", "prov-a"),
+    )
+    .unwrap();
+    let dial = || quic::connect(&peer, addr, "w-b", Duration::from_secs(10));
+    let registered = || lock(&plane.incoming).get("w-a").map_or(0, Vec::len);
+
+    let mut open = Vec::new();
+    for _ in 0..quic::MAX_CONNECTIONS_PER_PEER {
+        open.push(dial().await.unwrap());
+    }
+    assert_eq!(settled(registered).await, quic::MAX_CONNECTIONS_PER_PEER);
+
+    let extra = dial().await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(10), extra.closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(close)) => {
+            assert_eq!(
+                close.error_code,
+                quic::CODE_TOO_MANY_CONNECTIONS.into(),
+                "{close:?}"
+            );
+        }
+        other => panic!("one connection too many was not refused: {other:?}"),
+    }
+    assert!(open.iter().all(|c| c.close_reason().is_none()));
+
+    // A connection that closes frees its place.
+    open.pop()
+        .unwrap()
+        .close(quic::CODE_NO_ERROR.into(), b"done");
+    assert_eq!(
+        settled(registered).await,
+        quic::MAX_CONNECTIONS_PER_PEER - 1
+    );
+    let again = dial().await.unwrap();
+    assert_eq!(settled(registered).await, quic::MAX_CONNECTIONS_PER_PEER);
+    assert!(again.close_reason().is_none());
 }

@@ -61,6 +61,13 @@ pub const CODE_WRONG_PEER: u32 = 0x3;
 /// Application error code: the peer's provider is revoked.
 pub const CODE_REVOKED: u32 = 0x4;
 
+/// Application error code: the peer already has [`MAX_CONNECTIONS_PER_PEER`] connections open.
+pub const CODE_TOO_MANY_CONNECTIONS: u32 = 0x5;
+
+/// Connections one peer may have open to a worker at once (it needs one; the rest cover
+/// reconnecting while an old connection is still closing).
+pub const MAX_CONNECTIONS_PER_PEER: usize = 4;
+
 /// A worker's TLS material, all PEM.
 #[derive(Clone)]
 pub struct TlsIdentity {

@@ -49,8 +49,16 @@ async fn next_output(outputs: &mut mpsc::UnboundedReceiver<EngineOutput>) -> Eng
         .expect("the engine stopped")
 }
 
-#[tokio::test(flavor = "current_thread")]
-async fn a_panicking_forward_fails_its_sessions_and_the_engine_serves_on() {
+type Engine = (
+    mpsc::UnboundedSender<EngineInput>,
+    mpsc::UnboundedReceiver<EngineOutput>,
+    tokio::task::JoinHandle<()>,
+    Arc<EngineStats>,
+    tempfile::TempDir,
+);
+
+/// The engine of a whole tiny model (head and tail), running as a task.
+fn engine() -> Engine {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.gguf");
     SyntheticLlama::tiny().write_file(&path).unwrap();
@@ -59,10 +67,45 @@ async fn a_panicking_forward_fails_its_sessions_and_the_engine_serves_on() {
     let slice =
         LlamaSlice::load(&model, LayerRange::new(0, 6), WeightMode::F32, &Device::Cpu).unwrap();
     let stats = Arc::new(EngineStats::default());
-    let (out, mut outputs) = mpsc::unbounded_channel();
+    let (out, outputs) = mpsc::unbounded_channel();
     let (inputs, rx) = mpsc::unbounded_channel();
     let engine = StageEngine::new(Arc::new(slice), Arc::new(tokenizer), out, stats.clone());
     let task = tokio::spawn(engine.run(rx));
+    (inputs, outputs, task, stats, dir)
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_frame_gives_its_share_of_the_input_budget_back_when_the_engine_takes_it() {
+    let (inputs, _outputs, task, _stats, _dir) = engine();
+    let total = 1 << 20;
+    let budget = InputBudget::new(total);
+    let frame = Frame::Token {
+        session: 99,
+        position: 0,
+        token: 1,
+    };
+    let held = budget.hold(crate::frame::body_len(&frame)).await;
+    assert_eq!(
+        budget.available(),
+        total as usize - crate::frame::body_len(&frame)
+    );
+    inputs
+        .send(EngineInput::Frame {
+            from: "w".into(),
+            frame,
+            held,
+        })
+        .unwrap();
+    // Inputs are taken in order: once this session is open, the frame has been taken.
+    open(&inputs, 1).await;
+    assert_eq!(budget.available(), total as usize);
+    drop(inputs);
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_panicking_forward_fails_its_sessions_and_the_engine_serves_on() {
+    let (inputs, mut outputs, task, stats, _dir) = engine();
 
     // Two sessions started together run as one batch, whose forward panics.
     open(&inputs, 1).await;
