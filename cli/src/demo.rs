@@ -117,8 +117,23 @@ fn say(json: bool, line: &str) {
     }
 }
 
-/// Runs `sovra demo`.
+/// Runs `sovra demo`; with `--json` (and no `--bench`), a failure is also printed as a JSON
+/// error line on stdout, as `sovra run --json` does.
 pub async fn run(args: DemoArgs) -> Result<()> {
+    let json = args.json && !args.bench;
+    let result = run_demo(args).await;
+    if let Err(err) = &result
+        && json
+    {
+        println!(
+            "{}",
+            serde_json::json!({"type": "error", "message": format!("{err:#}")})
+        );
+    }
+    result
+}
+
+async fn run_demo(args: DemoArgs) -> Result<()> {
     if args.stages == 0 || args.stages > 3 {
         bail!("--stages must be 1, 2 or 3 (the demo has three workers)");
     }

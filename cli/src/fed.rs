@@ -1,5 +1,6 @@
 //! Client commands of the federation: providers, tenants, workers, models and placements, over
-//! TLS to the coordinator. Tables for people, one JSON document with `--json`.
+//! TLS to the coordinator. Tables for people, one JSON document with `--json` (a job's tokens:
+//! JSON lines).
 
 use std::path::PathBuf;
 
@@ -29,7 +30,7 @@ pub struct ConnectArgs {
     /// File holding the API token (e.g. the coordinator's admin.token).
     #[arg(long, global = true, env = "SOVRA_TOKEN_FILE", value_parser = parse_path)]
     pub token_file: Option<PathBuf>,
-    /// Print one JSON document instead of a table.
+    /// Print JSON: one document instead of a table; a job's tokens as JSON lines.
     #[arg(long, global = true)]
     pub json: bool,
 }
@@ -450,7 +451,7 @@ pub enum PlacementCommand {
     Set {
         /// Model name.
         model: String,
-        /// One chain of exactly N stages.
+        /// Chains of exactly N stages: one, plus replica chains on the workers left over.
         #[arg(long, conflicts_with = "layers")]
         stages: Option<u32>,
         /// Explicit stages: WORKER=START..END,… in layer order.

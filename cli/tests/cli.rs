@@ -195,6 +195,15 @@ fn errors_are_one_line_or_one_json_object_with_nonzero_exit() {
         assert!(!out.status.success(), "{bad:?}");
         assert_eq!(json_lines(&out)[0]["type"], "error", "{bad:?}");
     }
+
+    let out = sovra(&["demo", "--stages", "4", "--json"]);
+    assert!(!out.status.success());
+    let lines = json_lines(&out);
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["type"], "error");
+    assert!(lines[0]["message"].as_str().unwrap().contains("--stages"));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
 }
 
 #[test]
