@@ -34,13 +34,14 @@ pub const INLINE_ROWS: usize = 32;
 /// Prompt tokens run per forward of a prefill chunk, so long prompts do not stall decodes.
 pub const PREFILL_CHUNK: usize = 64;
 
-/// Bytes of frames that may wait in one engine's input channel. A connection whose next frame
-/// does not fit is not read until the engine has taken frames out, and QUIC's flow control
-/// then holds its sender: while a long forward runs on a blocking thread, a neighbour cannot
+/// Bytes of peers' frames that may wait for one engine, in its input channel and in its
+/// sessions' queues, until they are run. A connection whose next frame does not fit is not
+/// read until the engine has run frames, and QUIC's flow control then holds its sender: a
+/// neighbour that sends faster than the stage computes (or while a long forward runs) cannot
 /// pile up frames in the worker's memory.
 pub const INPUT_BUDGET_BYTES: u32 = crate::frame::MAX_FRAME_BYTES;
 
-/// The bytes of frames one engine's input channel may hold, shared by every connection that
+/// The bytes of peers' frames that may wait for one engine, shared by every connection that
 /// feeds it.
 #[derive(Debug, Clone)]
 pub struct InputBudget {
@@ -138,7 +139,7 @@ pub enum EngineInput {
         from: String,
         /// The frame.
         frame: Frame,
-        /// Its share of the engine's [`InputBudget`], given back when the engine takes it.
+        /// Its share of the engine's [`InputBudget`], given back once the engine has run it.
         held: Option<OwnedSemaphorePermit>,
     },
 }
@@ -186,17 +187,22 @@ pub struct EngineStats {
     pub kv_bytes: AtomicU64,
 }
 
+/// One forward's worth of a session's input. Work from a peer's frame keeps the frame's share
+/// of the engine's input budget until it has been run (or dropped), so frames that wait in a
+/// session's queue count against the budget as well as frames still in the channel.
 enum Work {
     Tokens {
         start: usize,
         ids: Vec<u32>,
         sample: bool,
+        _held: Option<OwnedSemaphorePermit>,
     },
     Hidden {
         start: usize,
         rows: usize,
         sample: bool,
         data: Vec<f32>,
+        _held: Option<OwnedSemaphorePermit>,
     },
 }
 
@@ -379,10 +385,7 @@ impl StageEngine {
             EngineInput::Close(session) => {
                 self.sessions.remove(&session);
             }
-            EngineInput::Frame { from, frame, held } => {
-                drop(held);
-                self.accept_frame(&from, frame)
-            }
+            EngineInput::Frame { from, frame, held } => self.accept_frame(&from, frame, held),
         }
     }
 
@@ -477,7 +480,7 @@ impl StageEngine {
         tail
     }
 
-    fn accept_frame(&mut self, from: &str, frame: Frame) {
+    fn accept_frame(&mut self, from: &str, frame: Frame, held: Option<OwnedSemaphorePermit>) {
         let hidden_size = self.slice.spec().hidden_size;
         let head = self.slice.is_head_stage();
         let (session, work, sender_ok) = match frame {
@@ -509,6 +512,7 @@ impl StageEngine {
                         rows: rows as usize,
                         sample,
                         data,
+                        _held: held,
                     },
                     expected,
                 )
@@ -531,6 +535,7 @@ impl StageEngine {
                         start: position as usize,
                         ids: vec![token],
                         sample: true,
+                        _held: held,
                     },
                     expected,
                 )
@@ -584,6 +589,7 @@ impl StageEngine {
                         start: s.cache.len(),
                         ids,
                         sample: s.pending_prompt.is_empty(),
+                        _held: None,
                     }
                 }
                 None => continue,
@@ -777,6 +783,7 @@ impl StageEngine {
                         start: position,
                         ids: vec![token],
                         sample: true,
+                        _held: None,
                     });
                 } else {
                     let frame = Frame::Token {

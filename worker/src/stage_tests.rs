@@ -74,30 +74,65 @@ fn engine() -> Engine {
     (inputs, outputs, task, stats, dir)
 }
 
-#[tokio::test(flavor = "current_thread")]
-async fn a_frame_gives_its_share_of_the_input_budget_back_when_the_engine_takes_it() {
-    let (inputs, _outputs, task, _stats, _dir) = engine();
-    let total = 1 << 20;
-    let budget = InputBudget::new(total);
-    let frame = Frame::Token {
-        session: 99,
-        position: 0,
-        token: 1,
-    };
+/// Sends `frame` from `from` to the engine, holding its share of `budget`.
+async fn send_held(
+    inputs: &mpsc::UnboundedSender<EngineInput>,
+    budget: &InputBudget,
+    from: &str,
+    frame: Frame,
+) {
     let held = budget.hold(crate::frame::body_len(&frame)).await;
-    assert_eq!(
-        budget.available(),
-        total as usize - crate::frame::body_len(&frame)
-    );
     inputs
         .send(EngineInput::Frame {
-            from: "w".into(),
+            from: from.into(),
             frame,
             held,
         })
         .unwrap();
-    // Inputs are taken in order: once this session is open, the frame has been taken.
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_frame_holds_its_share_of_the_input_budget_until_it_has_been_run() {
+    let (inputs, mut outputs, task, _stats, _dir) = engine();
+    let total = 1 << 20;
+    let budget = InputBudget::new(total);
+    let token = |position| Frame::Token {
+        session: 1,
+        position,
+        token: 65,
+    };
+    let share = crate::frame::body_len(&token(0));
+
+    // A frame for a session not open here is dropped, and its share comes back.
+    send_held(
+        &inputs,
+        &budget,
+        "w",
+        Frame::Token {
+            session: 99,
+            position: 0,
+            token: 1,
+        },
+    )
+    .await;
+    assert_eq!(budget.available(), total as usize - share);
     open(&inputs, 1).await;
+    assert_eq!(budget.available(), total as usize);
+
+    // Two frames of one session: one forward runs the first; the second waits in the session's
+    // queue, still holding its share, until the next forward has run it.
+    send_held(&inputs, &budget, "w", token(0)).await;
+    send_held(&inputs, &budget, "w", token(1)).await;
+    assert_eq!(budget.available(), total as usize - 2 * share);
+    match next_output(&mut outputs).await {
+        EngineOutput::Token { session: 1, .. } => {}
+        other => panic!("expected session 1's token, got {other:?}"),
+    }
+    assert_eq!(budget.available(), total as usize - share);
+    match next_output(&mut outputs).await {
+        EngineOutput::Token { session: 1, .. } => {}
+        other => panic!("expected session 1's token, got {other:?}"),
+    }
     assert_eq!(budget.available(), total as usize);
     drop(inputs);
     task.await.unwrap();
