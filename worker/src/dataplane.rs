@@ -1,10 +1,8 @@
 //! The worker's data plane: a QUIC endpoint (mutual TLS with federation certificates) that
 //! receives frames from the peers the coordinator named and hands them to the right stage
-//! engine, and one connection per neighbour with one ordered outgoing stream per model, so a
-//! stage that holds back its sender (its input budget full) holds back only that model's
-//! frames. A frame is accepted only from the worker its session names as sender, identified by
-//! the certificate of the connection; a malformed frame or a frame from a worker no session
-//! names closes that connection.
+//! engine, and one ordered outgoing stream per neighbour. A frame is accepted only from the
+//! worker its session names as sender, identified by the certificate of the connection; a
+//! malformed frame or a frame from a worker no session names closes that connection.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -33,8 +31,6 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Where the frames of one session go, and who may send them.
 #[derive(Debug, Clone)]
 pub struct Route {
-    /// The session's model (its frames to a neighbour share that model's stream).
-    pub model: Arc<str>,
     /// The engine of the session's model.
     pub engine: mpsc::UnboundedSender<EngineInput>,
     /// The bytes of frames that engine's input channel may hold.
@@ -45,12 +41,6 @@ pub struct Route {
     pub tail: Option<String>,
 }
 
-/// An outgoing stream: the peer's worker id and the model whose frames it carries.
-type LinkKey = (String, Arc<str>);
-
-/// The connection to a peer that this worker dialed, shared by its streams (dialed once).
-type Dialed = Arc<tokio::sync::Mutex<Option<quinn::Connection>>>;
-
 /// An engine that takes a frame, and the budget of its input channel.
 type Destination = (mpsc::UnboundedSender<EngineInput>, InputBudget);
 
@@ -60,8 +50,7 @@ pub struct DataPlane {
     routes: Mutex<HashMap<u64, Route>>,
     revoked: Mutex<HashSet<String>>,
     incoming: Mutex<HashMap<String, Vec<quinn::Connection>>>,
-    links: Mutex<HashMap<LinkKey, mpsc::UnboundedSender<Frame>>>,
-    dialed: Mutex<HashMap<String, Dialed>>,
+    links: Mutex<HashMap<String, mpsc::UnboundedSender<Frame>>>,
     failures: mpsc::UnboundedSender<EngineOutput>,
     runtime: tokio::runtime::Handle,
 }
@@ -85,7 +74,6 @@ impl DataPlane {
             revoked: Mutex::default(),
             incoming: Mutex::default(),
             links: Mutex::default(),
-            dialed: Mutex::default(),
             failures,
             runtime: tokio::runtime::Handle::current(),
         });
@@ -114,7 +102,6 @@ impl DataPlane {
             .close(quic::CODE_NO_ERROR.into(), b"the worker is stopping");
         lock(&self.routes).clear();
         lock(&self.links).clear();
-        lock(&self.dialed).clear();
     }
 
     /// Refuses these workers from now on and closes their connections.
@@ -128,16 +115,7 @@ impl DataPlane {
                     b"the provider of this worker is revoked",
                 );
             }
-            lock(&self.links).retain(|(peer, _), _| peer != w);
-            if let Some(dialed) = lock(&self.dialed).remove(w)
-                && let Ok(mut conn) = dialed.try_lock()
-                && let Some(conn) = conn.take()
-            {
-                conn.close(
-                    quic::CODE_REVOKED.into(),
-                    b"the provider of this worker is revoked",
-                );
-            }
+            lock(&self.links).remove(w);
         }
     }
 
@@ -190,59 +168,41 @@ impl DataPlane {
         }
     }
 
-    /// Reads every stream of a connection, each in its own task, until the connection ends or
-    /// misbehaves; the streams' tasks end with it.
-    async fn read_connection(self: &Arc<Self>, peer: &str, conn: &quinn::Connection) {
-        let mut streams = tokio::task::JoinSet::new();
-        while let Ok(stream) = conn.accept_uni().await {
-            while streams.try_join_next().is_some() {}
-            streams.spawn(
-                self.clone()
-                    .read_stream(peer.to_string(), conn.clone(), stream),
-            );
-        }
-    }
-
-    /// Reads every frame of one stream until it ends or misbehaves (which closes the
-    /// connection).
-    async fn read_stream(
-        self: Arc<Self>,
-        peer: String,
-        conn: quinn::Connection,
-        mut stream: quinn::RecvStream,
-    ) {
-        let peer = peer.as_str();
-        loop {
-            match read_frame(&mut stream).await {
-                Ok(None) => return,
-                Ok(Some(frame)) => {
-                    debug!(target: HOP, session = frame.session(), "frame read");
-                    let (engine, budget) = match self.route(peer, &frame) {
-                        Ok(Some(to)) => to,
-                        Ok(None) => continue,
-                        Err(reason) => {
-                            warn!(peer = %peer, %reason, "frame refused; closing the connection");
-                            conn.close(quic::CODE_UNEXPECTED_FRAME.into(), reason.as_bytes());
+    /// Reads every frame of a connection until it ends or misbehaves.
+    async fn read_connection(&self, peer: &str, conn: &quinn::Connection) {
+        while let Ok(mut stream) = conn.accept_uni().await {
+            loop {
+                match read_frame(&mut stream).await {
+                    Ok(None) => break,
+                    Ok(Some(frame)) => {
+                        debug!(target: HOP, session = frame.session(), "frame read");
+                        let (engine, budget) = match self.route(peer, &frame) {
+                            Ok(Some(to)) => to,
+                            Ok(None) => continue,
+                            Err(reason) => {
+                                warn!(peer = %peer, %reason, "frame refused; closing the connection");
+                                conn.close(quic::CODE_UNEXPECTED_FRAME.into(), reason.as_bytes());
+                                return;
+                            }
+                        };
+                        // Back-pressure: this connection is not read further until the
+                        // engine's inputs have room for the frame.
+                        let held = budget.hold(body_len(&frame)).await;
+                        if lock(&self.revoked).contains(peer) {
                             return;
                         }
-                    };
-                    // Back-pressure: this stream is not read further until the engine's
-                    // inputs have room for the frame.
-                    let held = budget.hold(body_len(&frame)).await;
-                    if lock(&self.revoked).contains(peer) {
+                        let _ = engine.send(EngineInput::Frame {
+                            from: peer.to_string(),
+                            frame,
+                            held,
+                        });
+                    }
+                    Err(e) => {
+                        warn!(peer = %peer, cause = %e, "malformed frame; closing the connection");
+                        let reason = format!("malformed frame: {e}");
+                        conn.close(quic::CODE_MALFORMED_FRAME.into(), reason.as_bytes());
                         return;
                     }
-                    let _ = engine.send(EngineInput::Frame {
-                        from: peer.to_string(),
-                        frame,
-                        held,
-                    });
-                }
-                Err(e) => {
-                    warn!(peer = %peer, cause = %e, "malformed frame; closing the connection");
-                    let reason = format!("malformed frame: {e}");
-                    conn.close(quic::CODE_MALFORMED_FRAME.into(), reason.as_bytes());
-                    return;
                 }
             }
         }
@@ -280,59 +240,31 @@ impl DataPlane {
         }
     }
 
-    /// Queues a frame for `to`, dialing it on first use. Frames to one peer for one model keep
-    /// their order (a frame whose session is not open here goes on a stream of its own).
+    /// Queues a frame for `to`, dialing it on first use. Frames to one peer keep their order.
     pub fn send(self: &Arc<Self>, to: &Peer, frame: Frame) {
-        let model = lock(&self.routes)
-            .get(&frame.session())
-            .map_or_else(|| Arc::from(""), |r| r.model.clone());
-        let key = (to.worker_id.clone(), model);
         let mut links = lock(&self.links);
-        let link = links.entry(key.clone()).or_insert_with(|| {
+        let link = links.entry(to.worker_id.clone()).or_insert_with(|| {
             let (tx, rx) = mpsc::unbounded_channel();
-            self.runtime
-                .spawn(self.clone().write_loop(to.clone(), key.1.clone(), rx));
+            self.runtime.spawn(self.clone().write_loop(to.clone(), rx));
             tx
         });
         if let Err(mpsc::error::SendError(frame)) = link.send(frame) {
-            links.remove(&key);
+            links.remove(&to.worker_id);
             drop(links);
             self.send(to, frame);
         }
     }
 
-    /// The connection to `to`, dialed on first use and shared by all its streams; dialed again
-    /// once it has closed.
-    async fn connection(&self, to: &Peer) -> Result<quinn::Connection, String> {
-        let slot = lock(&self.dialed)
-            .entry(to.worker_id.clone())
-            .or_default()
-            .clone();
-        let mut slot = slot.lock().await;
-        if let Some(conn) = slot.as_ref().filter(|c| c.close_reason().is_none()) {
-            return Ok(conn.clone());
-        }
-        let addr = tokio::net::lookup_host(&to.addr)
-            .await
-            .map_err(|e| format!("resolving {}: {e}", to.addr))?
-            .next()
-            .ok_or_else(|| format!("{} resolves to no address", to.addr))?;
-        let conn = quic::connect(&self.endpoint, addr, &to.worker_id, CONNECT_TIMEOUT)
-            .await
-            .map_err(|e| e.to_string())?;
-        info!(peer = %to.worker_id, addr = %addr, "data-plane link up");
-        *slot = Some(conn.clone());
-        Ok(conn)
-    }
-
-    async fn write_loop(
-        self: Arc<Self>,
-        to: Peer,
-        model: Arc<str>,
-        mut rx: mpsc::UnboundedReceiver<Frame>,
-    ) {
+    async fn write_loop(self: Arc<Self>, to: Peer, mut rx: mpsc::UnboundedReceiver<Frame>) {
         let result = async {
-            let conn = self.connection(&to).await?;
+            let addr = tokio::net::lookup_host(&to.addr)
+                .await
+                .map_err(|e| format!("resolving {}: {e}", to.addr))?
+                .next()
+                .ok_or_else(|| format!("{} resolves to no address", to.addr))?;
+            let conn = quic::connect(&self.endpoint, addr, &to.worker_id, CONNECT_TIMEOUT)
+                .await
+                .map_err(|e| e.to_string())?;
             let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, conn.open_uni())
                 .await
                 .map_err(|_| {
@@ -342,6 +274,7 @@ impl DataPlane {
                     )
                 })?
                 .map_err(|e| format!("opening a stream to {}: {e}", to.worker_id))?;
+            info!(peer = %to.worker_id, addr = %addr, "data-plane link up");
             while let Some(frame) = rx.recv().await {
                 let written =
                     tokio::time::timeout(WRITE_TIMEOUT, write_frame(&mut stream, &frame)).await;
@@ -360,8 +293,8 @@ impl DataPlane {
         }
         .await;
         if let Err(reason) = result {
-            warn!(peer = %to.worker_id, model = %model, %reason, "data-plane link lost");
-            lock(&self.links).remove(&(to.worker_id.clone(), model));
+            warn!(peer = %to.worker_id, %reason, "data-plane link lost");
+            lock(&self.links).remove(&to.worker_id);
             rx.close();
             while let Some(frame) = rx.recv().await {
                 self.report_undelivered(&frame, &to, &reason);

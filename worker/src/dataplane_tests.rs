@@ -7,16 +7,15 @@ use sovra_proto::ca::FederationCa;
 
 use super::*;
 use crate::quic::tests::identity;
-use crate::stage::INPUT_BUDGET_BYTES;
 
 /// Rows of 256 Ki values: one frame is a little over 1 MiB.
 const HIDDEN: u32 = 256 << 10;
 const FRAMES: u32 = 40;
 const BUDGET: u32 = 4 << 20;
 
-fn activations(session: u64, start_pos: u32) -> Frame {
+fn activations(start_pos: u32) -> Frame {
     Frame::Activations {
-        session,
+        session: 7,
         start_pos,
         rows: 1,
         hidden: HIDDEN,
@@ -43,15 +42,10 @@ async fn settled<T: PartialEq + Copy>(progress: impl Fn() -> T) -> T {
 /// A federation CA and the data plane of its worker w-b (its failures are not watched).
 fn worker_b() -> (FederationCa, Arc<DataPlane>) {
     let ca = FederationCa::generate("test federation").unwrap();
-    let plane = worker(&ca, "w-b");
-    (ca, plane)
-}
-
-/// The data plane of worker `id` of `ca`'s federation (its failures are not watched).
-fn worker(ca: &FederationCa, id: &str) -> Arc<DataPlane> {
     let (failures, _) = mpsc::unbounded_channel();
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    DataPlane::start(socket, &identity(ca, id, &format!("prov-{id}")), failures).unwrap()
+    let plane = DataPlane::start(socket, &identity(&ca, "w-b", "prov-b"), failures).unwrap();
+    (ca, plane)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -62,7 +56,6 @@ async fn a_stage_busy_in_a_forward_holds_its_sender_back_and_loses_nothing() {
     plane.add_route(
         7,
         Route {
-            model: Arc::from("m"),
             engine,
             budget: budget.clone(),
             prev: Some("w-a".into()),
@@ -91,9 +84,7 @@ async fn a_stage_busy_in_a_forward_holds_its_sender_back_and_loses_nothing() {
         async move {
             let mut stream = conn.open_uni().await.unwrap();
             for pos in 0..FRAMES {
-                write_frame(&mut stream, &activations(7, pos))
-                    .await
-                    .unwrap();
+                write_frame(&mut stream, &activations(pos)).await.unwrap();
                 written.fetch_add(1, Ordering::SeqCst);
             }
             stream.finish().unwrap();
@@ -105,7 +96,7 @@ async fn a_stage_busy_in_a_forward_holds_its_sender_back_and_loses_nothing() {
     // QUIC's flow control (stream window 16 MiB) instead of the frames piling up here.
     // Settled: neither the sender nor the engine's channel moves any more.
     let (stalled_at, _) = settled(|| (written.load(Ordering::SeqCst), inputs.len())).await;
-    let frame_bytes = body_len(&activations(7, 0));
+    let frame_bytes = body_len(&activations(0));
     assert!(
         inputs.len() * frame_bytes <= BUDGET as usize,
         "{} frames of {frame_bytes} bytes wait in the engine's channel, over its {BUDGET}-byte budget",
@@ -193,71 +184,4 @@ async fn a_peer_may_keep_only_a_few_connections_open_to_a_worker() {
     let again = dial().await.unwrap();
     assert_eq!(settled(registered).await, quic::MAX_CONNECTIONS_PER_PEER);
     assert!(again.close_reason().is_none());
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_model_whose_stage_holds_its_sender_back_does_not_hold_back_another_model() {
-    let (ca, receiver) = worker_b();
-    let sender = worker(&ca, "w-a");
-    let to = Peer {
-        worker_id: "w-b".into(),
-        addr: receiver.local_addr().unwrap().to_string(),
-    };
-    // Session 1 of model "big" goes to an engine that takes nothing (a long forward), with a
-    // small budget; session 2 of model "small" to an engine that takes everything.
-    let (big, mut big_inputs) = mpsc::unbounded_channel();
-    let (small, mut small_inputs) = mpsc::unbounded_channel();
-    for (session, model, engine, budget) in [
-        (1, "big", big, InputBudget::new(BUDGET)),
-        (2, "small", small, InputBudget::new(INPUT_BUDGET_BYTES)),
-    ] {
-        let route = |engine| Route {
-            model: Arc::from(model),
-            engine,
-            budget: budget.clone(),
-            prev: Some("w-a".into()),
-            tail: None,
-        };
-        receiver.add_route(session, route(engine));
-        // The sender knows each session's model from its own route.
-        sender.add_route(session, route(mpsc::unbounded_channel().0));
-    }
-
-    for pos in 0..FRAMES {
-        sender.send(&to, activations(1, pos));
-    }
-    let stalled = settled(|| big_inputs.len()).await;
-    assert!(stalled >= 1, "no frame of model big arrived");
-    assert!(
-        stalled * body_len(&activations(1, 0)) <= BUDGET as usize,
-        "{stalled} frames of model big wait, over its budget"
-    );
-    let small_frame = |pos| Frame::Activations {
-        session: 2,
-        start_pos: pos,
-        rows: 1,
-        hidden: 4,
-        sample: false,
-        data: vec![1.0; 4],
-    };
-    for pos in 0..5 {
-        sender.send(&to, small_frame(pos));
-    }
-    for pos in 0..5 {
-        match tokio::time::timeout(Duration::from_secs(10), small_inputs.recv()).await {
-            Ok(Some(EngineInput::Frame { frame, .. })) => assert_eq!(frame, small_frame(pos)),
-            other => panic!(
-                "frame {pos} of model small did not arrive while model big was held back: {other:?}"
-            ),
-        }
-    }
-    assert_eq!(big_inputs.len(), stalled, "model big stayed held back");
-
-    // Once model big's engine takes its frames, they all arrive, in order.
-    for pos in 0..FRAMES {
-        match tokio::time::timeout(Duration::from_secs(10), big_inputs.recv()).await {
-            Ok(Some(EngineInput::Frame { frame, .. })) => assert_eq!(frame, activations(1, pos)),
-            other => panic!("frame {pos} of model big did not arrive: {other:?}"),
-        }
-    }
 }

@@ -42,9 +42,9 @@ pub const STREAM_RECEIVE_WINDOW: u32 = 16 << 20;
 pub const CONNECTION_RECEIVE_WINDOW: u32 = 32 << 20;
 /// Per-connection send window, bytes.
 pub const SEND_WINDOW: u64 = 32 << 20;
-/// Unidirectional streams a peer may have open at once on one connection (one per model the
-/// two workers share, plus spares for stream replacement).
-pub const MAX_UNI_STREAMS: u32 = 8;
+/// Unidirectional streams a peer may have open at once (one per direction
+/// is the protocol; a few spare for stream replacement).
+pub const MAX_UNI_STREAMS: u32 = 4;
 
 /// Application error code: normal close, no error.
 pub const CODE_NO_ERROR: u32 = 0x0;
