@@ -94,9 +94,15 @@ async fn a_stage_busy_in_a_forward_holds_its_sender_back_and_loses_nothing() {
 
     // The engine's channel holds no more than its budget, and the sender is held back by
     // QUIC's flow control (stream window 16 MiB) instead of the frames piling up here.
-    // Settled: neither the sender nor the engine's channel moves any more.
-    let (stalled_at, _) = settled(|| (written.load(Ordering::SeqCst), inputs.len())).await;
+    // The budget fills (the data plane stops reading), then neither the sender nor the
+    // engine's channel moves any more.
     let frame_bytes = body_len(&activations(0));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while budget.available() >= frame_bytes {
+        assert!(Instant::now() < deadline, "the budget never filled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (stalled_at, _) = settled(|| (written.load(Ordering::SeqCst), inputs.len())).await;
     assert!(
         inputs.len() * frame_bytes <= BUDGET as usize,
         "{} frames of {frame_bytes} bytes wait in the engine's channel, over its {BUDGET}-byte budget",

@@ -1,15 +1,19 @@
-use std::sync::atomic::AtomicBool;
+use std::cell::Cell;
 
 use sovra_model::synthetic::SyntheticLlama;
 use sovra_model::{GgufModel, LayerRange, WeightMode};
 
 use super::*;
 
-/// Set to make the next forward of any engine in this test binary panic.
-static PANIC_NEXT_FORWARD: AtomicBool = AtomicBool::new(false);
+thread_local! {
+    /// Set to make the next forward that runs on this thread panic. Per thread, so tests that
+    /// run at the same time cannot take each other's fault: each `current_thread` test runs
+    /// its engine, and its small forwards, on its own thread.
+    static PANIC_NEXT_FORWARD: Cell<bool> = const { Cell::new(false) };
+}
 
 pub(super) fn panic_if_asked() {
-    if PANIC_NEXT_FORWARD.swap(false, Ordering::SeqCst) {
+    if PANIC_NEXT_FORWARD.with(|p| p.replace(false)) {
         panic!("injected fault");
     }
 }
@@ -145,7 +149,7 @@ async fn a_panicking_forward_fails_its_sessions_and_the_engine_serves_on() {
     // Two sessions started together run as one batch, whose forward panics.
     open(&inputs, 1).await;
     open(&inputs, 2).await;
-    PANIC_NEXT_FORWARD.store(true, Ordering::SeqCst);
+    PANIC_NEXT_FORWARD.with(|p| p.set(true));
     inputs.send(EngineInput::Start(1)).unwrap();
     inputs.send(EngineInput::Start(2)).unwrap();
     let mut failed = Vec::new();
