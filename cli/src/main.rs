@@ -55,8 +55,6 @@ enum Command {
     Worker {
         #[command(subcommand)]
         command: WorkerCommand,
-        #[command(flatten)]
-        conn: fed::ConnectArgs,
     },
     /// Run a job on the federation and stream its answer.
     Run {
@@ -94,7 +92,10 @@ enum WorkerCommand {
     /// Join the federation (first start) and serve assigned slices until stopped.
     Start(Box<daemon::WorkerStartArgs>),
     /// List the fleet's workers.
-    List,
+    List {
+        #[command(flatten)]
+        conn: fed::ConnectArgs,
+    },
 }
 
 /// How long candle's compute threads spin for the next op before they sleep, in spin-loop
@@ -199,11 +200,9 @@ fn main() -> ExitCode {
         Command::Tenant { command, conn } => block_on(fed::tenant(command, &conn)),
         Command::Worker {
             command: WorkerCommand::Start(args),
-            ..
         } => block_on(daemon::worker_start(*args)),
         Command::Worker {
-            command: WorkerCommand::List,
-            conn,
+            command: WorkerCommand::List { conn },
         } => block_on(fed::worker_list(&conn)),
         Command::Placement { command, conn } => block_on(fed::placement(command, &conn)),
         Command::Run { args, conn } => block_on(jobs_cmd::run(args, &conn)),
