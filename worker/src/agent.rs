@@ -652,6 +652,7 @@ impl AgentSession<'_> {
             prompt_tokens: o.prompt_tokens as usize,
         };
         let route = Route {
+            model: Arc::from(o.model.as_str()),
             engine: loaded.engine.clone(),
             budget: loaded.budget.clone(),
             prev: order.prev.as_ref().map(|p| p.worker_id.clone()),

@@ -1,8 +1,10 @@
 //! The worker's data plane: a QUIC endpoint (mutual TLS with federation certificates) that
 //! receives frames from the peers the coordinator named and hands them to the right stage
-//! engine, and one ordered outgoing stream per neighbour. A frame is accepted only from the
-//! worker its session names as sender, identified by the certificate of the connection; a
-//! malformed frame or a frame from a worker no session names closes that connection.
+//! engine, and one outgoing link per neighbour and model: its own connection with one ordered
+//! stream, so a stage that holds back its sender (its input budget full) holds back only that
+//! model's frames. A frame is accepted only from the worker its session names as sender,
+//! identified by the certificate of the connection; a malformed frame or a frame from a worker
+//! no session names closes that connection.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -20,6 +22,8 @@ use crate::stage::{EngineInput, EngineOutput, InputBudget, Peer};
 /// (`scripts/hop_timeline.py`).
 pub const HOP: &str = "sovra_worker::hop";
 
+/// A link that carried no frame for this long closes (its peer may have dropped the model).
+const LINK_IDLE: Duration = Duration::from_secs(60);
 /// How long dialing a peer may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one frame may take to be accepted by a peer. A peer whose engine runs a long
@@ -31,6 +35,8 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Where the frames of one session go, and who may send them.
 #[derive(Debug, Clone)]
 pub struct Route {
+    /// The session's model: its frames to a neighbour go on that model's link.
+    pub model: Arc<str>,
     /// The engine of the session's model.
     pub engine: mpsc::UnboundedSender<EngineInput>,
     /// The bytes of frames that engine's input channel may hold.
@@ -39,6 +45,15 @@ pub struct Route {
     pub prev: Option<String>,
     /// Worker allowed to send tokens (the tail; only the head takes tokens).
     pub tail: Option<String>,
+}
+
+/// An outgoing link: the peer's worker id and the model whose frames it carries.
+type LinkKey = (String, Arc<str>);
+
+/// The frames queued for a link's task, and which task (a retired link's key may be reused).
+struct Link {
+    id: u64,
+    frames: mpsc::UnboundedSender<Frame>,
 }
 
 /// An engine that takes a frame, and the budget of its input channel.
@@ -50,7 +65,9 @@ pub struct DataPlane {
     routes: Mutex<HashMap<u64, Route>>,
     revoked: Mutex<HashSet<String>>,
     incoming: Mutex<HashMap<String, Vec<quinn::Connection>>>,
-    links: Mutex<HashMap<String, mpsc::UnboundedSender<Frame>>>,
+    links: Mutex<HashMap<LinkKey, Link>>,
+    next_link: std::sync::atomic::AtomicU64,
+    link_idle: Mutex<Duration>,
     failures: mpsc::UnboundedSender<EngineOutput>,
     runtime: tokio::runtime::Handle,
 }
@@ -74,6 +91,8 @@ impl DataPlane {
             revoked: Mutex::default(),
             incoming: Mutex::default(),
             links: Mutex::default(),
+            next_link: Default::default(),
+            link_idle: Mutex::new(LINK_IDLE),
             failures,
             runtime: tokio::runtime::Handle::current(),
         });
@@ -115,7 +134,7 @@ impl DataPlane {
                     b"the provider of this worker is revoked",
                 );
             }
-            lock(&self.links).remove(w);
+            lock(&self.links).retain(|(peer, _), _| peer != w);
         }
     }
 
@@ -240,22 +259,64 @@ impl DataPlane {
         }
     }
 
-    /// Queues a frame for `to`, dialing it on first use. Frames to one peer keep their order.
+    /// How long a link may carry nothing before it closes (tests shorten it).
+    pub fn set_link_idle(&self, idle: Duration) {
+        *lock(&self.link_idle) = idle;
+    }
+
+    /// Queues a frame for `to` on the link of the frame's model, dialing it on first use.
+    /// Frames to one peer for one model keep their order. A frame whose session is not open
+    /// here (closed while its frames were on their way out) is dropped.
     pub fn send(self: &Arc<Self>, to: &Peer, frame: Frame) {
+        let Some(model) = lock(&self.routes)
+            .get(&frame.session())
+            .map(|r| r.model.clone())
+        else {
+            return debug!(
+                session = frame.session(),
+                "frame of a closed session not sent"
+            );
+        };
+        let key = (to.worker_id.clone(), model);
         let mut links = lock(&self.links);
-        let link = links.entry(to.worker_id.clone()).or_insert_with(|| {
-            let (tx, rx) = mpsc::unbounded_channel();
-            self.runtime.spawn(self.clone().write_loop(to.clone(), rx));
-            tx
+        let link = links.entry(key.clone()).or_insert_with(|| {
+            let (frames, rx) = mpsc::unbounded_channel();
+            let id = self
+                .next_link
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.runtime
+                .spawn(self.clone().write_loop(to.clone(), key.1.clone(), id, rx));
+            Link { id, frames }
         });
-        if let Err(mpsc::error::SendError(frame)) = link.send(frame) {
-            links.remove(&to.worker_id);
+        if let Err(mpsc::error::SendError(frame)) = link.frames.send(frame) {
+            links.remove(&key);
             drop(links);
             self.send(to, frame);
         }
     }
 
-    async fn write_loop(self: Arc<Self>, to: Peer, mut rx: mpsc::UnboundedReceiver<Frame>) {
+    /// Forgets link `id` of `key` if it is still the registered one and nothing is queued for
+    /// it (checked under the lock `send` queues under, so no frame can slip in); returns
+    /// whether it did.
+    fn retire(&self, key: &LinkKey, id: u64, rx: &mpsc::UnboundedReceiver<Frame>) -> bool {
+        let mut links = lock(&self.links);
+        if links.get(key).is_some_and(|l| l.id == id) && rx.is_empty() {
+            links.remove(key);
+            true
+        } else {
+            false
+        }
+    }
+
+    async fn write_loop(
+        self: Arc<Self>,
+        to: Peer,
+        model: Arc<str>,
+        id: u64,
+        mut rx: mpsc::UnboundedReceiver<Frame>,
+    ) {
+        let key = (to.worker_id.clone(), model.clone());
+        let idle = *lock(&self.link_idle);
         let result = async {
             let addr = tokio::net::lookup_host(&to.addr)
                 .await
@@ -274,8 +335,25 @@ impl DataPlane {
                     )
                 })?
                 .map_err(|e| format!("opening a stream to {}: {e}", to.worker_id))?;
-            info!(peer = %to.worker_id, addr = %addr, "data-plane link up");
-            while let Some(frame) = rx.recv().await {
+            info!(peer = %to.worker_id, model = %model, addr = %addr, "data-plane link up");
+            loop {
+                let frame = match tokio::time::timeout(idle, rx.recv()).await {
+                    Ok(Some(frame)) => frame,
+                    Ok(None) => return Ok(()),
+                    Err(_) if self.retire(&key, id, &rx) => {
+                        debug!(peer = %to.worker_id, model = %model, "idle data-plane link closed");
+                        let _ = stream.finish();
+                        conn.close(quic::CODE_NO_ERROR.into(), b"idle link");
+                        return Ok(());
+                    }
+                    Err(_) => continue,
+                };
+                if lock(&self.revoked).contains(&to.worker_id) {
+                    let reason = "its provider is revoked".to_string();
+                    self.report_undelivered(&frame, &to, &reason);
+                    conn.close(quic::CODE_REVOKED.into(), b"your provider is revoked");
+                    return Err(reason);
+                }
                 let written =
                     tokio::time::timeout(WRITE_TIMEOUT, write_frame(&mut stream, &frame)).await;
                 let error = match written {
@@ -289,12 +367,16 @@ impl DataPlane {
                 self.report_undelivered(&frame, &to, &error);
                 return Err(format!("writing to {}: {error}", to.worker_id));
             }
-            Ok::<(), String>(())
         }
         .await;
         if let Err(reason) = result {
-            warn!(peer = %to.worker_id, %reason, "data-plane link lost");
-            lock(&self.links).remove(&to.worker_id);
+            warn!(peer = %to.worker_id, model = %model, %reason, "data-plane link lost");
+            {
+                let mut links = lock(&self.links);
+                if links.get(&key).is_some_and(|l| l.id == id) {
+                    links.remove(&key);
+                }
+            }
             rx.close();
             while let Some(frame) = rx.recv().await {
                 self.report_undelivered(&frame, &to, &reason);

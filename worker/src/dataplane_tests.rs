@@ -7,15 +7,16 @@ use sovra_proto::ca::FederationCa;
 
 use super::*;
 use crate::quic::tests::identity;
+use crate::stage::INPUT_BUDGET_BYTES;
 
 /// Rows of 256 Ki values: one frame is a little over 1 MiB.
 const HIDDEN: u32 = 256 << 10;
 const FRAMES: u32 = 40;
 const BUDGET: u32 = 4 << 20;
 
-fn activations(start_pos: u32) -> Frame {
+fn activations(session: u64, start_pos: u32) -> Frame {
     Frame::Activations {
-        session: 7,
+        session,
         start_pos,
         rows: 1,
         hidden: HIDDEN,
@@ -42,10 +43,15 @@ async fn settled<T: PartialEq + Copy>(progress: impl Fn() -> T) -> T {
 /// A federation CA and the data plane of its worker w-b (its failures are not watched).
 fn worker_b() -> (FederationCa, Arc<DataPlane>) {
     let ca = FederationCa::generate("test federation").unwrap();
+    let plane = worker(&ca, "w-b");
+    (ca, plane)
+}
+
+/// The data plane of worker `id` of `ca`'s federation (its failures are not watched).
+fn worker(ca: &FederationCa, id: &str) -> Arc<DataPlane> {
     let (failures, _) = mpsc::unbounded_channel();
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let plane = DataPlane::start(socket, &identity(&ca, "w-b", "prov-b"), failures).unwrap();
-    (ca, plane)
+    DataPlane::start(socket, &identity(ca, id, &format!("prov-{id}")), failures).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -56,6 +62,7 @@ async fn a_stage_busy_in_a_forward_holds_its_sender_back_and_loses_nothing() {
     plane.add_route(
         7,
         Route {
+            model: Arc::from("m"),
             engine,
             budget: budget.clone(),
             prev: Some("w-a".into()),
@@ -84,7 +91,9 @@ async fn a_stage_busy_in_a_forward_holds_its_sender_back_and_loses_nothing() {
         async move {
             let mut stream = conn.open_uni().await.unwrap();
             for pos in 0..FRAMES {
-                write_frame(&mut stream, &activations(pos)).await.unwrap();
+                write_frame(&mut stream, &activations(7, pos))
+                    .await
+                    .unwrap();
                 written.fetch_add(1, Ordering::SeqCst);
             }
             stream.finish().unwrap();
@@ -96,7 +105,7 @@ async fn a_stage_busy_in_a_forward_holds_its_sender_back_and_loses_nothing() {
     // QUIC's flow control (stream window 16 MiB) instead of the frames piling up here.
     // The budget fills (the data plane stops reading), then neither the sender nor the
     // engine's channel moves any more.
-    let frame_bytes = body_len(&activations(0));
+    let frame_bytes = body_len(&activations(7, 0));
     let deadline = Instant::now() + Duration::from_secs(60);
     while budget.available() >= frame_bytes {
         assert!(Instant::now() < deadline, "the budget never filled");
@@ -190,4 +199,139 @@ async fn a_peer_may_keep_only_a_few_connections_open_to_a_worker() {
     let again = dial().await.unwrap();
     assert_eq!(settled(registered).await, quic::MAX_CONNECTIONS_PER_PEER);
     assert!(again.close_reason().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_whose_stage_holds_its_sender_back_does_not_hold_back_another_model() {
+    let (ca, receiver) = worker_b();
+    let sender = worker(&ca, "w-a");
+    let to = Peer {
+        worker_id: "w-b".into(),
+        addr: receiver.local_addr().unwrap().to_string(),
+    };
+    // Session 1 of model "big" goes to an engine that takes nothing (a long forward), with a
+    // small budget; session 2 of model "small" to an engine that takes everything.
+    let (big, mut big_inputs) = mpsc::unbounded_channel();
+    let (small, mut small_inputs) = mpsc::unbounded_channel();
+    let big_budget = InputBudget::new(BUDGET);
+    for (session, model, engine, budget) in [
+        (1, "big", big, big_budget.clone()),
+        (2, "small", small, InputBudget::new(INPUT_BUDGET_BYTES)),
+    ] {
+        let route = |engine| Route {
+            model: Arc::from(model),
+            engine,
+            budget: budget.clone(),
+            prev: Some("w-a".into()),
+            tail: None,
+        };
+        receiver.add_route(session, route(engine));
+        // The sender knows each session's model from its own route.
+        sender.add_route(session, route(mpsc::unbounded_channel().0));
+    }
+
+    for pos in 0..FRAMES {
+        sender.send(&to, activations(1, pos));
+    }
+    let frame_bytes = body_len(&activations(1, 0));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while big_budget.available() >= frame_bytes {
+        assert!(Instant::now() < deadline, "model big's budget never filled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stalled = settled(|| big_inputs.len()).await;
+    assert!(stalled >= 1, "no frame of model big arrived");
+    assert!(
+        stalled * body_len(&activations(1, 0)) <= BUDGET as usize,
+        "{stalled} frames of model big wait, over its budget"
+    );
+    let small_frame = |pos| Frame::Activations {
+        session: 2,
+        start_pos: pos,
+        rows: 1,
+        hidden: 4,
+        sample: false,
+        data: vec![1.0; 4],
+    };
+    for pos in 0..5 {
+        sender.send(&to, small_frame(pos));
+    }
+    for pos in 0..5 {
+        match tokio::time::timeout(Duration::from_secs(10), small_inputs.recv()).await {
+            Ok(Some(EngineInput::Frame { frame, .. })) => assert_eq!(frame, small_frame(pos)),
+            other => panic!(
+                "frame {pos} of model small did not arrive while model big was held back: {other:?}"
+            ),
+        }
+    }
+    assert_eq!(big_inputs.len(), stalled, "model big stayed held back");
+
+    // Once model big's engine takes its frames, they all arrive, in order.
+    for pos in 0..FRAMES {
+        match tokio::time::timeout(Duration::from_secs(10), big_inputs.recv()).await {
+            Ok(Some(EngineInput::Frame { frame, .. })) => assert_eq!(frame, activations(1, pos)),
+            other => panic!("frame {pos} of model big did not arrive: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_link_closes_its_connection_and_the_next_frame_opens_another() {
+    let (ca, receiver) = worker_b();
+    let sender = worker(&ca, "w-a");
+    sender.set_link_idle(Duration::from_millis(300));
+    let to = Peer {
+        worker_id: "w-b".into(),
+        addr: receiver.local_addr().unwrap().to_string(),
+    };
+    let (engine, mut inputs) = mpsc::unbounded_channel();
+    let route = Route {
+        model: Arc::from("m"),
+        engine,
+        budget: InputBudget::new(INPUT_BUDGET_BYTES),
+        prev: Some("w-a".into()),
+        tail: None,
+    };
+    receiver.add_route(1, route.clone());
+    sender.add_route(
+        1,
+        Route {
+            engine: mpsc::unbounded_channel().0,
+            ..route
+        },
+    );
+    let frame = |pos| Frame::Activations {
+        session: 1,
+        start_pos: pos,
+        rows: 1,
+        hidden: 4,
+        sample: false,
+        data: vec![1.0; 4],
+    };
+    let connections = || lock(&receiver.incoming).get("w-a").map_or(0, Vec::len);
+    let mut arrive =
+        async |pos| match tokio::time::timeout(Duration::from_secs(10), inputs.recv()).await {
+            Ok(Some(EngineInput::Frame { frame: got, .. })) => assert_eq!(got, frame(pos)),
+            other => panic!("frame {pos} did not arrive: {other:?}"),
+        };
+
+    sender.send(&to, frame(0));
+    arrive(0).await;
+    // Idle, the link goes, and its connection with it.
+    assert_eq!(settled(connections).await, 0);
+    assert!(lock(&sender.links).is_empty());
+    // The next frame opens a new link.
+    sender.send(&to, frame(1));
+    arrive(1).await;
+    assert_eq!(lock(&sender.links).len(), 1);
+
+    // A frame of a session not open on the sender is not sent.
+    sender.remove_route(1);
+    sender.send(&to, frame(2));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), inputs.recv())
+            .await
+            .is_err(),
+        "a frame of a closed session went out"
+    );
 }

@@ -38,8 +38,9 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Per-stream receive window, bytes: large enough that one activation
 /// frame is not throttled to one window per round trip on WAN links.
 pub const STREAM_RECEIVE_WINDOW: u32 = 16 << 20;
-/// Per-connection receive window, bytes.
-pub const CONNECTION_RECEIVE_WINDOW: u32 = 32 << 20;
+/// Per-connection receive window, bytes: a link's connection carries one stream, so no more
+/// than its stream window.
+pub const CONNECTION_RECEIVE_WINDOW: u32 = STREAM_RECEIVE_WINDOW;
 /// Per-connection send window, bytes.
 pub const SEND_WINDOW: u64 = 32 << 20;
 /// Unidirectional streams a peer may have open at once (one per direction
@@ -64,9 +65,10 @@ pub const CODE_REVOKED: u32 = 0x4;
 /// Application error code: the peer already has [`MAX_CONNECTIONS_PER_PEER`] connections open.
 pub const CODE_TOO_MANY_CONNECTIONS: u32 = 0x5;
 
-/// Connections one peer may have open to a worker at once (it needs one; the rest cover
-/// reconnecting while an old connection is still closing).
-pub const MAX_CONNECTIONS_PER_PEER: usize = 4;
+/// Connections one peer may have open to a worker at once: one per model the two workers share
+/// (a sender keeps one link per neighbour and model), and spares for reconnecting while an old
+/// connection is still closing.
+pub const MAX_CONNECTIONS_PER_PEER: usize = 8;
 
 /// A worker's TLS material, all PEM.
 #[derive(Clone)]
