@@ -22,8 +22,14 @@ use crate::stage::{EngineInput, EngineOutput, InputBudget, Peer};
 /// (`scripts/hop_timeline.py`).
 pub const HOP: &str = "sovra_worker::hop";
 
-/// A link that carried no frame for this long closes (its peer may have dropped the model).
-const LINK_IDLE: Duration = Duration::from_secs(60);
+/// A link that carried no frame for this long closes (its model may be gone from the pair). Far
+/// longer than the coordinator lets a job stall (60 s), so a link never closes while the
+/// receiver still holds frames of a session that goes on: a new link cannot overtake them.
+const LINK_IDLE: Duration = Duration::from_secs(600);
+/// A link's record of the sessions it carried is pruned of closed sessions past this size.
+const CARRIED_PRUNE: usize = 4096;
+/// How long a closing link waits for the receiver to have read its last frame.
+const LINK_CLOSE: Duration = Duration::from_secs(10);
 /// How long dialing a peer may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one frame may take to be accepted by a peer. A peer whose engine runs a long
@@ -187,41 +193,50 @@ impl DataPlane {
         }
     }
 
-    /// Reads every frame of a connection until it ends or misbehaves.
+    /// Reads every frame of a connection's stream (a link carries one) until it ends or
+    /// misbehaves.
     async fn read_connection(&self, peer: &str, conn: &quinn::Connection) {
-        while let Ok(mut stream) = conn.accept_uni().await {
-            loop {
-                match read_frame(&mut stream).await {
-                    Ok(None) => break,
-                    Ok(Some(frame)) => {
-                        debug!(target: HOP, session = frame.session(), "frame read");
-                        let (engine, budget) = match self.route(peer, &frame) {
-                            Ok(Some(to)) => to,
-                            Ok(None) => continue,
-                            Err(reason) => {
-                                warn!(peer = %peer, %reason, "frame refused; closing the connection");
-                                conn.close(quic::CODE_UNEXPECTED_FRAME.into(), reason.as_bytes());
-                                return;
-                            }
-                        };
-                        // Back-pressure: this connection is not read further until the
-                        // engine's inputs have room for the frame.
-                        let held = budget.hold(body_len(&frame)).await;
-                        if lock(&self.revoked).contains(peer) {
+        let Ok(mut stream) = conn.accept_uni().await else {
+            return;
+        };
+        loop {
+            match read_frame(&mut stream).await {
+                // The sender's link closed after its last frame: nothing more comes on
+                // this connection (a link carries one stream).
+                Ok(None) => {
+                    conn.close(quic::CODE_NO_ERROR.into(), b"link finished");
+                    return;
+                }
+                Ok(Some(frame)) => {
+                    debug!(target: HOP, session = frame.session(), "frame read");
+                    let (engine, budget) = match self.route(peer, &frame) {
+                        Ok(Some(to)) => to,
+                        Ok(None) => continue,
+                        Err(reason) => {
+                            warn!(peer = %peer, %reason, "frame refused; closing the connection");
+                            conn.close(quic::CODE_UNEXPECTED_FRAME.into(), reason.as_bytes());
                             return;
                         }
-                        let _ = engine.send(EngineInput::Frame {
-                            from: peer.to_string(),
-                            frame,
-                            held,
-                        });
-                    }
-                    Err(e) => {
-                        warn!(peer = %peer, cause = %e, "malformed frame; closing the connection");
-                        let reason = format!("malformed frame: {e}");
-                        conn.close(quic::CODE_MALFORMED_FRAME.into(), reason.as_bytes());
+                    };
+                    // Back-pressure: this connection is not read further until the
+                    // engine's inputs have room for the frame.
+                    let held = budget.hold(body_len(&frame)).await;
+                    if lock(&self.revoked).contains(peer) {
                         return;
                     }
+                    let _ = engine.send(EngineInput::Frame {
+                        from: peer.to_string(),
+                        frame,
+                        held,
+                    });
+                }
+                // The connection ended under the read (the sender closed it or is gone).
+                Err(_) if conn.close_reason().is_some() => return,
+                Err(e) => {
+                    warn!(peer = %peer, cause = %e, "malformed frame; closing the connection");
+                    let reason = format!("malformed frame: {e}");
+                    conn.close(quic::CODE_MALFORMED_FRAME.into(), reason.as_bytes());
+                    return;
                 }
             }
         }
@@ -336,17 +351,44 @@ impl DataPlane {
                 })?
                 .map_err(|e| format!("opening a stream to {}: {e}", to.worker_id))?;
             info!(peer = %to.worker_id, model = %model, addr = %addr, "data-plane link up");
+            let mut carried = HashSet::new();
+            let closed = conn.closed();
+            tokio::pin!(closed);
+            // Checked on a coarse tick rather than a timer reset per frame (a frame's path is
+            // the hop's critical path).
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + idle / 4, idle / 4);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut last_frame = std::time::Instant::now();
             loop {
-                let frame = match tokio::time::timeout(idle, rx.recv()).await {
-                    Ok(Some(frame)) => frame,
-                    Ok(None) => return Ok(()),
-                    Err(_) if self.retire(&key, id, &rx) => {
-                        debug!(peer = %to.worker_id, model = %model, "idle data-plane link closed");
-                        let _ = stream.finish();
-                        conn.close(quic::CODE_NO_ERROR.into(), b"idle link");
-                        return Ok(());
+                let frame = tokio::select! {
+                    biased;
+                    frame = rx.recv() => match frame {
+                        Some(frame) => {
+                            last_frame = std::time::Instant::now();
+                            frame
+                        }
+                        None => return Ok(()),
+                    },
+                    // The receiver closed the connection (or it was lost): whatever this link
+                    // wrote that the receiver had not taken is gone.
+                    why = &mut closed => {
+                        let reason = format!("the connection ended: {why}");
+                        self.report_carried(&carried, &to, &reason);
+                        return Err(reason);
                     }
-                    Err(_) => continue,
+                    _ = tick.tick() => {
+                        if last_frame.elapsed() >= idle && self.retire(&key, id, &rx) {
+                            debug!(peer = %to.worker_id, model = %model, "idle data-plane link closed");
+                            // The receiver closes the connection once it has read the end of
+                            // the stream, so nothing written is thrown away.
+                            let _ = stream.finish();
+                            if tokio::time::timeout(LINK_CLOSE, &mut closed).await.is_err() {
+                                conn.close(quic::CODE_NO_ERROR.into(), b"idle link");
+                            }
+                            return Ok(());
+                        }
+                        continue;
+                    }
                 };
                 if lock(&self.revoked).contains(&to.worker_id) {
                     let reason = "its provider is revoked".to_string();
@@ -354,18 +396,26 @@ impl DataPlane {
                     conn.close(quic::CODE_REVOKED.into(), b"your provider is revoked");
                     return Err(reason);
                 }
+                let session = frame.session();
                 let written =
                     tokio::time::timeout(WRITE_TIMEOUT, write_frame(&mut stream, &frame)).await;
                 let error = match written {
                     Ok(Ok(())) => {
-                        debug!(target: HOP, session = frame.session(), "frame written");
+                        debug!(target: HOP, session, "frame written");
+                        if carried.insert(session) && carried.len() > CARRIED_PRUNE {
+                            let routes = lock(&self.routes);
+                            carried.retain(|s| routes.contains_key(s));
+                        }
                         continue;
                     }
                     Ok(Err(e)) => e.to_string(),
                     Err(_) => format!("the peer read nothing for {WRITE_TIMEOUT:?}"),
                 };
                 self.report_undelivered(&frame, &to, &error);
-                return Err(format!("writing to {}: {error}", to.worker_id));
+                carried.remove(&session);
+                let reason = format!("writing to {}: {error}", to.worker_id);
+                self.report_carried(&carried, &to, &reason);
+                return Err(reason);
             }
         }
         .await;
@@ -381,6 +431,25 @@ impl DataPlane {
             while let Some(frame) = rx.recv().await {
                 self.report_undelivered(&frame, &to, &reason);
             }
+        }
+    }
+
+    /// Fails the sessions still open here that this link carried frames of: the connection
+    /// they went on is gone, and the receiver may not have taken them.
+    fn report_carried(&self, carried: &HashSet<u64>, to: &Peer, reason: &str) {
+        let open: Vec<u64> = {
+            let routes = lock(&self.routes);
+            carried
+                .iter()
+                .copied()
+                .filter(|s| routes.contains_key(s))
+                .collect()
+        };
+        for session in open {
+            let _ = self.failures.send(EngineOutput::Failed {
+                session,
+                error: format!("lost the link to {}: {reason}", to.worker_id),
+            });
         }
     }
 

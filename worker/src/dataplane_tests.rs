@@ -49,9 +49,19 @@ fn worker_b() -> (FederationCa, Arc<DataPlane>) {
 
 /// The data plane of worker `id` of `ca`'s federation (its failures are not watched).
 fn worker(ca: &FederationCa, id: &str) -> Arc<DataPlane> {
-    let (failures, _) = mpsc::unbounded_channel();
+    watched_worker(ca, id).0
+}
+
+/// The data plane of worker `id` of `ca`'s federation, and the sessions it reports failed.
+fn watched_worker(
+    ca: &FederationCa,
+    id: &str,
+) -> (Arc<DataPlane>, mpsc::UnboundedReceiver<EngineOutput>) {
+    let (failures, failed) = mpsc::unbounded_channel();
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    DataPlane::start(socket, &identity(ca, id, &format!("prov-{id}")), failures).unwrap()
+    let plane =
+        DataPlane::start(socket, &identity(ca, id, &format!("prov-{id}")), failures).unwrap();
+    (plane, failed)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -154,7 +164,13 @@ async fn a_stage_busy_in_a_forward_holds_its_sender_back_and_loses_nothing() {
         BUDGET as usize,
         "every frame gave its share back"
     );
-    assert!(conn.close_reason().is_none(), "the connection stayed open");
+    // The stream's end closes the connection cleanly, never as an error.
+    match conn.close_reason() {
+        None => {}
+        Some(quinn::ConnectionError::ApplicationClosed(close))
+            if close.error_code == quic::CODE_NO_ERROR.into() => {}
+        Some(other) => panic!("the connection ended with an error: {other}"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -275,16 +291,13 @@ async fn a_model_whose_stage_holds_its_sender_back_does_not_hold_back_another_mo
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idle_link_closes_its_connection_and_the_next_frame_opens_another() {
-    let (ca, receiver) = worker_b();
-    let sender = worker(&ca, "w-a");
-    sender.set_link_idle(Duration::from_millis(300));
-    let to = Peer {
-        worker_id: "w-b".into(),
-        addr: receiver.local_addr().unwrap().to_string(),
-    };
-    let (engine, mut inputs) = mpsc::unbounded_channel();
+/// Session 1 of model "m" from w-a (`sender`) to w-b (`receiver`); returns where w-b's engine
+/// gets its frames, and the peer w-a sends them to.
+fn one_session(
+    sender: &DataPlane,
+    receiver: &DataPlane,
+) -> (mpsc::UnboundedReceiver<EngineInput>, Peer) {
+    let (engine, inputs) = mpsc::unbounded_channel();
     let route = Route {
         model: Arc::from("m"),
         engine,
@@ -300,38 +313,83 @@ async fn an_idle_link_closes_its_connection_and_the_next_frame_opens_another() {
             ..route
         },
     );
-    let frame = |pos| Frame::Activations {
+    let to = Peer {
+        worker_id: "w-b".into(),
+        addr: receiver.local_addr().unwrap().to_string(),
+    };
+    (inputs, to)
+}
+
+fn small_frame(pos: u32) -> Frame {
+    Frame::Activations {
         session: 1,
         start_pos: pos,
         rows: 1,
         hidden: 4,
         sample: false,
         data: vec![1.0; 4],
-    };
-    let connections = || lock(&receiver.incoming).get("w-a").map_or(0, Vec::len);
-    let mut arrive =
-        async |pos| match tokio::time::timeout(Duration::from_secs(10), inputs.recv()).await {
-            Ok(Some(EngineInput::Frame { frame: got, .. })) => assert_eq!(got, frame(pos)),
-            other => panic!("frame {pos} did not arrive: {other:?}"),
-        };
+    }
+}
 
-    sender.send(&to, frame(0));
-    arrive(0).await;
-    // Idle, the link goes, and its connection with it.
+async fn arrives(inputs: &mut mpsc::UnboundedReceiver<EngineInput>, pos: u32) {
+    match tokio::time::timeout(Duration::from_secs(10), inputs.recv()).await {
+        Ok(Some(EngineInput::Frame { frame, .. })) => assert_eq!(frame, small_frame(pos)),
+        other => panic!("frame {pos} did not arrive: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_link_closes_its_connection_and_the_next_frame_opens_another() {
+    let (ca, receiver) = worker_b();
+    let sender = worker(&ca, "w-a");
+    sender.set_link_idle(Duration::from_secs(1));
+    let (mut inputs, to) = one_session(&sender, &receiver);
+    let connections = || lock(&receiver.incoming).get("w-a").map_or(0, Vec::len);
+
+    sender.send(&to, small_frame(0));
+    assert_eq!(lock(&sender.links).len(), 1);
+    arrives(&mut inputs, 0).await;
+    // Idle, the link goes, and its connection with it (the receiver closes it once it has
+    // read the end of the stream).
     assert_eq!(settled(connections).await, 0);
     assert!(lock(&sender.links).is_empty());
     // The next frame opens a new link.
-    sender.send(&to, frame(1));
-    arrive(1).await;
+    sender.send(&to, small_frame(1));
     assert_eq!(lock(&sender.links).len(), 1);
+    arrives(&mut inputs, 1).await;
 
     // A frame of a session not open on the sender is not sent.
     sender.remove_route(1);
-    sender.send(&to, frame(2));
+    sender.send(&to, small_frame(2));
     assert!(
         tokio::time::timeout(Duration::from_millis(500), inputs.recv())
             .await
             .is_err(),
         "a frame of a closed session went out"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_whose_connection_the_receiver_closes_fails_the_sessions_it_carried() {
+    let (ca, receiver) = worker_b();
+    let (sender, mut failed) = watched_worker(&ca, "w-a");
+    let (mut inputs, to) = one_session(&sender, &receiver);
+    sender.send(&to, small_frame(0));
+    arrives(&mut inputs, 0).await;
+
+    // The receiver cuts the sender off (its provider revoked): the session whose frame went
+    // over that connection fails at once instead of waiting for a token that never comes.
+    receiver.revoke(&["w-a".to_string()]);
+    match tokio::time::timeout(Duration::from_secs(10), failed.recv()).await {
+        Ok(Some(EngineOutput::Failed { session, error })) => {
+            assert_eq!(session, 1);
+            assert!(error.contains("lost the link to w-b"), "{error}");
+        }
+        other => panic!("the session was not failed: {other:?}"),
+    }
+    assert_eq!(
+        settled(|| lock(&sender.links).len()).await,
+        0,
+        "the lost link is forgotten"
     );
 }

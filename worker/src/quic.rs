@@ -43,9 +43,8 @@ pub const STREAM_RECEIVE_WINDOW: u32 = 16 << 20;
 pub const CONNECTION_RECEIVE_WINDOW: u32 = STREAM_RECEIVE_WINDOW;
 /// Per-connection send window, bytes.
 pub const SEND_WINDOW: u64 = 32 << 20;
-/// Unidirectional streams a peer may have open at once (one per direction
-/// is the protocol; a few spare for stream replacement).
-pub const MAX_UNI_STREAMS: u32 = 4;
+/// Unidirectional streams a peer may open on one connection: a link carries one.
+pub const MAX_UNI_STREAMS: u32 = 1;
 
 /// Application error code: normal close, no error.
 pub const CODE_NO_ERROR: u32 = 0x0;
