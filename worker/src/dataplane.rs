@@ -356,7 +356,8 @@ impl DataPlane {
             tokio::pin!(closed);
             // Checked on a coarse tick rather than a timer reset per frame (a frame's path is
             // the hop's critical path).
-            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + idle / 4, idle / 4);
+            let first = tokio::time::Instant::now() + idle / 4;
+            let mut tick = tokio::time::interval_at(first, idle / 4);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut last_frame = std::time::Instant::now();
             loop {
@@ -367,7 +368,14 @@ impl DataPlane {
                             last_frame = std::time::Instant::now();
                             frame
                         }
-                        None => return Ok(()),
+                        // The link was removed: the worker stops, or the peer is revoked.
+                        None => {
+                            if lock(&self.revoked).contains(&to.worker_id) {
+                                let reason = "its provider is revoked";
+                                self.report_carried(&carried, &to, reason);
+                            }
+                            return Ok(());
+                        }
                     },
                     // The receiver closed the connection (or it was lost): whatever this link
                     // wrote that the receiver had not taken is gone.
@@ -378,7 +386,8 @@ impl DataPlane {
                     }
                     _ = tick.tick() => {
                         if last_frame.elapsed() >= idle && self.retire(&key, id, &rx) {
-                            debug!(peer = %to.worker_id, model = %model, "idle data-plane link closed");
+                            let peer = &to.worker_id;
+                            debug!(%peer, %model, "idle data-plane link closed");
                             // The receiver closes the connection once it has read the end of
                             // the stream, so nothing written is thrown away.
                             let _ = stream.finish();
@@ -393,10 +402,20 @@ impl DataPlane {
                 if lock(&self.revoked).contains(&to.worker_id) {
                     let reason = "its provider is revoked".to_string();
                     self.report_undelivered(&frame, &to, &reason);
+                    self.report_carried(&carried, &to, &reason);
                     conn.close(quic::CODE_REVOKED.into(), b"your provider is revoked");
                     return Err(reason);
                 }
                 let session = frame.session();
+                // A frame the engine made invalid (a non-finite value, say) fails its own
+                // session; the link and the other sessions on it go on.
+                if let Err(e) = crate::frame::validate(&frame) {
+                    let _ = self.failures.send(EngineOutput::Failed {
+                        session,
+                        error: format!("this stage produced an invalid frame: {e}"),
+                    });
+                    continue;
+                }
                 let written =
                     tokio::time::timeout(WRITE_TIMEOUT, write_frame(&mut stream, &frame)).await;
                 let error = match written {

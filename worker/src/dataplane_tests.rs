@@ -291,6 +291,15 @@ async fn a_model_whose_stage_holds_its_sender_back_does_not_hold_back_another_mo
     }
 }
 
+/// Waits until `done` holds (at most a minute).
+async fn until(what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Session 1 of model "m" from w-a (`sender`) to w-b (`receiver`); returns where w-b's engine
 /// gets its frames, and the peer w-a sends them to.
 fn one_session(
@@ -351,7 +360,7 @@ async fn an_idle_link_closes_its_connection_and_the_next_frame_opens_another() {
     arrives(&mut inputs, 0).await;
     // Idle, the link goes, and its connection with it (the receiver closes it once it has
     // read the end of the stream).
-    assert_eq!(settled(connections).await, 0);
+    until("the idle link's connection closes", || connections() == 0).await;
     assert!(lock(&sender.links).is_empty());
     // The next frame opens a new link.
     sender.send(&to, small_frame(1));
@@ -369,13 +378,38 @@ async fn an_idle_link_closes_its_connection_and_the_next_frame_opens_another() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_link_whose_connection_the_receiver_closes_fails_the_sessions_it_carried() {
+/// w-a with a link to w-b that has carried frame 0 of session 1.
+struct Linked {
+    receiver: Arc<DataPlane>,
+    sender: Arc<DataPlane>,
+    failed: mpsc::UnboundedReceiver<EngineOutput>,
+    inputs: mpsc::UnboundedReceiver<EngineInput>,
+    to: Peer,
+}
+
+async fn linked() -> Linked {
     let (ca, receiver) = worker_b();
-    let (sender, mut failed) = watched_worker(&ca, "w-a");
+    let (sender, failed) = watched_worker(&ca, "w-a");
     let (mut inputs, to) = one_session(&sender, &receiver);
     sender.send(&to, small_frame(0));
     arrives(&mut inputs, 0).await;
+    Linked {
+        receiver,
+        sender,
+        failed,
+        inputs,
+        to,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_whose_connection_the_receiver_closes_fails_the_sessions_it_carried() {
+    let Linked {
+        receiver,
+        sender,
+        mut failed,
+        ..
+    } = linked().await;
 
     // The receiver cuts the sender off (its provider revoked): the session whose frame went
     // over that connection fails at once instead of waiting for a token that never comes.
@@ -392,4 +426,43 @@ async fn a_link_whose_connection_the_receiver_closes_fails_the_sessions_it_carri
         0,
         "the lost link is forgotten"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_frame_fails_its_own_session_and_the_link_goes_on() {
+    let Linked {
+        receiver: _receiver,
+        sender,
+        mut failed,
+        mut inputs,
+        to,
+    } = linked().await;
+
+    let Frame::Activations { mut data, .. } = small_frame(1) else {
+        unreachable!()
+    };
+    data[2] = f32::NAN;
+    sender.send(
+        &to,
+        Frame::Activations {
+            session: 1,
+            start_pos: 1,
+            rows: 1,
+            hidden: 4,
+            sample: false,
+            data,
+        },
+    );
+    match tokio::time::timeout(Duration::from_secs(10), failed.recv()).await {
+        Ok(Some(EngineOutput::Failed { session, error })) => {
+            assert_eq!(session, 1);
+            assert!(error.contains("invalid frame"), "{error}");
+        }
+        other => panic!("the invalid frame's session was not failed: {other:?}"),
+    }
+    // The link is still up: the next frame goes out on it.
+    sender.send(&to, small_frame(1));
+    arrives(&mut inputs, 1).await;
+    assert_eq!(lock(&sender.links).len(), 1);
+    assert!(failed.try_recv().is_err(), "nothing else failed");
 }

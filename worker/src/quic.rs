@@ -48,11 +48,11 @@ pub const MAX_UNI_STREAMS: u32 = 1;
 
 /// Application error code: normal close, no error.
 pub const CODE_NO_ERROR: u32 = 0x0;
-/// Application error code (STOP_SENDING): a frame on this stream was
-/// malformed (see [`crate::frame::FrameError`]); the stream is abandoned.
+/// Application error code (CONNECTION_CLOSE): a frame was malformed (see
+/// [`crate::frame::FrameError`]).
 pub const CODE_MALFORMED_FRAME: u32 = 0x1;
-/// Application error code (STOP_SENDING): a well-formed frame was refused:
-/// unknown session, or this peer is not the session's expected sender.
+/// Application error code (CONNECTION_CLOSE): a well-formed frame was refused:
+/// this peer is not the session's expected sender, or no open session names it.
 pub const CODE_UNEXPECTED_FRAME: u32 = 0x2;
 /// Application error code (CONNECTION_CLOSE): the peer's certificate does
 /// not name the expected worker.
