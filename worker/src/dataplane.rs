@@ -30,6 +30,8 @@ const LINK_IDLE: Duration = Duration::from_secs(600);
 const CARRIED_PRUNE: usize = 4096;
 /// How long a closing link waits for the receiver to have read its last frame.
 const LINK_CLOSE: Duration = Duration::from_secs(10);
+/// How long an accepted connection may go without opening its stream.
+const STREAM_WAIT: Duration = Duration::from_secs(30);
 /// How long dialing a peer may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one frame may take to be accepted by a peer. A peer whose engine runs a long
@@ -196,8 +198,15 @@ impl DataPlane {
     /// Reads every frame of a connection's stream (a link carries one) until it ends or
     /// misbehaves.
     async fn read_connection(&self, peer: &str, conn: &quinn::Connection) {
-        let Ok(mut stream) = conn.accept_uni().await else {
-            return;
+        // A link opens its stream as soon as it connects; a peer that holds a connection open
+        // without one is let go.
+        let mut stream = match tokio::time::timeout(STREAM_WAIT, conn.accept_uni()).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(_)) => return,
+            Err(_) => {
+                let reason = format!("no stream opened within {STREAM_WAIT:?}");
+                return conn.close(quic::CODE_UNEXPECTED_FRAME.into(), reason.as_bytes());
+            }
         };
         loop {
             match read_frame(&mut stream).await {

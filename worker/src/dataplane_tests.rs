@@ -466,3 +466,25 @@ async fn an_invalid_frame_fails_its_own_session_and_the_link_goes_on() {
     assert_eq!(lock(&sender.links).len(), 1);
     assert!(failed.try_recv().is_err(), "nothing else failed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_opens_no_stream_is_let_go() {
+    let (ca, receiver) = worker_b();
+    let peer = quic::endpoint(
+        "127.0.0.1:0".parse().unwrap(),
+        &identity(&ca, "w-a", "prov-a"),
+    )
+    .unwrap();
+    let addr = receiver.local_addr().unwrap();
+    let conn = quic::connect(&peer, addr, "w-b", Duration::from_secs(10))
+        .await
+        .unwrap();
+    match tokio::time::timeout(STREAM_WAIT * 2, conn.closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(close)) => {
+            assert_eq!(close.error_code, quic::CODE_UNEXPECTED_FRAME.into());
+            let reason = String::from_utf8_lossy(&close.reason);
+            assert!(reason.contains("no stream"), "{reason}");
+        }
+        other => panic!("a connection without a stream was kept: {other:?}"),
+    }
+}
