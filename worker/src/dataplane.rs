@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::frame::{Frame, body_len, read_frame, write_frame};
+use crate::frame::{Frame, FrameError, body_len, read_frame, write_frame};
 use crate::quic::{self, QuicError, TlsIdentity};
 use crate::stage::{EngineInput, EngineOutput, InputBudget, Peer};
 
@@ -301,19 +301,22 @@ impl DataPlane {
                 "frame of a closed session not sent"
             );
         };
-        let key = (to.worker_id.clone(), model);
         let mut links = lock(&self.links);
-        let link = links.entry(key.clone()).or_insert_with(|| {
-            let (frames, rx) = mpsc::unbounded_channel();
-            let id = self
-                .next_link
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            self.runtime
-                .spawn(self.clone().write_loop(to.clone(), key.1.clone(), id, rx));
-            Link { id, frames }
-        });
+        let link = links
+            .entry((to.worker_id.clone(), model))
+            .or_insert_with_key(|(_, model)| {
+                let (frames, rx) = mpsc::unbounded_channel();
+                let id = self
+                    .next_link
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.runtime
+                    .spawn(self.clone().write_loop(to.clone(), model.clone(), id, rx));
+                Link { id, frames }
+            });
         if let Err(mpsc::error::SendError(frame)) = link.frames.send(frame) {
-            links.remove(&key);
+            // The link's task has ended: forget it and queue the frame on a new one.
+            let dead = link.id;
+            links.retain(|_, l| l.id != dead);
             drop(links);
             self.send(to, frame);
         }
@@ -416,15 +419,6 @@ impl DataPlane {
                     return Err(reason);
                 }
                 let session = frame.session();
-                // A frame the engine made invalid (a non-finite value, say) fails its own
-                // session; the link and the other sessions on it go on.
-                if let Err(e) = crate::frame::validate(&frame) {
-                    let _ = self.failures.send(EngineOutput::Failed {
-                        session,
-                        error: format!("this stage produced an invalid frame: {e}"),
-                    });
-                    continue;
-                }
                 let written =
                     tokio::time::timeout(WRITE_TIMEOUT, write_frame(&mut stream, &frame)).await;
                 let error = match written {
@@ -436,7 +430,17 @@ impl DataPlane {
                         }
                         continue;
                     }
-                    Ok(Err(e)) => e.to_string(),
+                    Ok(Err(FrameError::Io(e))) => e,
+                    // `write_frame` checks a frame before writing any of it: one the engine
+                    // made invalid (a non-finite value, say) fails its own session, and the
+                    // link and the other sessions on it go on.
+                    Ok(Err(e)) => {
+                        let _ = self.failures.send(EngineOutput::Failed {
+                            session,
+                            error: format!("this stage produced an invalid frame: {e}"),
+                        });
+                        continue;
+                    }
                     Err(_) => format!("the peer read nothing for {WRITE_TIMEOUT:?}"),
                 };
                 self.report_undelivered(&frame, &to, &error);
