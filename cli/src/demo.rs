@@ -125,10 +125,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     if let Err(err) = &result
         && json
     {
-        println!(
-            "{}",
-            serde_json::json!({"type": "error", "message": format!("{err:#}")})
-        );
+        crate::generate::print_error_line(err);
     }
     result
 }

@@ -89,16 +89,21 @@ pub struct GenerateArgs {
     pub prompt: String,
 }
 
+/// Prints a failure as the JSON line that ends `--json` output (`generate`, `run`, `demo`).
+pub fn print_error_line(err: &anyhow::Error) {
+    println!(
+        "{}",
+        json!({"type": "error", "message": format!("{err:#}")})
+    );
+}
+
 /// Runs `sovra generate`.
 pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     let json = args.json;
     match run_inner(args) {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(err) if json => {
-            println!(
-                "{}",
-                json!({"type": "error", "message": format!("{err:#}")})
-            );
+            print_error_line(&err);
             Ok(ExitCode::FAILURE)
         }
         Err(err) => Err(err),

@@ -59,10 +59,7 @@ pub async fn run(args: RunArgs, conn: &ConnectArgs) -> Result<()> {
     let result = async { stream_job(conn.channel().await?, args.request(), conn.json).await }.await;
     match result {
         Err(err) if conn.json => {
-            println!(
-                "{}",
-                json!({"type": "error", "message": format!("{err:#}")})
-            );
+            crate::generate::print_error_line(&err);
             Err(anyhow!("{err:#}"))
         }
         other => other,
