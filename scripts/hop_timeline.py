@@ -10,7 +10,8 @@ Run a one-session demo with the stage and hop logs on, keep its folder, then rea
 For every decode hop (one row leaving a stage for the next) it measures, in microseconds:
   to network   end of the forward -> the worker's output pump has the frame
   written      -> the frame is written to the QUIC stream
-  read         -> the next worker has read the frame from its stream
+  read         -> the next worker has read the whole frame from its stream (after its stage's
+                  input budget had room for it, at once unless the stage is backed up)
   engine woke  -> that worker's stage engine has woken up with it
   forward      -> that engine starts its forward
 and prints the median and 90th percentile of each step per link, then the forwards' medians.

@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::frame::{Frame, FrameError, body_len, read_frame, write_frame};
+use crate::frame::{Frame, FrameError, read_head, read_rest, skip_rest, write_frame};
 use crate::quic::{self, QuicError, TlsIdentity};
 use crate::stage::{EngineInput, EngineOutput, InputBudget, Peer};
 
@@ -32,6 +32,14 @@ const CARRIED_PRUNE: usize = 4096;
 const LINK_CLOSE: Duration = Duration::from_secs(10);
 /// How long an accepted connection may go without opening its stream.
 const STREAM_WAIT: Duration = Duration::from_secs(30);
+/// How long the rest of a frame may take to arrive once its start has been read (and, for a
+/// frame of an open session, the receiving stage's budget holds room for it): the sender's own
+/// limit on a frame (shorter in tests).
+const BODY_WAIT: Duration = if cfg!(test) {
+    Duration::from_secs(10)
+} else {
+    WRITE_TIMEOUT
+};
 /// How long dialing a peer may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one frame may take to be accepted by a peer. A peer whose engine runs a long
@@ -82,6 +90,24 @@ pub struct DataPlane {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Closes `conn` over a frame whose rest did not arrive within [`BODY_WAIT`].
+fn refuse_stalled(peer: &str, conn: &quinn::Connection) {
+    warn!(peer = %peer, "frame body stalled; closing the connection");
+    let reason = format!("the rest of a frame did not arrive within {BODY_WAIT:?}");
+    conn.close(quic::CODE_MALFORMED_FRAME.into(), reason.as_bytes());
+}
+
+/// Closes `conn` over a frame that did not read or decode, unless the connection ended under
+/// the read (the sender closed it or is gone).
+fn refuse_malformed(peer: &str, conn: &quinn::Connection, e: &FrameError) {
+    if conn.close_reason().is_some() {
+        return;
+    }
+    warn!(peer = %peer, cause = %e, "malformed frame; closing the connection");
+    let reason = format!("malformed frame: {e}");
+    conn.close(quic::CODE_MALFORMED_FRAME.into(), reason.as_bytes());
 }
 
 impl DataPlane {
@@ -209,52 +235,60 @@ impl DataPlane {
             }
         };
         loop {
-            match read_frame(&mut stream).await {
+            let head = match read_head(&mut stream).await {
                 // The sender's link closed after its last frame: nothing more comes on
                 // this connection (a link carries one stream).
                 Ok(None) => {
                     conn.close(quic::CODE_NO_ERROR.into(), b"link finished");
                     return;
                 }
-                Ok(Some(frame)) => {
-                    debug!(target: HOP, session = frame.session(), "frame read");
-                    let (engine, budget) = match self.route(peer, &frame) {
-                        Ok(Some(to)) => to,
-                        Ok(None) => continue,
-                        Err(reason) => {
-                            warn!(peer = %peer, %reason, "frame refused; closing the connection");
-                            conn.close(quic::CODE_UNEXPECTED_FRAME.into(), reason.as_bytes());
-                            return;
-                        }
-                    };
-                    // Back-pressure: this connection is not read further until the
-                    // engine's inputs have room for the frame.
-                    let held = budget.hold(body_len(&frame)).await;
-                    if lock(&self.revoked).contains(peer) {
-                        return;
+                Ok(Some(head)) => head,
+                Err(e) => return refuse_malformed(peer, conn, &e),
+            };
+            let (engine, budget) = match self.route(peer, head.session(), head.is_token()) {
+                Ok(Some(to)) => to,
+                Ok(None) => {
+                    match tokio::time::timeout(BODY_WAIT, skip_rest(&mut stream, &head)).await {
+                        Ok(Ok(())) => continue,
+                        Ok(Err(e)) => return refuse_malformed(peer, conn, &e),
+                        Err(_) => return refuse_stalled(peer, conn),
                     }
-                    let _ = engine.send(EngineInput::Frame {
-                        from: peer.to_string(),
-                        frame,
-                        held,
-                    });
                 }
-                // The connection ended under the read (the sender closed it or is gone).
-                Err(_) if conn.close_reason().is_some() => return,
-                Err(e) => {
-                    warn!(peer = %peer, cause = %e, "malformed frame; closing the connection");
-                    let reason = format!("malformed frame: {e}");
-                    conn.close(quic::CODE_MALFORMED_FRAME.into(), reason.as_bytes());
+                Err(reason) => {
+                    warn!(peer = %peer, %reason, "frame refused; closing the connection");
+                    conn.close(quic::CODE_UNEXPECTED_FRAME.into(), reason.as_bytes());
                     return;
                 }
+            };
+            // Back-pressure: the frame's body is not read (and this connection not read
+            // further) until the engine's inputs have room for it, so the bytes a peer can
+            // make this worker hold are the budget's and the QUIC windows'.
+            let held = budget.hold(head.body_len()).await;
+            if lock(&self.revoked).contains(peer) {
+                return;
             }
+            let frame = match tokio::time::timeout(BODY_WAIT, read_rest(&mut stream, &head)).await {
+                Ok(Ok(frame)) => frame,
+                Ok(Err(e)) => return refuse_malformed(peer, conn, &e),
+                Err(_) => return refuse_stalled(peer, conn),
+            };
+            debug!(target: HOP, session = frame.session(), "frame read");
+            let _ = engine.send(EngineInput::Frame {
+                from: peer.to_string(),
+                frame,
+                held,
+            });
         }
     }
 
     /// Where a frame from `peer` goes: its session's engine if `peer` is the sender the session
     /// names; nowhere (dropped) if the session is closed but `peer` is named by another one.
-    fn route(&self, peer: &str, frame: &Frame) -> Result<Option<Destination>, String> {
-        let (session, is_token) = (frame.session(), matches!(frame, Frame::Token { .. }));
+    fn route(
+        &self,
+        peer: &str,
+        session: u64,
+        is_token: bool,
+    ) -> Result<Option<Destination>, String> {
         let routes = lock(&self.routes);
         match routes.get(&session) {
             Some(route) => {

@@ -6,6 +6,7 @@ use std::time::Instant;
 use sovra_proto::ca::FederationCa;
 
 use super::*;
+use crate::frame::body_len;
 use crate::quic::tests::identity;
 use crate::stage::INPUT_BUDGET_BYTES;
 
@@ -64,10 +65,19 @@ fn watched_worker(
     (plane, failed)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stage_busy_in_a_forward_holds_its_sender_back_and_loses_nothing() {
+/// Worker w-b with session 7 (model "m", from w-a) routed to an engine that takes nothing
+/// until the test reads it, with a `BUDGET`-byte budget, and a connection from w-a to it.
+struct Budgeted {
+    _plane: Arc<DataPlane>,
+    inputs: mpsc::UnboundedReceiver<EngineInput>,
+    budget: InputBudget,
+    conn: quinn::Connection,
+    _sender: quinn::Endpoint,
+}
+
+async fn budgeted() -> Budgeted {
     let (ca, plane) = worker_b();
-    let (engine, mut inputs) = mpsc::unbounded_channel();
+    let (engine, inputs) = mpsc::unbounded_channel();
     let budget = InputBudget::new(BUDGET);
     plane.add_route(
         7,
@@ -79,9 +89,6 @@ async fn a_stage_busy_in_a_forward_holds_its_sender_back_and_loses_nothing() {
             tail: None,
         },
     );
-
-    // The previous stage streams 40 MiB of frames while this stage's engine takes none (as
-    // during a long forward on a blocking thread).
     let sender = quic::endpoint(
         "127.0.0.1:0".parse().unwrap(),
         &identity(&ca, "w-a", "prov-a"),
@@ -95,6 +102,22 @@ async fn a_stage_busy_in_a_forward_holds_its_sender_back_and_loses_nothing() {
     )
     .await
     .unwrap();
+    Budgeted {
+        _plane: plane,
+        inputs,
+        budget,
+        conn,
+        _sender: sender,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_busy_in_a_forward_holds_its_sender_back_and_loses_nothing() {
+    // The previous stage streams 40 MiB of frames while this stage's engine takes none (as
+    // during a long forward on a blocking thread).
+    // `setup` keeps the worker and the sender alive to the end of the test.
+    let setup = budgeted().await;
+    let (mut inputs, budget, conn) = (setup.inputs, setup.budget, setup.conn);
     let written = Arc::new(AtomicUsize::new(0));
     let writer = tokio::spawn({
         let written = written.clone();
@@ -171,6 +194,78 @@ async fn a_stage_busy_in_a_forward_holds_its_sender_back_and_loses_nothing() {
             if close.error_code == quic::CODE_NO_ERROR.into() => {}
         Some(other) => panic!("the connection ended with an error: {other}"),
     }
+}
+
+/// `values` activations of one row for session 7 at `start_pos`.
+fn row(start_pos: u32, values: usize) -> Frame {
+    row_of(7, start_pos, values)
+}
+
+/// `values` activations of one row for `session` at `start_pos`.
+fn row_of(session: u64, start_pos: u32, values: usize) -> Frame {
+    Frame::Activations {
+        session,
+        start_pos,
+        rows: 1,
+        hidden: values as u32,
+        sample: false,
+        data: (0..values).map(|i| (i % 1000) as f32).collect(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_that_does_not_fit_the_budget_is_not_read_off_the_connection() {
+    // `setup` keeps the worker and the sender alive to the end of the test.
+    let setup = budgeted().await;
+    let (mut inputs, conn) = (setup.inputs, setup.conn);
+    // A 3 MiB frame that fits the 4 MiB budget, then a 24 MiB one (more than the stream's
+    // 16 MiB window) that waits for the whole budget.
+    let (small, large) = (row(0, 768 << 10), row(1, 6 << 20));
+    let written = Arc::new(AtomicUsize::new(0));
+    let writer = tokio::spawn({
+        let (written, small, large) = (written.clone(), small.clone(), large.clone());
+        async move {
+            let mut stream = conn.open_uni().await.unwrap();
+            for frame in [small, large] {
+                write_frame(&mut stream, &frame).await.unwrap();
+                written.fetch_add(1, Ordering::SeqCst);
+            }
+            stream.finish().unwrap();
+            conn
+        }
+    });
+    let first = tokio::time::timeout(Duration::from_secs(30), inputs.recv())
+        .await
+        .expect("the frame that fits arrives")
+        .unwrap();
+
+    // While the first frame holds its share, the second's body stays on the wire: the sender
+    // cannot finish writing it, since the receiver reads no more than the frame's start.
+    assert_eq!(
+        settled(|| written.load(Ordering::SeqCst)).await,
+        1,
+        "the receiver read a frame its budget has no room for"
+    );
+    assert!(inputs.is_empty());
+
+    drop(first);
+    let second = tokio::time::timeout(Duration::from_secs(30), inputs.recv())
+        .await
+        .expect("the second frame arrives once the first has been run")
+        .unwrap();
+    match second {
+        EngineInput::Frame { frame, held, .. } => {
+            assert_eq!(frame, large, "the second frame arrived whole");
+            assert!(held.is_some());
+        }
+        other => panic!("expected a frame, got {other:?}"),
+    }
+    let conn = tokio::time::timeout(Duration::from_secs(10), writer)
+        .await
+        .expect("the sender finished")
+        .unwrap();
+    assert_eq!(written.load(Ordering::SeqCst), 2);
+    drop(conn);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -487,4 +582,63 @@ async fn a_connection_that_opens_no_stream_is_let_go() {
         }
         other => panic!("a connection without a stream was kept: {other:?}"),
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_whose_rest_never_comes_is_let_go_with_its_share_of_the_budget() {
+    // `setup` keeps the worker and the sender alive to the end of the test.
+    let setup = budgeted().await;
+    let (inputs, budget, conn) = (setup.inputs, setup.budget, setup.conn);
+    // The named sender starts a 1 MiB frame and stops after 1,000 bytes of it.
+    let bytes = crate::frame::encode(&row(0, 256 << 10));
+    let mut stream = conn.open_uni().await.unwrap();
+    stream.write_all(&bytes[..1000]).await.unwrap();
+    until("the frame holds its share of the budget", || {
+        budget.available() < BUDGET as usize
+    })
+    .await;
+
+    match tokio::time::timeout(BODY_WAIT * 3, conn.closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(close)) => {
+            assert_eq!(close.error_code, quic::CODE_MALFORMED_FRAME.into());
+            let reason = String::from_utf8_lossy(&close.reason);
+            assert!(reason.contains("did not arrive"), "{reason}");
+        }
+        other => panic!("a stalled frame kept its connection: {other:?}"),
+    }
+    until("the stalled frame gives its share back", || {
+        budget.available() == BUDGET as usize
+    })
+    .await;
+    assert!(
+        inputs.is_empty(),
+        "nothing of the stalled frame reached the engine"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_of_a_closed_session_is_read_through_and_the_next_one_arrives() {
+    // `setup` keeps the worker and the sender alive to the end of the test.
+    let setup = budgeted().await;
+    let (mut inputs, conn) = (setup.inputs, setup.conn);
+    // Session 9 is not open on w-b, but w-a is the sender session 7 names: the end of a
+    // session the coordinator just closed. Its 2 MiB frame is dropped; session 7's follows.
+    let closed = row_of(9, 0, 512 << 10);
+    let mut stream = conn.open_uni().await.unwrap();
+    write_frame(&mut stream, &closed).await.unwrap();
+    write_frame(&mut stream, &row(3, 16)).await.unwrap();
+    let input = tokio::time::timeout(Duration::from_secs(30), inputs.recv())
+        .await
+        .expect("the frame after the dropped one arrives")
+        .unwrap();
+    match input {
+        EngineInput::Frame { frame, .. } => assert_eq!(frame, row(3, 16)),
+        other => panic!("expected a frame, got {other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        inputs.is_empty(),
+        "the closed session's frame reached the engine"
+    );
+    assert!(conn.close_reason().is_none(), "the connection stays open");
 }

@@ -4,7 +4,7 @@
 //! produced to the worker running the next slice ([`Frame::Activations`]),
 //! and the tail worker sends each sampled token back to the head
 //! ([`Frame::Token`]). Frames travel in order on a QUIC stream (see
-//! `PROTOCOL.md`).
+//! `docs/protocol.md`).
 //!
 //! On the wire a frame is a `u32` little-endian body length followed by the
 //! body. Body layout (all integers little-endian):
@@ -40,6 +40,8 @@ const ACTIVATIONS_HEADER_BYTES: usize = 4 + 1 + 8 + 4 + 4 + 4 + 1 + 1;
 const TOKEN_BODY_BYTES: usize = 4 + 1 + 8 + 4 + 4;
 /// Bytes of the length prefix.
 const PREFIX_BYTES: usize = 4;
+/// Bytes at the start of every body that say what the frame is: magic, kind, session.
+const HEAD_BYTES: usize = 4 + 1 + 8;
 /// First read buffer for a body; it then doubles, capped at the declared length.
 const FIRST_CHUNK: usize = 64 << 10;
 
@@ -129,6 +131,9 @@ pub enum FrameError {
     /// The body continues after the frame's last field.
     #[error("{0} unexpected bytes after the end of the frame")]
     TrailingBytes(usize),
+    /// A token frame declares a body of other than 21 bytes.
+    #[error("a token frame's body is 21 bytes, not {0}")]
+    TokenLength(u32),
     /// The underlying stream failed.
     #[error("frame I/O failed: {0}")]
     Io(String),
@@ -251,6 +256,53 @@ pub fn decode_body(body: &[u8]) -> Result<Frame, FrameError> {
 /// refused before any allocation, and the body buffer grows with the bytes
 /// actually received, never beyond the declared length.
 pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>, FrameError> {
+    match read_head(r).await? {
+        Some(head) => read_rest(r, &head).await.map(Some),
+        None => Ok(None),
+    }
+}
+
+/// The start of a frame, read ahead of its payload so a receiver can route it and make room
+/// for it before reading the rest ([`read_head`], then [`read_rest`] or [`skip_rest`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameHead {
+    declared: u32,
+    /// The body's first bytes: a token's magic, kind and session; all of an activations
+    /// frame's fields before its payload.
+    head: [u8; ACTIVATIONS_HEADER_BYTES],
+    len: usize,
+}
+
+impl FrameHead {
+    /// The session the frame belongs to.
+    pub fn session(&self) -> u64 {
+        let mut session = [0u8; 8];
+        session.copy_from_slice(&self.head[5..HEAD_BYTES]);
+        u64::from_le_bytes(session)
+    }
+
+    /// Whether the frame is a token (otherwise activations).
+    pub fn is_token(&self) -> bool {
+        self.head[4] == KIND_TOKEN
+    }
+
+    /// Body bytes the frame declares (equal to [`body_len`] of the frame it decodes to).
+    pub fn body_len(&self) -> usize {
+        self.declared as usize
+    }
+
+    /// The body's bytes read so far.
+    fn bytes(&self) -> &[u8] {
+        &self.head[..self.len]
+    }
+}
+
+/// Reads a frame's length prefix and the start of its body, and checks everything but the
+/// payload's values before the rest is read: the declared length (at most
+/// [`MAX_FRAME_BYTES`], and exactly what the frame's kind and shape need), the magic, the
+/// kind, and an activations frame's flags, dtype and shape. Returns `Ok(None)` on a clean end
+/// of stream before a frame starts.
+pub async fn read_head<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<FrameHead>, FrameError> {
     let mut prefix = [0u8; PREFIX_BYTES];
     let got = read_full(r, &mut prefix).await?;
     if got == 0 {
@@ -269,8 +321,102 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>
             max: MAX_FRAME_BYTES,
         });
     }
-    let body = read_body(r, declared as usize).await?;
-    decode_body(&body).map(Some)
+    let len = declared as usize;
+    if len < HEAD_BYTES {
+        // Too short for any frame: read what it declares and report why it does not decode.
+        return Err(short_body_error(&read_body(r, len, &[]).await?, HEAD_BYTES));
+    }
+    let mut head = FrameHead {
+        declared,
+        head: [0; ACTIVATIONS_HEADER_BYTES],
+        len: HEAD_BYTES,
+    };
+    read_exact_of(r, &mut head.head[..HEAD_BYTES], 0, len).await?;
+    if head.head[..MAGIC.len()] != MAGIC {
+        return Err(FrameError::BadMagic);
+    }
+    match head.head[MAGIC.len()] {
+        KIND_TOKEN if len == TOKEN_BODY_BYTES => Ok(Some(head)),
+        KIND_TOKEN => Err(FrameError::TokenLength(declared)),
+        KIND_ACTIVATIONS => {
+            if len < ACTIVATIONS_HEADER_BYTES {
+                // Read what it declares: the decoder names the field it cuts short.
+                let body = read_body(r, len, head.bytes()).await?;
+                return Err(short_body_error(&body, ACTIVATIONS_HEADER_BYTES));
+            }
+            let fields = &mut head.head[HEAD_BYTES..];
+            read_exact_of(r, fields, HEAD_BYTES, len).await?;
+            head.len = ACTIVATIONS_HEADER_BYTES;
+            let mut cur = Cursor {
+                buf: &head.head[MAGIC.len() + 1..],
+                pos: 0,
+            };
+            let (_, _, rows, hidden, _) = activations_fields(&mut cur)?;
+            payload_fits(rows, hidden, len - ACTIVATIONS_HEADER_BYTES)?;
+            Ok(Some(head))
+        }
+        other => Err(FrameError::UnknownKind(other)),
+    }
+}
+
+/// Why `body`, shorter than the `needed` bytes its frame's fields take, is refused: the
+/// decoder's error (it names the field cut short).
+fn short_body_error(body: &[u8], needed: usize) -> FrameError {
+    match decode_body(body) {
+        Err(e) => e,
+        Ok(_) => FrameError::Truncated {
+            needed: needed as u64,
+            got: body.len() as u64,
+        },
+    }
+}
+
+/// Fills `buf`, the body's bytes from `at` on, of a body of `len` bytes.
+async fn read_exact_of<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut [u8],
+    at: usize,
+    len: usize,
+) -> Result<(), FrameError> {
+    let got = read_full(r, buf).await?;
+    if got < buf.len() {
+        return Err(FrameError::Truncated {
+            needed: (PREFIX_BYTES + len) as u64,
+            got: (PREFIX_BYTES + at + got) as u64,
+        });
+    }
+    Ok(())
+}
+
+/// Reads the rest of the frame that `head` starts and decodes the whole frame.
+pub async fn read_rest<R: AsyncRead + Unpin>(
+    r: &mut R,
+    head: &FrameHead,
+) -> Result<Frame, FrameError> {
+    let body = read_body(r, head.body_len(), head.bytes()).await?;
+    decode_body(&body)
+}
+
+/// Reads the rest of the frame that `head` starts and throws it away, holding at most 64 KiB
+/// of it at a time.
+pub async fn skip_rest<R: AsyncRead + Unpin>(
+    r: &mut R,
+    head: &FrameHead,
+) -> Result<(), FrameError> {
+    let mut left = head.body_len() - head.len;
+    let mut chunk = vec![0u8; left.min(FIRST_CHUNK)];
+    while left > 0 {
+        let want = left.min(chunk.len());
+        let got = read_full(r, &mut chunk[..want]).await?;
+        left -= got;
+        if got < want {
+            return Err(FrameError::Truncated {
+                needed: (PREFIX_BYTES + head.body_len()) as u64,
+                got: (PREFIX_BYTES + head.body_len() - left) as u64,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Validates `frame` (see [`validate`]), then writes it and flushes.
@@ -296,6 +442,23 @@ pub fn body_len(frame: &Frame) -> usize {
 
 /// The activations fields after the kind byte.
 fn decode_activations(cur: &mut Cursor<'_>) -> Result<Frame, FrameError> {
+    let (session, start_pos, rows, hidden, sample) = activations_fields(cur)?;
+    let needed = payload_fits(rows, hidden, cur.remaining())?;
+    let data = decode_f32s(cur.take(needed)?)?;
+    Ok(Frame::Activations {
+        session,
+        start_pos,
+        rows,
+        hidden,
+        sample,
+        data,
+    })
+}
+
+/// Reads and checks an activations frame's fields after its kind byte (session, start
+/// position, rows, hidden size, flags, dtype); returns session, start position, rows, hidden
+/// size and the sample flag.
+fn activations_fields(cur: &mut Cursor<'_>) -> Result<(u64, u32, u32, u32, bool), FrameError> {
     let session = cur.u64()?;
     let start_pos = cur.u32()?;
     let rows = cur.u32()?;
@@ -311,28 +474,24 @@ fn decode_activations(cur: &mut Cursor<'_>) -> Result<Frame, FrameError> {
     if rows == 0 || hidden == 0 {
         return Err(FrameError::ZeroRows);
     }
-    let available = cur.remaining();
-    let mismatch = FrameError::ShapeMismatch {
-        rows,
-        hidden,
-        payload_bytes: available as u64,
-    };
+    Ok((session, start_pos, rows, hidden, flags & FLAG_SAMPLE != 0))
+}
+
+/// Checks that `available` payload bytes hold exactly `rows × hidden` f32 values (computed
+/// without overflow); returns the payload's size.
+fn payload_fits(rows: u32, hidden: u32, available: usize) -> Result<usize, FrameError> {
     let needed = (rows as usize)
         .checked_mul(hidden as usize)
         .and_then(|n| n.checked_mul(4));
-    let needed = match needed {
-        Some(n) if n <= available => n,
-        _ => return Err(mismatch),
-    };
-    let data = decode_f32s(cur.take(needed)?)?;
-    Ok(Frame::Activations {
-        session,
-        start_pos,
-        rows,
-        hidden,
-        sample: flags & FLAG_SAMPLE != 0,
-        data,
-    })
+    match needed {
+        Some(n) if n == available => Ok(n),
+        Some(n) if n < available => Err(FrameError::TrailingBytes(available - n)),
+        _ => Err(FrameError::ShapeMismatch {
+            rows,
+            hidden,
+            payload_bytes: available as u64,
+        }),
+    }
 }
 
 /// Little-endian f32s; `bytes.len()` is a multiple of 4. Refuses non-finite values.
@@ -355,10 +514,14 @@ fn check_finite(data: &[f32]) -> Result<(), FrameError> {
     }
 }
 
-/// Reads a body of exactly `len` bytes, growing the buffer (doubling,
-/// capped at `len`) only as bytes arrive.
-async fn read_body<R: AsyncRead + Unpin>(r: &mut R, len: usize) -> Result<Vec<u8>, FrameError> {
-    let mut body = Vec::new();
+/// Reads the rest of a body of exactly `len` bytes whose first bytes, `start`, were read
+/// already, growing the buffer (doubling, capped at `len`) only as bytes arrive.
+async fn read_body<R: AsyncRead + Unpin>(
+    r: &mut R,
+    len: usize,
+    start: &[u8],
+) -> Result<Vec<u8>, FrameError> {
+    let mut body = start.to_vec();
     while body.len() < len {
         let target = len.min(FIRST_CHUNK.max(body.len().saturating_mul(2)));
         let start = body.len();

@@ -10,8 +10,12 @@ use super::*;
 
 /// Runs `read_frame` on an in-memory buffer (which never blocks).
 fn read_sync(mut bytes: &[u8]) -> Result<Option<Frame>, FrameError> {
-    let mut fut = pin!(read_frame(&mut bytes));
-    match fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+    ready(read_frame(&mut bytes))
+}
+
+/// The output of a future that reads from memory (and so never waits).
+fn ready<T>(fut: impl Future<Output = T>) -> T {
+    match pin!(fut).poll(&mut Context::from_waker(Waker::noop())) {
         Poll::Ready(result) => result,
         Poll::Pending => panic!("reading from a slice never blocks"),
     }
@@ -126,8 +130,8 @@ fn eof_inside_a_frame_is_truncated() {
             got: 10
         })
     );
-    let mut huge = MAX_FRAME_BYTES.to_le_bytes().to_vec();
-    huge.extend_from_slice(&[0; 100]);
+    let mut huge = largest_frame_start();
+    huge.resize(104, 0);
     assert!(matches!(
         read_sync(&huge),
         Err(FrameError::Truncated { got: 104, .. })
@@ -179,6 +183,124 @@ fn unknown_flag_bits_are_refused() {
             Err(FrameError::UnknownFlags(flags))
         );
     }
+}
+
+#[test]
+fn a_head_names_the_frame_before_its_payload_is_read() {
+    for frame in [activations(3, 5, true), token()] {
+        let bytes = encode(&frame);
+        // Prefix and head alone (a token's first 13 body bytes, all of an activations
+        // frame's fields): the rest has not arrived.
+        let head_bytes = match frame {
+            Frame::Token { .. } => HEAD_BYTES,
+            Frame::Activations { .. } => ACTIVATIONS_HEADER_BYTES,
+        };
+        let mut start = &bytes[..4 + head_bytes];
+        let head = ready(read_head(&mut start)).unwrap().unwrap();
+        assert!(
+            start.is_empty(),
+            "the head read no further than its own bytes"
+        );
+        assert_eq!(head.session(), frame.session());
+        assert_eq!(head.is_token(), matches!(frame, Frame::Token { .. }));
+        assert_eq!(head.body_len(), body_len(&frame));
+        let mut rest = &bytes[4 + head_bytes..];
+        assert_eq!(ready(read_rest(&mut rest, &head)), Ok(frame.clone()));
+        assert!(rest.is_empty());
+
+        // Skipping a frame leaves the stream at the next one.
+        let mut two = bytes.clone();
+        two.extend_from_slice(&encode(&token()));
+        let mut stream = &two[..];
+        let head = ready(read_head(&mut stream)).unwrap().unwrap();
+        ready(skip_rest(&mut stream, &head)).unwrap();
+        assert_eq!(ready(read_frame(&mut stream)), Ok(Some(token())));
+        let mut cut = &bytes[..bytes.len() - 1];
+        let head = ready(read_head(&mut cut)).unwrap().unwrap();
+        assert_eq!(
+            ready(skip_rest(&mut cut, &head)),
+            Err(FrameError::Truncated {
+                needed: bytes.len() as u64,
+                got: bytes.len() as u64 - 1
+            })
+        );
+    }
+}
+
+/// The prefix and the fields of the largest activations frame allowed (one row), without
+/// its payload.
+fn largest_frame_start() -> Vec<u8> {
+    let hidden = (MAX_FRAME_BYTES as usize - ACTIVATIONS_HEADER_BYTES) / 4;
+    let declared = (ACTIVATIONS_HEADER_BYTES + hidden * 4) as u32;
+    let mut bytes = declared.to_le_bytes().to_vec();
+    bytes.extend_from_slice(b"SVF1\x01");
+    bytes.extend_from_slice(&7u64.to_le_bytes());
+    bytes.extend_from_slice(&0u32.to_le_bytes());
+    bytes.extend_from_slice(&1u32.to_le_bytes());
+    bytes.extend_from_slice(&(hidden as u32).to_le_bytes());
+    bytes.extend_from_slice(&[0, DTYPE_F32]);
+    bytes
+}
+
+#[test]
+fn a_head_checks_the_length_against_the_kind_and_shape() {
+    // A token's body is 21 bytes; any other declared length is refused from its head.
+    for declared in [22u32, 64 << 20] {
+        let mut bytes = declared.to_le_bytes().to_vec();
+        bytes.extend_from_slice(&encode(&token())[4..4 + HEAD_BYTES]);
+        assert_eq!(
+            ready(read_head(&mut &bytes[..])),
+            Err(FrameError::TokenLength(declared))
+        );
+    }
+    // Activations: rows × hidden × 4 payload bytes exactly, checked before the payload.
+    let frame = encode(&activations(2, 4, false));
+    let fields = &frame[4..4 + ACTIVATIONS_HEADER_BYTES];
+    for (payload, expected) in [
+        (
+            28,
+            FrameError::ShapeMismatch {
+                rows: 2,
+                hidden: 4,
+                payload_bytes: 28,
+            },
+        ),
+        (36, FrameError::TrailingBytes(4)),
+    ] {
+        let declared = (ACTIVATIONS_HEADER_BYTES + payload) as u32;
+        let mut bytes = declared.to_le_bytes().to_vec();
+        bytes.extend_from_slice(fields);
+        assert_eq!(ready(read_head(&mut &bytes[..])), Err(expected));
+    }
+    // The largest frame allowed: its head is whole without any of its 64 MiB payload.
+    let start = largest_frame_start();
+    let head = ready(read_head(&mut &start[..])).unwrap().unwrap();
+    assert_eq!(head.session(), 7);
+    assert!(head.body_len() <= MAX_FRAME_BYTES as usize);
+}
+
+#[test]
+fn a_head_is_refused_before_the_rest_arrives() {
+    let bytes = encode(&activations(2, 4, false));
+    let mut bad_magic = bytes[..4 + HEAD_BYTES].to_vec();
+    bad_magic[4] = b'X';
+    assert_eq!(
+        ready(read_head(&mut &bad_magic[..])),
+        Err(FrameError::BadMagic)
+    );
+    let mut bad_kind = bytes[..4 + HEAD_BYTES].to_vec();
+    bad_kind[8] = 9;
+    assert_eq!(
+        ready(read_head(&mut &bad_kind[..])),
+        Err(FrameError::UnknownKind(9))
+    );
+    // A body too short to hold a head is read (it is short) and refused.
+    let mut short = 5u32.to_le_bytes().to_vec();
+    short.extend_from_slice(b"SVF1\x02");
+    assert_eq!(
+        ready(read_head(&mut &short[..])),
+        Err(FrameError::Truncated { needed: 13, got: 5 })
+    );
 }
 
 #[test]

@@ -68,8 +68,16 @@ fn declared_length_never_drives_allocation() {
 
     // The largest allowed declaration followed by 100 bytes: the buffer
     // stays at the first 64 KiB chunk, not the declared 64 MiB.
-    let mut short = MAX_FRAME_BYTES.to_le_bytes().to_vec();
-    short.extend_from_slice(&[0u8; 100]);
+    // (One row of (64 MiB - 27) / 4 values: the fields agree with the declared length.)
+    let hidden = (MAX_FRAME_BYTES - 27) / 4;
+    let mut short = (27 + hidden * 4).to_le_bytes().to_vec();
+    short.extend_from_slice(b"SVF1\x01");
+    short.extend_from_slice(&7u64.to_le_bytes());
+    short.extend_from_slice(&0u32.to_le_bytes());
+    short.extend_from_slice(&1u32.to_le_bytes());
+    short.extend_from_slice(&hidden.to_le_bytes());
+    short.extend_from_slice(&[0, 1]);
+    short.resize(104, 0);
     let (result, largest) = read_measured(&short);
     assert!(matches!(
         result,
