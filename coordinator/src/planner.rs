@@ -16,7 +16,7 @@ mod search;
 
 use search::{Assignment, Ctx, best_chain, search_for};
 #[cfg(test)]
-use search::{SLACK, Search};
+use search::{SLACK, Search, slack_limit};
 
 /// Hop cost (seconds) that [`check_chain`] charges to each stage.
 pub const DEFAULT_HOP_COST_S: f64 = 0.002;
@@ -367,7 +367,8 @@ fn infeasible_reason(ctx: &Ctx) -> String {
 }
 
 /// Plans replica chains for `model` over `workers` under `policy`: the first chain
-/// minimises the bottleneck (within 3%: fewest stages, then lowest latency); more
+/// minimises the bottleneck (within 3% of its compute time: fewest stages, then
+/// lowest latency); more
 /// chains are planned the same way from the unused workers, up to `cfg.max_chains`.
 pub fn plan(
     workers: &[WorkerCandidate],

@@ -6,7 +6,8 @@ use super::{Chain, LayerRange, ModelCost, Stage, WorkerCandidate};
 use std::cmp::Reverse;
 
 /// Fraction above the minimal bottleneck that a chain may accept to use fewer
-/// stages or to lower its latency.
+/// stages; within that many stages, the fraction of the bottleneck's compute
+/// time that it may accept to lower its latency (see [`slack_limit`]).
 pub(super) const SLACK: f64 = 0.03;
 /// Largest pool of workers searched exactly (over all its subsets); larger pools
 /// are searched greedily.
@@ -657,6 +658,15 @@ fn distribute(ctx: &Ctx, reach: &Reach, order: &[usize]) -> Option<(Score, Cuts)
     Some((total, cuts))
 }
 
+/// The largest bottleneck a split may reach to lower its latency when the
+/// smallest possible is `lowest` and every stage pays `hop`: [`SLACK`] of the
+/// compute part. A slack on the hop as well would let a small model's stages,
+/// where the hop outweighs the compute, take several layers more than their
+/// share for a latency gain within the workers' measurement noise.
+pub(super) fn slack_limit(lowest: f64, hop: f64) -> f64 {
+    lowest + (lowest - hop).max(0.0) * SLACK
+}
+
 /// The best chain over `pool` (with exactly `stages` stages when given).
 pub(super) fn best_chain(
     ctx: &Ctx,
@@ -670,11 +680,20 @@ pub(super) fn best_chain(
         !covering_orders(&reach, pool, stages, search, 1).is_empty()
     };
     let lowest = lowest_feasible(&cands, feasible)?;
-    let limits = [lowest * (1.0 + SLACK), lowest];
-    limits.into_iter().find_map(|limit| {
+    let loose = lowest * (1.0 + SLACK);
+    let chosen = [loose, lowest].into_iter().find_map(|limit| {
         let reach = Reach::new(ctx, limit);
         choose(ctx, &reach, pool, stages, search)
-    })
+    })?;
+    // The loose limit picks how many stages; their split keeps to the compute's slack.
+    let tight = slack_limit(lowest, ctx.hop);
+    if tight < loose {
+        let reach = Reach::new(ctx, tight);
+        if let Some(split) = choose(ctx, &reach, pool, Some(chosen.len()), search) {
+            return Some(split);
+        }
+    }
+    Some(chosen)
 }
 
 /// Among the covering orders within `reach`, the split with the best score.
