@@ -49,9 +49,14 @@ pub struct DemoArgs {
     /// Instead of one answer, benchmark the federation against `generate --local` (markdown).
     #[arg(long)]
     pub bench: bool,
-    /// Compute threads of each worker process (default: all of this machine's cores).
+    /// Compute threads of each worker process (default: all of this machine's cores). Where
+    /// the machine has cores for three workers of that many threads, each worker gets cores
+    /// of its own; otherwise the workers take turns on the same cores.
     #[arg(long)]
     pub worker_threads: Option<usize>,
+    /// Put the workers on the same cores even where each could have cores of its own.
+    #[arg(long)]
+    pub share_cores: bool,
     /// The question (sent with the chat template).
     #[arg(default_value = "What is the capital of France?")]
     pub prompt: String,
@@ -63,6 +68,74 @@ pub struct DemoArgs {
 const DEMO_BATCH_WAIT: &str = "60ms";
 
 struct Processes(Vec<Child>);
+
+/// Where the demo's workers compute.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum WorkerCores {
+    /// All on the same cores, taking turns (the stages of one job compute one after another);
+    /// `Some` pins each worker's quantized compute threads one per core on those cores.
+    Shared(Option<Vec<usize>>),
+    /// Each worker alone on its cores, as on a machine of its own.
+    Own([Vec<usize>; 3]),
+}
+
+impl WorkerCores {
+    /// How the workers of `threads` compute threads each are laid out over `cores` (the
+    /// cores this process may use).
+    pub(crate) fn plan(threads: usize, cores: &[usize], dtype: WeightMode, share: bool) -> Self {
+        if !share && threads > 0 && threads * 3 <= cores.len() {
+            return Self::Own(std::array::from_fn(|i| {
+                cores[i * threads..(i + 1) * threads].to_vec()
+            }));
+        }
+        Self::Shared(
+            (dtype != WeightMode::F32 && threads <= cores.len()).then(|| cores[..threads].to_vec()),
+        )
+    }
+
+    /// The layout in words, for the demo's output and the benchmark's heading.
+    pub(crate) fn describe(&self) -> String {
+        use sovra_worker::cpus::format_core_list as list;
+        match self {
+            Self::Shared(Some(cores)) => format!("all on cores {}, taking turns", list(cores)),
+            Self::Shared(None) => "all on the same cores, unpinned".into(),
+            Self::Own(cores) => format!(
+                "each on cores of its own ({})",
+                cores
+                    .iter()
+                    .map(|c| list(c))
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            ),
+        }
+    }
+}
+
+/// Confines the child to `cores` (all its threads) from before it runs. Linux only.
+fn confine(cmd: &mut Command, cores: &[usize]) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        // Safety: a zeroed cpu_set_t is a valid empty set; the cores come from this process's
+        // own affinity, so they are within its bounds.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        for &core in cores {
+            unsafe { libc::CPU_SET(core, &mut set) };
+        }
+        // Safety: the closure runs in the forked child before exec and calls only
+        // sched_setaffinity, which is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (cmd, cores);
+}
 
 /// Makes the child get SIGTERM when this process dies, however it dies (a SIGKILL included),
 /// so the demo's coordinator and workers never outlive it. The signal follows the thread that
@@ -89,6 +162,16 @@ fn dies_with_this_process(cmd: &mut Command) -> &mut Command {
         }
     }
     cmd
+}
+
+/// Compute threads per worker and where the workers compute.
+pub(crate) fn worker_cores(args: &DemoArgs) -> (usize, WorkerCores) {
+    let threads = args
+        .worker_threads
+        .unwrap_or_else(candle_core::utils::get_num_threads);
+    let cores = sovra_worker::cpus::allowed_cores().unwrap_or_default();
+    let layout = WorkerCores::plan(threads, &cores, args.dtype, args.share_cores);
+    (threads, layout)
 }
 
 impl Drop for Processes {
@@ -246,19 +329,17 @@ async fn onboard(
 ) -> Result<()> {
     let mut providers = pb::providers_client::ProvidersClient::new(operator.clone());
     let mut workers = pb::workers_client::WorkersClient::new(operator.clone());
-    // Every worker gets all the cores: the stages of one job compute one after another,
-    // and an idle worker's threads sleep (measured: 3-stage q8_0 decode 0.63x with one
-    // thread per worker, 0.76x with two, against `generate --local`). With quantized
-    // weights each worker pins its compute threads one per core, the same cores for all
-    // (they take turns on them): 3-stage q8_0 decode 1.18x unpinned (10 alternating runs).
-    // f32 forwards run on candle's rayon pool, whose threads are not pinned: 0.98x there,
-    // so f32 workers are left to the scheduler.
-    let threads = args
-        .worker_threads
-        .unwrap_or_else(candle_core::utils::get_num_threads);
-    let cores = sovra_worker::cpus::allowed_cores().unwrap_or_default();
-    let pinned = (args.dtype != WeightMode::F32 && threads <= cores.len())
-        .then(|| sovra_worker::cpus::format_core_list(&cores[..threads]));
+    // Where the machine has too few cores for each worker to have its own, every worker gets
+    // all of them: the stages of one job compute one after another, and an idle worker's
+    // threads sleep (measured: 3-stage q8_0 decode 0.63x with one thread per worker, 0.76x
+    // with two, against `generate --local`). With quantized weights each worker pins its
+    // compute threads one per core, the same cores for all (they take turns on them):
+    // 3-stage q8_0 decode 1.18x unpinned (10 alternating runs). f32 forwards run on candle's
+    // rayon pool, whose threads are not pinned: 0.98x there, so f32 workers are left to the
+    // scheduler. A worker alone on its cores spins for the next op as long as a local
+    // process does (candle's default), since no other stage waits for those cores.
+    let (threads, layout) = worker_cores(args);
+    say(args.json, &format!("workers      {}", layout.describe()));
     for (index, &(name, country, certs)) in PROVIDERS.iter().enumerate() {
         providers
             .add_provider(pb::AddProviderRequest {
@@ -295,8 +376,18 @@ async fn onboard(
                 "--data-dir",
             ])
             .arg(root.join(name));
-        if let Some(cores) = &pinned {
-            worker.args(["--cpus", cores]);
+        let pinned = match &layout {
+            WorkerCores::Shared(pinned) => pinned.as_deref(),
+            WorkerCores::Own(cores) => {
+                confine(&mut worker, &cores[index]);
+                if std::env::var_os(crate::SPIN_LIMIT_VAR).is_none() {
+                    worker.env(crate::SPIN_LIMIT_VAR, crate::CANDLE_SPIN_LIMIT.to_string());
+                }
+                (args.dtype != WeightMode::F32).then_some(&cores[index][..])
+            }
+        };
+        if let Some(cores) = pinned {
+            worker.args(["--cpus", &sovra_worker::cpus::format_core_list(cores)]);
         }
         let worker = worker
             .stdout(Stdio::null())
@@ -441,5 +532,67 @@ where
             bail!("timed out after {timeout:?} waiting for {what}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workers_get_cores_of_their_own_only_where_there_are_enough() {
+        let two: Vec<usize> = (0..2).collect();
+        let sixteen: Vec<usize> = (0..16).collect();
+        assert_eq!(
+            WorkerCores::plan(2, &two, WeightMode::Q8_0, false),
+            WorkerCores::Shared(Some(vec![0, 1]))
+        );
+        assert_eq!(
+            WorkerCores::plan(2, &two, WeightMode::F32, false),
+            WorkerCores::Shared(None)
+        );
+        let own = WorkerCores::plan(2, &sixteen, WeightMode::Q8_0, false);
+        assert_eq!(own, WorkerCores::Own([vec![0, 1], vec![2, 3], vec![4, 5]]));
+        assert_eq!(own.describe(), "each on cores of its own (0-1 | 2-3 | 4-5)");
+        assert_eq!(
+            WorkerCores::plan(2, &sixteen, WeightMode::F32, false),
+            WorkerCores::Own([vec![0, 1], vec![2, 3], vec![4, 5]])
+        );
+        assert_eq!(
+            WorkerCores::plan(2, &sixteen, WeightMode::Q8_0, true),
+            WorkerCores::Shared(Some(vec![0, 1]))
+        );
+        // Six threads each need 18 cores.
+        assert_eq!(
+            WorkerCores::plan(6, &sixteen, WeightMode::Q8_0, false),
+            WorkerCores::Shared(Some((0..6).collect()))
+        );
+        // The cores this process may use, not 0..n.
+        assert_eq!(
+            WorkerCores::plan(1, &[3, 5, 9], WeightMode::Q8_0, false),
+            WorkerCores::Own([vec![3], vec![5], vec![9]])
+        );
+        assert_eq!(
+            WorkerCores::plan(2, &[], WeightMode::Q8_0, false),
+            WorkerCores::Shared(None)
+        );
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_confined_child_runs_on_its_cores_only() {
+        let cores = sovra_worker::cpus::allowed_cores().unwrap();
+        let last = *cores.last().unwrap();
+        let mut cmd = Command::new("grep");
+        cmd.args(["Cpus_allowed_list", "/proc/self/status"]);
+        confine(&mut cmd, &[last]);
+        let out = cmd.output().unwrap();
+        assert!(out.status.success());
+        let line = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            line.split_whitespace().last(),
+            Some(&*last.to_string()),
+            "{line}"
+        );
     }
 }

@@ -238,12 +238,11 @@ pub async fn run(
         .zip(&three)
         .map(|(o, t)| (1.0 / t - 1.0 / o) / 3.0 * 1e6)
         .collect();
-    let worker_threads = args
-        .worker_threads
-        .unwrap_or_else(candle_core::utils::get_num_threads);
+    let (worker_threads, layout) = crate::demo::worker_cores(args);
     println!(
-        "### {} weights, {tokens} greedy tokens; generate --local with {threads} threads, each of the 3 workers with {worker_threads}; all processes on this machine\n",
-        args.dtype
+        "### {} weights, {tokens} greedy tokens; generate --local with {threads} threads, each of the 3 workers with {worker_threads}, {}; all processes on this machine\n",
+        args.dtype,
+        layout.describe()
     );
     println!(
         "{SOLO_ROUNDS} rounds of: generate --local, a job on 1 stage, a job on 3 stages; medians\n"

@@ -108,6 +108,9 @@ const SPIN_LIMIT_VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
 /// 0.56–0.60x `generate --local`; 6,000 → 70–77 tok/s; 1,500 → 76–92; 300 → 84–104; f32
 /// unchanged. Set `CANDLE_BARRIER_POOL_SPIN_LIMIT` to override.
 const WORKER_SPIN_LIMIT: u32 = 300;
+/// candle's own spin limit, which a worker alone on its cores keeps (`sovra demo` sets it for
+/// workers it gives cores of their own).
+const CANDLE_SPIN_LIMIT: u32 = 25_000;
 
 /// mimalloc backs its large regions with transparent huge pages (`madvise`), so the weights a
 /// forward streams through take 2 MiB pages instead of 4 KiB ones. Against the system allocator,
