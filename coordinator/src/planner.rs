@@ -367,8 +367,9 @@ fn infeasible_reason(ctx: &Ctx) -> String {
 }
 
 /// Plans replica chains for `model` over `workers` under `policy`: the first chain
-/// minimises the bottleneck (within 3% of its compute time: fewest stages, then
-/// lowest latency); more
+/// minimises the bottleneck (the fewest stages within 3% of the smallest; then,
+/// over that many stages, the lowest latency within 3% of the compute time of
+/// their smallest bottleneck); more
 /// chains are planned the same way from the unused workers, up to `cfg.max_chains`.
 pub fn plan(
     workers: &[WorkerCandidate],

@@ -685,11 +685,21 @@ pub(super) fn best_chain(
         let reach = Reach::new(ctx, limit);
         choose(ctx, &reach, pool, stages, search)
     })?;
-    // The loose limit picks how many stages; their split keeps to the compute's slack.
-    let tight = slack_limit(lowest, ctx.hop);
+    // The loose limit picks how many stages; their split keeps to the compute's slack of the
+    // smallest bottleneck that many stages reach.
+    let n = chosen.len();
+    let floor = match stages {
+        Some(_) => lowest,
+        None => lowest_feasible(&cands, |limit| {
+            let reach = Reach::new(ctx, limit);
+            !covering_orders(&reach, pool, Some(n), search, 1).is_empty()
+        })
+        .unwrap_or(lowest),
+    };
+    let tight = slack_limit(floor, ctx.hop);
     if tight < loose {
         let reach = Reach::new(ctx, tight);
-        if let Some(split) = choose(ctx, &reach, pool, Some(chosen.len()), search) {
+        if let Some(split) = choose(ctx, &reach, pool, Some(n), search) {
             return Some(split);
         }
     }

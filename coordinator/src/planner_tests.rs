@@ -224,6 +224,11 @@ proptest! {
                 // Exact search on small fleets: within the 3% slack of the optimum.
                 let threshold = best * (1.0 + SLACK);
                 prop_assert!(at_most(first.bottleneck_s(), threshold));
+                // Over that many stages, within the compute's slack of their own optimum.
+                let n = first.stages.len();
+                let best_n = exhaustive_best(&workers, &model, &policy, &cfg, Some(n))
+                    .expect("exhaustive finds a chain of the planner's length");
+                prop_assert!(at_most(first.bottleneck_s(), slack_limit(best_n, cfg.hop_cost_s)));
                 // Fewest stages: no shorter chain within the slack.
                 for k in 1..first.stages.len() {
                     let shorter = exhaustive_best(&workers, &model, &policy, &cfg, Some(k));
