@@ -52,7 +52,7 @@ pub struct DemoArgs {
     /// Compute threads of each worker process (default: all of this machine's cores). Where
     /// the machine has cores for three workers of that many threads, each worker gets cores
     /// of its own; otherwise the workers take turns on the same cores.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::parse_threads)]
     pub worker_threads: Option<usize>,
     /// Put the workers on the same cores even where each could have cores of its own.
     #[arg(long)]
@@ -83,7 +83,7 @@ impl WorkerCores {
     /// How the workers of `threads` compute threads each are laid out over `cores` (the
     /// cores this process may use).
     pub(crate) fn plan(threads: usize, cores: &[usize], dtype: WeightMode, share: bool) -> Self {
-        if !share && threads > 0 && threads * 3 <= cores.len() {
+        if !share && threads > 0 && threads.checked_mul(3).is_some_and(|n| n <= cores.len()) {
             return Self::Own(std::array::from_fn(|i| {
                 cores[i * threads..(i + 1) * threads].to_vec()
             }));
@@ -574,6 +574,10 @@ mod tests {
         );
         assert_eq!(
             WorkerCores::plan(2, &[], WeightMode::Q8_0, false),
+            WorkerCores::Shared(None)
+        );
+        assert_eq!(
+            WorkerCores::plan(usize::MAX, &sixteen, WeightMode::Q8_0, false),
             WorkerCores::Shared(None)
         );
     }

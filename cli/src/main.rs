@@ -19,10 +19,23 @@ use clap::{Parser, Subcommand};
 #[command(name = "sovra", version, about)]
 struct Cli {
     /// Compute threads per process (default: all cores).
-    #[arg(long, global = true, env = "SOVRA_THREADS")]
+    #[arg(long, global = true, env = "SOVRA_THREADS", value_parser = parse_threads)]
     threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Most compute threads a process may be given.
+const MAX_THREADS: usize = 1024;
+
+/// A count of compute threads: 1 to [`MAX_THREADS`].
+fn parse_threads(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n @ 1..=MAX_THREADS) => Ok(n),
+        _ => Err(format!(
+            "expected a number of threads from 1 to {MAX_THREADS}"
+        )),
+    }
 }
 
 #[derive(Debug, Subcommand)]

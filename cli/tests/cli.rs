@@ -297,3 +297,21 @@ fn a_bad_core_list_is_refused_before_the_worker_starts() {
         assert!(stderr.contains(expected), "{extra:?}: {stderr}");
     }
 }
+
+#[test]
+fn a_thread_count_of_zero_or_beyond_reason_is_refused() {
+    for args in [
+        vec!["--threads", "0", "generate", "-m", "smollm2", "--local", "hi"],
+        vec!["demo", "--worker-threads", "0"],
+        vec!["demo", "--worker-threads", "18446744073709551615"],
+        vec!["demo", "--worker-threads", "many"],
+    ] {
+        let out = sovra(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("expected a number of threads from 1 to 1024"),
+            "{args:?}: {stderr}"
+        );
+    }
+}
