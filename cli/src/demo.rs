@@ -329,15 +329,6 @@ async fn onboard(
 ) -> Result<()> {
     let mut providers = pb::providers_client::ProvidersClient::new(operator.clone());
     let mut workers = pb::workers_client::WorkersClient::new(operator.clone());
-    // Where the machine has too few cores for each worker to have its own, every worker gets
-    // all of them: the stages of one job compute one after another, and an idle worker's
-    // threads sleep (measured: 3-stage q8_0 decode 0.63x with one thread per worker, 0.76x
-    // with two, against `generate --local`). With quantized weights each worker pins its
-    // compute threads one per core, the same cores for all (they take turns on them):
-    // 3-stage q8_0 decode 1.18x unpinned (10 alternating runs). f32 forwards run on candle's
-    // rayon pool, whose threads are not pinned: 0.98x there, so f32 workers are left to the
-    // scheduler. A worker alone on its cores spins for the next op as long as a local
-    // process does (candle's default), since no other stage waits for those cores.
     let (threads, layout) = worker_cores(args);
     say(args.json, &format!("workers      {}", layout.describe()));
     for (index, &(name, country, certs)) in PROVIDERS.iter().enumerate() {
@@ -358,37 +349,15 @@ async fn onboard(
             .map_err(status)?
             .into_inner()
             .token;
-        let log = std::fs::File::create(root.join(format!("{name}.log")))?;
         let mut worker = Command::new(exe);
         dies_with_this_process(&mut worker)
             .args(["--threads", &threads.to_string()])
-            .args([
-                "worker",
-                "start",
-                "--batch-wait",
-                DEMO_BATCH_WAIT,
-                "--coordinator",
-                url,
-                "--listen",
-                "127.0.0.1:0",
-                "--join-token",
-                &token,
-                "--data-dir",
-            ])
+            .args(["worker", "start", "--batch-wait", DEMO_BATCH_WAIT])
+            .args(["--coordinator", url, "--listen", "127.0.0.1:0"])
+            .args(["--join-token", &token, "--data-dir"])
             .arg(root.join(name));
-        let pinned = match &layout {
-            WorkerCores::Shared(pinned) => pinned.as_deref(),
-            WorkerCores::Own(cores) => {
-                confine(&mut worker, &cores[index]);
-                if std::env::var_os(crate::SPIN_LIMIT_VAR).is_none() {
-                    worker.env(crate::SPIN_LIMIT_VAR, crate::CANDLE_SPIN_LIMIT.to_string());
-                }
-                (args.dtype != WeightMode::F32).then_some(&cores[index][..])
-            }
-        };
-        if let Some(cores) = pinned {
-            worker.args(["--cpus", &sovra_worker::cpus::format_core_list(cores)]);
-        }
+        place_worker(&mut worker, &layout, index, args.dtype);
+        let log = std::fs::File::create(root.join(format!("{name}.log")))?;
         let worker = worker
             .stdout(Stdio::null())
             .stderr(log)
@@ -401,24 +370,7 @@ async fn onboard(
         );
         // One worker at a time: each measures its speed while the others idle, so workers
         // sharing this machine measure the same speed and get even shares of the layers.
-        let joined = index + 1;
-        wait(
-            &format!("the worker of {name} to join"),
-            Duration::from_secs(120),
-            || {
-                let mut workers = workers.clone();
-                async move {
-                    let list = workers
-                        .list_workers(pb::ListWorkersRequest {})
-                        .await
-                        .ok()?
-                        .into_inner()
-                        .workers;
-                    (list.iter().filter(|w| w.state == "up").count() >= joined).then_some(())
-                }
-            },
-        )
-        .await?;
+        wait_for_workers(&workers, index + 1, name).await?;
     }
     for w in workers
         .list_workers(pb::ListWorkersRequest {})
@@ -436,6 +388,56 @@ async fn onboard(
         );
     }
     Ok(())
+}
+
+/// Puts the `index`-th worker's command on its cores. Where the machine has too few cores
+/// for each worker to have its own, every worker gets all of them: the stages of one job
+/// compute one after another, and an idle worker's threads sleep (measured: 3-stage q8_0
+/// decode 0.63x with one thread per worker, 0.76x with two, against `generate --local`). With
+/// quantized weights each worker pins its compute threads one per core, the same cores for
+/// all (they take turns on them): 3-stage q8_0 decode 1.18x unpinned (10 alternating runs).
+/// f32 forwards run on candle's rayon pool, whose threads are not pinned: 0.98x there, so f32
+/// workers are left to the scheduler. A worker alone on its cores spins for the next op as
+/// long as a local process does (candle's default), since no other stage waits for them.
+fn place_worker(worker: &mut Command, layout: &WorkerCores, index: usize, dtype: WeightMode) {
+    let pinned = match layout {
+        WorkerCores::Shared(pinned) => pinned.as_deref(),
+        WorkerCores::Own(cores) => {
+            confine(worker, &cores[index]);
+            if std::env::var_os(crate::SPIN_LIMIT_VAR).is_none() {
+                worker.env(crate::SPIN_LIMIT_VAR, crate::CANDLE_SPIN_LIMIT.to_string());
+            }
+            (dtype != WeightMode::F32).then_some(&cores[index][..])
+        }
+    };
+    if let Some(cores) = pinned {
+        worker.args(["--cpus", &sovra_worker::cpus::format_core_list(cores)]);
+    }
+}
+
+/// Waits until `count` workers are up; `name` is the provider whose worker is joining.
+async fn wait_for_workers(
+    workers: &pb::workers_client::WorkersClient<AuthChannel>,
+    count: usize,
+    name: &str,
+) -> Result<()> {
+    wait(
+        &format!("the worker of {name} to join"),
+        Duration::from_secs(120),
+        || {
+            let mut workers = workers.clone();
+            async move {
+                let list = workers
+                    .list_workers(pb::ListWorkersRequest {})
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .workers;
+                (list.iter().filter(|w| w.state == "up").count() >= count).then_some(())
+            }
+        },
+    )
+    .await
 }
 
 pub(crate) async fn place(

@@ -301,7 +301,15 @@ fn a_bad_core_list_is_refused_before_the_worker_starts() {
 #[test]
 fn a_thread_count_of_zero_or_beyond_reason_is_refused() {
     for args in [
-        vec!["--threads", "0", "generate", "-m", "smollm2", "--local", "hi"],
+        vec![
+            "--threads",
+            "0",
+            "generate",
+            "-m",
+            "smollm2",
+            "--local",
+            "hi",
+        ],
         vec!["demo", "--worker-threads", "0"],
         vec!["demo", "--worker-threads", "18446744073709551615"],
         vec!["demo", "--worker-threads", "many"],
