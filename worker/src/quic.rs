@@ -150,6 +150,7 @@ pub fn endpoint_from_socket(
     })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let material = Material::parse(identity)?;
+    let restart = restart_config(&material);
     let transport = Arc::new(transport_config());
     let server_tls = server_tls(&material, provider.clone())?;
     let server_tls = QuicServerConfig::try_from(server_tls).map_err(tls_err)?;
@@ -163,16 +164,13 @@ pub fn endpoint_from_socket(
         addr: listen,
         source: std::io::Error::other("no async runtime"),
     })?;
-    let mut endpoint = quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        Some(server),
-        socket,
-        runtime,
-    )
-    .map_err(|source| QuicError::Bind {
-        addr: listen,
-        source,
-    })?;
+    let mut endpoint =
+        quinn::Endpoint::new(restart, Some(server), socket, runtime).map_err(|source| {
+            QuicError::Bind {
+                addr: listen,
+                source,
+            }
+        })?;
     endpoint.set_default_client_config(client);
     Ok(endpoint)
 }
@@ -301,6 +299,29 @@ fn client_tls(m: Material, provider: Arc<CryptoProvider>) -> Result<ClientConfig
         .map_err(tls_err)?;
     config.alpn_protocols = vec![ALPN.to_vec()];
     Ok(config)
+}
+
+/// An endpoint configuration that survives the worker's restart: the key of its stateless
+/// resets and the key its connection ids are checked with are derived from the worker's
+/// private key (under labels of their own) instead of drawn at random. A worker restarted on
+/// the same address then recognises a peer's packet for a connection of the process it
+/// replaces and answers it with a reset the peer accepts, so the peer's connection ends at
+/// once instead of at the idle timeout.
+fn restart_config(material: &Material) -> quinn::EndpointConfig {
+    let derive = |label: &[u8]| {
+        let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+        digest.update(label);
+        digest.update(material.key.secret_der());
+        digest.finish()
+    };
+    let reset = derive(b"sovra data-plane stateless reset key v1\0");
+    let reset = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset.as_ref());
+    let mut cid = [0u8; 8];
+    cid.copy_from_slice(&derive(b"sovra data-plane connection id key v1\0").as_ref()[..8]);
+    let cid = u64::from_le_bytes(cid);
+    let mut config = quinn::EndpointConfig::new(Arc::new(reset));
+    config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid)));
+    config
 }
 
 /// Keep-alive, idle timeout, flow-control windows; no bidirectional streams.

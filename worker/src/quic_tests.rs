@@ -276,3 +276,92 @@ async fn unusable_tls_material_is_refused() {
         assert!(matches!(err, QuicError::Tls(_)), "{err:?}");
     }
 }
+
+/// Worker w-b on a runtime of its own, accepting connections and reading their streams until
+/// the runtime is shut down, which ends it as a process killed outright ends: nothing is sent.
+fn crashable_server(identity: &TlsIdentity) -> (tokio::runtime::Runtime, SocketAddr) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let socket = std::net::UdpSocket::bind(loopback()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    let identity = identity.clone();
+    runtime.spawn(async move {
+        let server = endpoint_from_socket(socket, &identity).unwrap();
+        let mut held = Vec::new();
+        while let Some(incoming) = server.accept().await {
+            let Ok(conn) = incoming.await else { continue };
+            let reader = conn.clone();
+            tokio::spawn(async move {
+                while let Ok(mut stream) = reader.accept_uni().await {
+                    let _ = stream.read_to_end(1 << 20).await;
+                }
+            });
+            held.push(conn);
+        }
+    });
+    (runtime, addr)
+}
+
+/// A UDP socket on `addr` once the process before has let it go.
+async fn rebind(addr: SocketAddr) -> std::net::UdpSocket {
+    for _ in 0..100 {
+        if let Ok(socket) = std::net::UdpSocket::bind(addr) {
+            return socket;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{addr} stayed in use");
+}
+
+#[tokio::test]
+async fn a_worker_restarted_on_its_address_ends_its_peers_old_connections_at_once() {
+    let ca = FederationCa::generate("test federation").unwrap();
+    let a = endpoint(loopback(), &identity(&ca, "w-a", "prov-a")).unwrap();
+    let b = identity(&ca, "w-b", "prov-b");
+    let frame = |start_pos| Frame::Activations {
+        session: 42,
+        start_pos,
+        rows: 1,
+        hidden: 512,
+        sample: false,
+        data: vec![0.5; 512],
+    };
+    // The same worker (same key) restarted, then another key on that address.
+    for (restarted, same_key) in [(b.clone(), true), (identity(&ca, "w-b", "prov-b"), false)] {
+        let (runtime, addr) = crashable_server(&b);
+        let conn = bounded("dialing", connect(&a, addr, "w-b", TIMEOUT))
+            .await
+            .unwrap();
+        let mut stream = conn.open_uni().await.unwrap();
+        write_frame(&mut stream, &frame(0)).await.unwrap();
+        // Past the handshake (the server has confirmed it), as a link in service is.
+        bounded("the handshake's confirmation", async {
+            while conn.stats().frame_rx.handshake_done == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        runtime.shutdown_background();
+        let socket = rebind(addr).await;
+        let _restarted = endpoint_from_socket(socket, &restarted).unwrap();
+        // The peer's next frame reaches the new process, which knows no such connection.
+        let _ = write_frame(&mut stream, &frame(1)).await;
+        let ended = tokio::time::timeout(Duration::from_secs(3), conn.closed()).await;
+        if same_key {
+            assert!(
+                matches!(ended, Ok(quinn::ConnectionError::Reset)),
+                "the old connection was not reset: {ended:?}"
+            );
+        } else {
+            // A reset signed with another key is not the old endpoint's: ignored, so a third
+            // party on the address cannot end the connection (it ends at the idle timeout).
+            assert!(
+                ended.is_err(),
+                "a foreign reset ended the connection: {ended:?}"
+            );
+        }
+    }
+}
