@@ -302,26 +302,70 @@ fn client_tls(m: Material, provider: Arc<CryptoProvider>) -> Result<ClientConfig
 }
 
 /// An endpoint configuration that survives the worker's restart: the key of its stateless
-/// resets and the key its connection ids are checked with are derived from the worker's
-/// private key (under labels of their own) instead of drawn at random. A worker restarted on
+/// resets and the key that tags its connection ids are derived from the worker's private key
+/// (HKDF-SHA256 under labels of their own) instead of drawn at random. A worker restarted on
 /// the same address then recognises a peer's packet for a connection of the process it
-/// replaces and answers it with a reset the peer accepts, so the peer's connection ends at
-/// once instead of at the idle timeout.
+/// replaces and answers it with a reset the peer accepts, so the peer's connection ends
+/// within moments instead of at the idle timeout.
 fn restart_config(material: &Material) -> quinn::EndpointConfig {
-    let derive = |label: &[u8]| {
-        let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
-        digest.update(label);
-        digest.update(material.key.secret_der());
-        digest.finish()
+    let prk = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"sovra data plane")
+        .extract(material.key.secret_der());
+    let derive = |label: &'static [u8]| {
+        let info = [label];
+        let okm = prk
+            .expand(&info, ring::hmac::HMAC_SHA256)
+            .expect("HKDF-SHA256 yields one SHA-256 output");
+        ring::hmac::Key::from(okm)
     };
-    let reset = derive(b"sovra data-plane stateless reset key v1\0");
-    let reset = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset.as_ref());
-    let mut cid = [0u8; 8];
-    cid.copy_from_slice(&derive(b"sovra data-plane connection id key v1\0").as_ref()[..8]);
-    let cid = u64::from_le_bytes(cid);
+    let reset = derive(b"stateless reset key v1");
+    let cids = derive(b"connection id key v1");
     let mut config = quinn::EndpointConfig::new(Arc::new(reset));
-    config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid)));
+    config.cid_generator(move || Box::new(KeyedCids(cids.clone())));
     config
+}
+
+/// Connection ids of [`CID_RANDOM`] random bytes and a [`CID_TAG`]-byte HMAC tag under the
+/// worker's connection-id key: an id this worker issued (in this process or before a restart)
+/// is recognised, and so many random bytes that the reset tokens of a worker's ids cannot be
+/// collected one by one, nor an id be drawn twice.
+struct KeyedCids(ring::hmac::Key);
+
+const CID_RANDOM: usize = 12;
+const CID_TAG: usize = 4;
+
+impl KeyedCids {
+    fn tag(&self, random: &[u8]) -> [u8; CID_TAG] {
+        let mut tag = [0u8; CID_TAG];
+        tag.copy_from_slice(&ring::hmac::sign(&self.0, random).as_ref()[..CID_TAG]);
+        tag
+    }
+}
+
+impl quinn::ConnectionIdGenerator for KeyedCids {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        let mut id = [0u8; CID_RANDOM + CID_TAG];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id[..CID_RANDOM])
+            .expect("the system's random source is available");
+        let tag = self.tag(&id[..CID_RANDOM]);
+        id[CID_RANDOM..].copy_from_slice(&tag);
+        quinn::ConnectionId::new(&id)
+    }
+
+    fn validate(&self, cid: &quinn::ConnectionId) -> Result<(), quinn_proto::InvalidCid> {
+        match cid.len() == CID_RANDOM + CID_TAG && cid[CID_RANDOM..] == self.tag(&cid[..CID_RANDOM])
+        {
+            true => Ok(()),
+            false => Err(quinn_proto::InvalidCid),
+        }
+    }
+
+    fn cid_len(&self) -> usize {
+        CID_RANDOM + CID_TAG
+    }
+
+    fn cid_lifetime(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// Keep-alive, idle timeout, flow-control windows; no bidirectional streams.
