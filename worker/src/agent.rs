@@ -260,7 +260,7 @@ pub async fn run(
     creds.identity.advertise_addr = advertise;
     let device = cpu_device();
     let scratch = config.data_dir.clone();
-    // The best of SPEED_RUNS forwards (~0.2 s): with 3, workers sharing one noisy machine measured
+    // The best of SPEED_RUNS forwards (~0.4 s at 200 GFLOP/s): with 3, workers sharing one noisy machine measured
     // 149–198 GFLOP/s in one start and the planner split the layers 15/10/5 by that noise;
     // with 12, 190–200 over four starts.
     let speed = tokio::task::spawn_blocking(move || measure_speed_gflops(&scratch, SPEED_RUNS))

@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::frame::{Frame, FrameError, read_head, read_rest, skip_rest, write_frame};
+use crate::frame::{Frame, FrameError, read_head_within, read_rest, skip_rest, write_frame};
 use crate::quic::{self, QuicError, TlsIdentity};
 use crate::stage::{EngineInput, EngineOutput, InputBudget, Peer};
 
@@ -32,9 +32,9 @@ const CARRIED_PRUNE: usize = 4096;
 const LINK_CLOSE: Duration = Duration::from_secs(10);
 /// How long an accepted connection may go without opening its stream.
 const STREAM_WAIT: Duration = Duration::from_secs(30);
-/// How long the rest of a frame may take to arrive once its start has been read (and, for a
-/// frame of an open session, the receiving stage's budget holds room for it): the sender's own
-/// limit on a frame (shorter in tests).
+/// How long a frame's head may take to arrive once its first byte has, and its body once the
+/// head has been read (and, for a frame of an open session, the receiving stage's budget holds
+/// room for it): the sender's own limit on a frame (shorter in tests).
 const BODY_WAIT: Duration = if cfg!(test) {
     Duration::from_secs(10)
 } else {
@@ -235,7 +235,7 @@ impl DataPlane {
             }
         };
         loop {
-            let head = match read_head(&mut stream).await {
+            let head = match read_head_within(&mut stream, BODY_WAIT).await {
                 // The sender's link closed after its last frame: nothing more comes on
                 // this connection (a link carries one stream).
                 Ok(None) => {
@@ -243,6 +243,7 @@ impl DataPlane {
                     return;
                 }
                 Ok(Some(head)) => head,
+                Err(FrameError::Stalled(_)) => return refuse_stalled(peer, conn),
                 Err(e) => return refuse_malformed(peer, conn, &e),
             };
             let (engine, budget) = match self.route(peer, head.session(), head.is_token()) {
@@ -265,7 +266,8 @@ impl DataPlane {
             // make this worker hold are the budget's and the QUIC windows'.
             let held = budget.hold(head.body_len()).await;
             if lock(&self.revoked).contains(peer) {
-                return;
+                let reason = b"the provider of this worker is revoked";
+                return conn.close(quic::CODE_REVOKED.into(), reason);
             }
             let frame = match tokio::time::timeout(BODY_WAIT, read_rest(&mut stream, &head)).await {
                 Ok(Ok(frame)) => frame,

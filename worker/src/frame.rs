@@ -131,6 +131,10 @@ pub enum FrameError {
     /// The body continues after the frame's last field.
     #[error("{0} unexpected bytes after the end of the frame")]
     TrailingBytes(usize),
+    /// The rest of a frame's head did not arrive within the time allowed once its first
+    /// byte had.
+    #[error("the rest of a frame's head did not arrive within {0:?}")]
+    Stalled(std::time::Duration),
     /// A token frame declares a body of other than 21 bytes.
     #[error("a token frame's body is 21 bytes, not {0}")]
     TokenLength(u32),
@@ -303,11 +307,39 @@ impl FrameHead {
 /// kind, and an activations frame's flags, dtype and shape. Returns `Ok(None)` on a clean end
 /// of stream before a frame starts.
 pub async fn read_head<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<FrameHead>, FrameError> {
-    let mut prefix = [0u8; PREFIX_BYTES];
-    let got = read_full(r, &mut prefix).await?;
-    if got == 0 {
-        return Ok(None);
+    match first_byte(r).await? {
+        Some(first) => head_after(r, first).await.map(Some),
+        None => Ok(None),
     }
+}
+
+/// As [`read_head`], but once the frame's first byte has arrived (a stream may be quiet
+/// between frames for as long as it likes), the rest of the head must arrive within `limit`
+/// ([`FrameError::Stalled`] otherwise).
+pub async fn read_head_within<R: AsyncRead + Unpin>(
+    r: &mut R,
+    limit: std::time::Duration,
+) -> Result<Option<FrameHead>, FrameError> {
+    let Some(first) = first_byte(r).await? else {
+        return Ok(None);
+    };
+    match tokio::time::timeout(limit, head_after(r, first)).await {
+        Ok(head) => head.map(Some),
+        Err(_) => Err(FrameError::Stalled(limit)),
+    }
+}
+
+/// The first byte of the next frame, or `None` at a clean end of stream.
+async fn first_byte<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<u8>, FrameError> {
+    let mut first = [0u8; 1];
+    Ok((read_full(r, &mut first).await? == 1).then_some(first[0]))
+}
+
+/// The rest of a head whose first byte was `first`; each field is checked as soon as it has
+/// been read.
+async fn head_after<R: AsyncRead + Unpin>(r: &mut R, first: u8) -> Result<FrameHead, FrameError> {
+    let mut prefix = [first, 0, 0, 0];
+    let got = 1 + read_full(r, &mut prefix[1..]).await?;
     if got < PREFIX_BYTES {
         return Err(FrameError::Truncated {
             needed: PREFIX_BYTES as u64,
@@ -322,7 +354,8 @@ pub async fn read_head<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<FrameHe
         });
     }
     let len = declared as usize;
-    if len < HEAD_BYTES {
+    let kind_end = MAGIC.len() + 1;
+    if len < kind_end {
         // Too short for any frame: read what it declares and report why it does not decode.
         return Err(short_body_error(&read_body(r, len, &[]).await?, HEAD_BYTES));
     }
@@ -331,32 +364,32 @@ pub async fn read_head<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<FrameHe
         head: [0; ACTIVATIONS_HEADER_BYTES],
         len: HEAD_BYTES,
     };
-    read_exact_of(r, &mut head.head[..HEAD_BYTES], 0, len).await?;
+    read_exact_of(r, &mut head.head[..kind_end], 0, len).await?;
     if head.head[..MAGIC.len()] != MAGIC {
         return Err(FrameError::BadMagic);
     }
-    match head.head[MAGIC.len()] {
-        KIND_TOKEN if len == TOKEN_BODY_BYTES => Ok(Some(head)),
-        KIND_TOKEN => Err(FrameError::TokenLength(declared)),
+    let end = match head.head[MAGIC.len()] {
+        KIND_TOKEN if len == TOKEN_BODY_BYTES => HEAD_BYTES,
+        KIND_TOKEN => return Err(FrameError::TokenLength(declared)),
+        KIND_ACTIVATIONS if len >= ACTIVATIONS_HEADER_BYTES => ACTIVATIONS_HEADER_BYTES,
         KIND_ACTIVATIONS => {
-            if len < ACTIVATIONS_HEADER_BYTES {
-                // Read what it declares: the decoder names the field it cuts short.
-                let body = read_body(r, len, head.bytes()).await?;
-                return Err(short_body_error(&body, ACTIVATIONS_HEADER_BYTES));
-            }
-            let fields = &mut head.head[HEAD_BYTES..];
-            read_exact_of(r, fields, HEAD_BYTES, len).await?;
-            head.len = ACTIVATIONS_HEADER_BYTES;
-            let mut cur = Cursor {
-                buf: &head.head[MAGIC.len() + 1..],
-                pos: 0,
-            };
-            let (_, _, rows, hidden, _) = activations_fields(&mut cur)?;
-            payload_fits(rows, hidden, len - ACTIVATIONS_HEADER_BYTES)?;
-            Ok(Some(head))
+            // Read what it declares: the decoder names the field it cuts short.
+            let body = read_body(r, len, &head.head[..kind_end]).await?;
+            return Err(short_body_error(&body, ACTIVATIONS_HEADER_BYTES));
         }
-        other => Err(FrameError::UnknownKind(other)),
+        other => return Err(FrameError::UnknownKind(other)),
+    };
+    read_exact_of(r, &mut head.head[kind_end..end], kind_end, len).await?;
+    head.len = end;
+    if end == ACTIVATIONS_HEADER_BYTES {
+        let mut cur = Cursor {
+            buf: &head.head[kind_end..end],
+            pos: 0,
+        };
+        let (_, _, rows, hidden, _) = activations_fields(&mut cur)?;
+        payload_fits(rows, hidden, len - ACTIVATIONS_HEADER_BYTES)?;
     }
+    Ok(head)
 }
 
 /// Why `body`, shorter than the `needed` bytes its frame's fields take, is refused: the

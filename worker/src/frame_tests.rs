@@ -294,13 +294,24 @@ fn a_head_is_refused_before_the_rest_arrives() {
         ready(read_head(&mut &bad_kind[..])),
         Err(FrameError::UnknownKind(9))
     );
-    // A body too short to hold a head is read (it is short) and refused.
+    // A token whose declared body is too short for one, once its kind is known.
     let mut short = 5u32.to_le_bytes().to_vec();
     short.extend_from_slice(b"SVF1\x02");
     assert_eq!(
         ready(read_head(&mut &short[..])),
-        Err(FrameError::Truncated { needed: 13, got: 5 })
+        Err(FrameError::TokenLength(5))
     );
+    // A body too short to hold even a kind is read (it is short) and refused.
+    let mut shorter = 3u32.to_le_bytes().to_vec();
+    shorter.extend_from_slice(b"SVF");
+    assert_eq!(
+        ready(read_head(&mut &shorter[..])),
+        Err(FrameError::Truncated { needed: 4, got: 3 })
+    );
+    // A wrong magic is refused before the rest of the head has arrived.
+    let mut early = 21u32.to_le_bytes().to_vec();
+    early.extend_from_slice(b"XVF1\x02");
+    assert_eq!(ready(read_head(&mut &early[..])), Err(FrameError::BadMagic));
 }
 
 #[test]
@@ -490,4 +501,22 @@ proptest! {
             prop_assert!(same_shape(&frame, &decoded));
         }
     }
+}
+
+#[tokio::test]
+async fn a_head_must_follow_its_first_byte_in_time_but_a_quiet_stream_may_wait() {
+    let limit = std::time::Duration::from_millis(200);
+    // A stream with nothing on it: no frame has started, so no limit applies.
+    let (_tx, mut rx) = tokio::io::duplex(64);
+    let quiet = tokio::time::timeout(limit * 3, read_head_within(&mut rx, limit)).await;
+    assert!(quiet.is_err(), "a quiet stream was cut off: {quiet:?}");
+    // Two bytes of a prefix, then nothing: the head has stalled.
+    let (mut tx, mut rx) = tokio::io::duplex(64);
+    tokio::io::AsyncWriteExt::write_all(&mut tx, &[21, 0])
+        .await
+        .unwrap();
+    let stalled = tokio::time::timeout(limit * 3, read_head_within(&mut rx, limit))
+        .await
+        .expect("the limit ends the read");
+    assert_eq!(stalled, Err(FrameError::Stalled(limit)));
 }
