@@ -241,11 +241,35 @@ fn save_credentials(dir: &Path, creds: &Credentials) -> Result<(), WorkerError> 
     write("identity.json", &identity, 0o644)
 }
 
+/// Takes the data dir for this process alone: a lock on its `worker.lock`, held as long as the
+/// returned file is open (the system lets it go when the process ends, however it ends). A
+/// second worker on the same identity is refused at start instead of taking the first one's
+/// place at the coordinator, turn and turn about.
+pub fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, WorkerError> {
+    std::fs::create_dir_all(dir).map_err(|e| io_err("creating", dir, e))?;
+    let path = dir.join("worker.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| io_err("opening", &path, e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(WorkerError::Io(format!(
+            "{} is in use by another running worker",
+            dir.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(io_err("locking", &path, e)),
+    }
+}
+
 /// Runs the worker until `shutdown` resolves or the coordinator refuses it for good.
 pub async fn run(
     config: WorkerConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), WorkerError> {
+    let _dir_lock = lock_data_dir(&config.data_dir)?;
     let socket = std::net::UdpSocket::bind(config.listen).map_err(|e| {
         WorkerError::Io(format!("binding the data plane on {}: {e}", config.listen))
     })?;
@@ -314,7 +338,7 @@ pub async fn run(
     // Stop everything: the coordinator sees the stream end, peers see the endpoint close, and
     // the stage engines exit once their senders are gone.
     *lock_any(&session.uplink) = None;
-    session.plane.close();
+    session.plane.close(Duration::from_secs(1)).await;
     lock_any(&session.sessions).clear();
     lock(&session.slices).clear();
     drop(net);

@@ -89,3 +89,21 @@ async fn an_engine_that_panics_is_forgotten_its_sessions_fail_and_its_assignment
     assert_eq!(lock(&slices).get("m").map(|l| l.version), Some(4));
     assert!(failed.try_recv().is_err());
 }
+
+#[test]
+fn a_data_dir_serves_one_worker_process_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("w1");
+    let first = lock_data_dir(&data).unwrap();
+    match lock_data_dir(&data) {
+        Err(WorkerError::Io(message)) => {
+            assert!(
+                message.contains("in use by another running worker"),
+                "{message}"
+            )
+        }
+        other => panic!("a second worker took the data dir: {other:?}"),
+    }
+    drop(first);
+    lock_data_dir(&data).expect("the data dir is free once the first worker is gone");
+}

@@ -63,8 +63,10 @@ pub struct Route {
     pub tail: Option<String>,
 }
 
-/// An outgoing link: the peer's worker id and the model whose frames it carries.
-type LinkKey = (String, Arc<str>);
+/// An outgoing link: the peer's worker id, the address it is dialed at (a worker restarted on
+/// another address gets a new link at once, not frames sent into its old process's
+/// connection) and the model whose frames it carries.
+type LinkKey = (String, String, Arc<str>);
 
 /// The frames queued for a link's task, and which task (a retired link's key may be reused).
 struct Link {
@@ -149,12 +151,15 @@ impl DataPlane {
         lock(&self.routes).remove(&session);
     }
 
-    /// Closes the endpoint and forgets every route and link (the worker is stopping).
-    pub fn close(&self) {
+    /// Closes the endpoint and forgets every route and link (the worker is stopping), then
+    /// waits up to `limit` for the peers to have been told, so they drop their links to this
+    /// process at once instead of at their idle timeout.
+    pub async fn close(&self, limit: Duration) {
         self.endpoint
             .close(quic::CODE_NO_ERROR.into(), b"the worker is stopping");
         lock(&self.routes).clear();
         lock(&self.links).clear();
+        let _ = tokio::time::timeout(limit, self.endpoint.wait_idle()).await;
     }
 
     /// Refuses these workers from now on and closes their connections.
@@ -168,7 +173,7 @@ impl DataPlane {
                     b"the provider of this worker is revoked",
                 );
             }
-            lock(&self.links).retain(|(peer, _), _| peer != w);
+            lock(&self.links).retain(|(peer, _, _), _| peer != w);
         }
     }
 
@@ -339,8 +344,8 @@ impl DataPlane {
         };
         let mut links = lock(&self.links);
         let link = links
-            .entry((to.worker_id.clone(), model))
-            .or_insert_with_key(|(_, model)| {
+            .entry((to.worker_id.clone(), to.addr.clone(), model))
+            .or_insert_with_key(|(_, _, model)| {
                 let (frames, rx) = mpsc::unbounded_channel();
                 let id = self
                     .next_link
@@ -378,7 +383,7 @@ impl DataPlane {
         id: u64,
         mut rx: mpsc::UnboundedReceiver<Frame>,
     ) {
-        let key = (to.worker_id.clone(), model.clone());
+        let key = (to.worker_id.clone(), to.addr.clone(), model.clone());
         let idle = *lock(&self.link_idle);
         let result = async {
             let addr = tokio::net::lookup_host(&to.addr)

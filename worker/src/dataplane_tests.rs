@@ -642,3 +642,22 @@ async fn a_frame_of_a_closed_session_is_read_through_and_the_next_one_arrives() 
     );
     assert!(conn.close_reason().is_none(), "the connection stays open");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_at_a_new_address_gets_a_new_link() {
+    let (ca, old) = worker_b();
+    let sender = worker(&ca, "w-a");
+    let (mut old_inputs, to_old) = one_session(&sender, &old);
+    sender.send(&to_old, small_frame(0));
+    arrives(&mut old_inputs, 0).await;
+    // w-b restarted on another address, and the session placed there: its next frame goes
+    // to the new address, not into the link to the old one.
+    let new = worker(&ca, "w-b");
+    let (mut new_inputs, to_new) = one_session(&sender, &new);
+    sender.send(&to_new, small_frame(1));
+    arrives(&mut new_inputs, 1).await;
+    assert!(
+        old_inputs.try_recv().is_err(),
+        "the frame went to the old address"
+    );
+}
