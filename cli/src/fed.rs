@@ -24,8 +24,9 @@ pub struct ConnectArgs {
     /// Federation CA certificate (ca.pem from the coordinator's data dir).
     #[arg(long, global = true, env = "SOVRA_CA", value_parser = parse_path)]
     pub ca: Option<PathBuf>,
-    /// API token (operator or tenant).
-    #[arg(long, global = true, env = "SOVRA_TOKEN", hide_env_values = true)]
+    /// API token (operator or tenant). Given on the command line, it or --token-file wins over
+    /// SOVRA_TOKEN and SOVRA_TOKEN_FILE.
+    #[arg(long, global = true, env = "SOVRA_TOKEN", hide_env_values = true, value_parser = parse_token)]
     pub token: Option<String>,
     /// File holding the API token (e.g. the coordinator's admin.token).
     #[arg(long, global = true, env = "SOVRA_TOKEN_FILE", value_parser = parse_path)]
@@ -47,7 +48,14 @@ impl ConnectArgs {
             .ok_or_else(|| anyhow!("no CA certificate: pass --ca FILE or set SOVRA_CA"))?;
         let ca = std::fs::read_to_string(ca_path)
             .with_context(|| format!("reading {}", ca_path.display()))?;
-        let token = match (&self.token, &self.token_file) {
+        // A token or token file from the command line wins over one from the environment.
+        let (from_env, file_from_env) = ENV_SOURCED.get().copied().unwrap_or_default();
+        let file_on_command_line = self.token_file.is_some() && !file_from_env;
+        let token = self
+            .token
+            .as_ref()
+            .filter(|_| !(from_env && file_on_command_line));
+        let token = match (token, &self.token_file) {
             (Some(t), _) => Some(t.trim().to_string()),
             (None, Some(f)) => Some(
                 std::fs::read_to_string(f)
@@ -59,6 +67,35 @@ impl ConnectArgs {
         };
         Ok(connect(url, &ca, None, token.as_deref()).await?)
     }
+}
+
+/// Whether the token and the token file (in that order) came from the environment rather than
+/// the command line; set once from the parsed command line.
+static ENV_SOURCED: std::sync::OnceLock<(bool, bool)> = std::sync::OnceLock::new();
+
+/// Records where `--token` and `--token-file` came from (global options: the innermost
+/// subcommand's matches hold them).
+pub fn note_env_sources(matches: &clap::ArgMatches) {
+    let mut innermost = matches;
+    while let Some((_, sub)) = innermost.subcommand() {
+        innermost = sub;
+    }
+    let from_env = |id: &str| {
+        innermost.try_get_raw(id).is_ok_and(|v| v.is_some())
+            && innermost.value_source(id) == Some(clap::parser::ValueSource::EnvVariable)
+    };
+    let _ = ENV_SOURCED.set((from_env("token"), from_env("token_file")));
+}
+
+/// A non-empty API token.
+fn parse_token(text: &str) -> Result<String, String> {
+    if text.trim().is_empty() {
+        return Err(
+            "the token is empty (if it comes from an environment variable, unset it or give a token)"
+                .into(),
+        );
+    }
+    Ok(text.to_string())
 }
 
 /// Turns a gRPC status into a one-line error.

@@ -12,7 +12,7 @@ mod units;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// sovra pools GPUs of independent providers to serve models too large for any one of them.
 #[derive(Debug, Parser)]
@@ -159,7 +159,9 @@ fn keep_small_pages() {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    fed::note_env_sources(&matches);
     // The thread count always goes through RAYON_NUM_THREADS, even when it is the default:
     // without it candle looks the machine's cores up again on every parallel op (measured:
     // 18 % slower q8_0 decode with 2 threads).
