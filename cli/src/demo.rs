@@ -217,6 +217,7 @@ async fn run_demo(args: DemoArgs) -> Result<()> {
     if args.stages == 0 || args.stages > 3 {
         bail!("--stages must be 1, 2 or 3 (the demo has three workers)");
     }
+    args.sampling.sampling()?;
     let model_path = resolve_model(&args.model, &sovra_home(), &mut crate::progress)?;
     let model_path = std::fs::canonicalize(&model_path)?;
     let dir = tempfile::Builder::new().prefix("sovra-demo-").tempdir()?;
@@ -316,7 +317,7 @@ async fn demo(
         prompt: args.prompt.clone(),
     };
     say(args.json, &format!("\n> {}\n", args.prompt));
-    crate::jobs_cmd::stream_job(as_tenant, run.request(), args.json).await
+    crate::jobs_cmd::stream_job(as_tenant, run.request()?, args.json).await
 }
 
 async fn onboard(

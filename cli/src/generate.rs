@@ -8,7 +8,8 @@ use clap::Args;
 use serde_json::json;
 use sovra_model::fetch::{resolve_model, sovra_home};
 use sovra_model::{
-    ChatPrompt, GgufModel, LayerRange, ModelTokenizer, SamplingParams, StopConditions, WeightMode,
+    ChatPrompt, GgufModel, LayerRange, ModelTokenizer, SamplingError, SamplingParams,
+    StopConditions, WeightMode,
 };
 use sovra_worker::{GenerateRequest, GenerationSummary, LocalPipeline, TokenEvent, generate};
 
@@ -19,13 +20,15 @@ pub struct SamplingArgs {
     #[arg(long, default_value_t = 256, env = "SOVRA_MAX_TOKENS")]
     pub max_tokens: usize,
     /// Softmax temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    // Negative values reach the checks below (which answer in JSON under --json) instead of
+    // being taken for flags.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub temperature: f32,
-    /// Sample only among the K most likely tokens.
-    #[arg(long)]
-    pub top_k: Option<usize>,
-    /// Sample only among the most likely tokens whose probabilities add up to P.
-    #[arg(long)]
+    /// Sample only among the K most likely tokens (K >= 1).
+    #[arg(long, allow_negative_numbers = true)]
+    pub top_k: Option<i64>,
+    /// Sample only among the most likely tokens whose probabilities add up to P, in (0, 1].
+    #[arg(long, allow_negative_numbers = true)]
     pub top_p: Option<f32>,
     /// Seed of the random draws (the draw at each position depends only on seed and position).
     #[arg(long, default_value_t = 0)]
@@ -39,14 +42,25 @@ pub struct SamplingArgs {
 }
 
 impl SamplingArgs {
-    /// The sampling settings.
-    pub fn sampling(&self) -> SamplingParams {
-        SamplingParams {
+    /// The sampling settings, checked.
+    pub fn sampling(&self) -> Result<SamplingParams> {
+        let top_k = match self.top_k {
+            Some(k) => Some(
+                usize::try_from(k)
+                    .ok()
+                    .filter(|&k| k >= 1)
+                    .ok_or(SamplingError::TopK)?,
+            ),
+            None => None,
+        };
+        let params = SamplingParams {
             temperature: self.temperature,
-            top_k: self.top_k,
+            top_k,
             top_p: self.top_p,
             seed: self.seed,
-        }
+        };
+        params.validate()?;
+        Ok(params)
     }
 
     /// The stop conditions.
@@ -142,7 +156,7 @@ fn run_inner(args: GenerateArgs) -> Result<()> {
         .with_context(|| format!("loading {}", path.display()))?;
     let request = GenerateRequest {
         prompt,
-        sampling: args.sampling.sampling(),
+        sampling: args.sampling.sampling()?,
         stop: args.sampling.stop(),
     };
     let mut stdout = std::io::stdout().lock();

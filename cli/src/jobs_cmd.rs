@@ -32,31 +32,37 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
-    /// The gRPC request.
-    pub fn request(&self) -> pb::RunJobRequest {
+    /// The gRPC request, its sampling settings checked (on the wire an unset top-k or top-p
+    /// is 0, so `--top-p 0` would otherwise pass for unset).
+    pub fn request(&self) -> Result<pb::RunJobRequest> {
         let s = &self.sampling;
-        pb::RunJobRequest {
+        let checked = s.sampling()?;
+        Ok(pb::RunJobRequest {
             model: self.model.clone(),
             prompt: self.prompt.clone(),
             chat: self.chat || self.system.is_some(),
             system: self.system.clone().unwrap_or_default(),
             sampling: Some(pb::Sampling {
                 temperature: s.temperature,
-                top_k: s.top_k.unwrap_or(0).min(u32::MAX as usize) as u32,
-                top_p: s.top_p.unwrap_or(0.0),
+                top_k: checked.top_k.unwrap_or(0).min(u32::MAX as usize) as u32,
+                top_p: checked.top_p.unwrap_or(0.0),
                 seed: s.seed,
                 max_tokens: s.max_tokens.min(u32::MAX as usize) as u32,
                 stop: s.stop.clone(),
                 ignore_eos: s.ignore_eos,
             }),
             policy: Some(self.policy.to_pb()),
-        }
+        })
     }
 }
 
 /// Runs `sovra run`: JSON errors with `--json`, a one-line error otherwise.
 pub async fn run(args: RunArgs, conn: &ConnectArgs) -> Result<()> {
-    let result = async { stream_job(conn.channel().await?, args.request(), conn.json).await }.await;
+    let result = async {
+        let request = args.request()?;
+        stream_job(conn.channel().await?, request, conn.json).await
+    }
+    .await;
     match result {
         Err(err) if conn.json => {
             crate::generate::print_error_line(&err);

@@ -323,3 +323,64 @@ fn a_thread_count_of_zero_or_beyond_reason_is_refused() {
         );
     }
 }
+
+#[test]
+fn a_token_on_the_command_line_wins_over_the_environment() {
+    // The coordinator is never reached: a missing token file shows which token was taken.
+    let run = |env: (&str, &str), extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_sovra"))
+            .args(["job", "list", "--coordinator", "https://127.0.0.1:9"])
+            .args(["--ca", concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml")])
+            .args(extra)
+            .env_remove("SOVRA_TOKEN")
+            .env_remove("SOVRA_TOKEN_FILE")
+            .env(env.0, env.1)
+            .output()
+            .expect("running sovra");
+        assert!(!out.status.success());
+        String::from_utf8(out.stderr).unwrap()
+    };
+    let missing = "/nonexistent/sovra-token";
+    let file_flag = run(("SOVRA_TOKEN", "t"), &["--token-file", missing]);
+    assert!(
+        file_flag.contains("reading /nonexistent/sovra-token"),
+        "{file_flag}"
+    );
+    let token_flag = run(("SOVRA_TOKEN_FILE", missing), &["--token", "t"]);
+    assert!(!token_flag.contains("reading"), "{token_flag}");
+    let empty = run(("SOVRA_TOKEN", " "), &[]);
+    assert!(empty.contains("the token is empty"), "{empty}");
+}
+
+#[test]
+fn sampling_values_out_of_range_are_refused_before_anything_runs() {
+    for (flag, value, expected) in [
+        ("--temperature", "-1", "temperature must be a finite number >= 0"),
+        ("--temperature", "nan", "temperature must be a finite number >= 0"),
+        ("--top-p", "0", "top-p must be in (0, 1]"),
+        ("--top-p", "-0.5", "top-p must be in (0, 1]"),
+        ("--top-p", "5", "top-p must be in (0, 1]"),
+        ("--top-k", "0", "top-k must be at least 1"),
+        ("--top-k", "-3", "top-k must be at least 1"),
+    ] {
+        // `run` is refused before it dials the coordinator (none listens on port 9).
+        let remote = ["run", "-m", "smollm2", "--coordinator", "https://127.0.0.1:9"];
+        let remote = [&remote[..], &["--ca", "/nonexistent/ca.pem"]].concat();
+        for command in [&remote[..], &["generate", "-m", "smollm2", "--local"]] {
+            let mut args = command.to_vec();
+            args.extend([flag, value, "hi"]);
+            let out = sovra(&args);
+            assert!(!out.status.success(), "{args:?}");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
+            assert!(stderr.contains(expected), "{args:?}: {stderr}");
+            args.push("--json");
+            let out = sovra(&args);
+            let lines = json_lines(&out);
+            assert_eq!(lines.len(), 1, "{args:?}");
+            assert_eq!(lines[0]["type"], "error", "{args:?}");
+            let message = lines[0]["message"].as_str().unwrap();
+            assert!(message.contains(expected), "{args:?}: {message}");
+        }
+    }
+}
