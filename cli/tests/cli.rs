@@ -355,8 +355,16 @@ fn a_token_on_the_command_line_wins_over_the_environment() {
 #[test]
 fn sampling_values_out_of_range_are_refused_before_anything_runs() {
     for (flag, value, expected) in [
-        ("--temperature", "-1", "temperature must be a finite number >= 0"),
-        ("--temperature", "nan", "temperature must be a finite number >= 0"),
+        (
+            "--temperature",
+            "-1",
+            "temperature must be a finite number >= 0",
+        ),
+        (
+            "--temperature",
+            "nan",
+            "temperature must be a finite number >= 0",
+        ),
         ("--top-p", "0", "top-p must be in (0, 1]"),
         ("--top-p", "-0.5", "top-p must be in (0, 1]"),
         ("--top-p", "5", "top-p must be in (0, 1]"),
@@ -364,7 +372,13 @@ fn sampling_values_out_of_range_are_refused_before_anything_runs() {
         ("--top-k", "-3", "top-k must be at least 1"),
     ] {
         // `run` is refused before it dials the coordinator (none listens on port 9).
-        let remote = ["run", "-m", "smollm2", "--coordinator", "https://127.0.0.1:9"];
+        let remote = [
+            "run",
+            "-m",
+            "smollm2",
+            "--coordinator",
+            "https://127.0.0.1:9",
+        ];
         let remote = [&remote[..], &["--ca", "/nonexistent/ca.pem"]].concat();
         for command in [&remote[..], &["generate", "-m", "smollm2", "--local"]] {
             let mut args = command.to_vec();

@@ -32,6 +32,9 @@ pub struct FederationConfig {
     pub kv_reserve_tokens: u64,
     /// Validity of worker certificates, days.
     pub worker_cert_days: u32,
+    /// A job that shows no progress (a token, or a chunk of its prompt run on a stage) for
+    /// this long is moved to another chain.
+    pub job_stall: Duration,
 }
 
 impl Default for FederationConfig {
@@ -42,6 +45,7 @@ impl Default for FederationConfig {
             lease: Duration::from_secs(5),
             kv_reserve_tokens: 4096,
             worker_cert_days: 365,
+            job_stall: Duration::from_secs(60),
         }
     }
 }

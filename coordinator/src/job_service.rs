@@ -144,11 +144,19 @@ impl pb::jobs_server::Jobs for ControlPlane {
             },
         };
         let (_, mut events) = self.federation().run_job(&caller, spec).await?;
-        // Relays events until the summary or the first error; a client that goes away drops
-        // the receiver, which cancels the job at its next token.
+        // Relays events until the summary or the first error. A client that goes away drops
+        // the stream's receiver; the relay then drops `events`, which cancels the job (at the
+        // watchdog's next round, or at the next token if that comes first).
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(async move {
-            while let Some(event) = events.recv().await {
+            loop {
+                let event = tokio::select! {
+                    event = events.recv() => match event {
+                        Some(event) => event,
+                        None => break,
+                    },
+                    () = tx.closed() => break,
+                };
                 let item = event_pb(event);
                 let last = matches!(
                     &item,

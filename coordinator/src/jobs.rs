@@ -597,6 +597,17 @@ impl Federation {
     }
 
     /// A tail's token or end, or a stage's failure.
+    /// A stage of the job's chain ran another chunk of its prompt: progress for the stall
+    /// watchdog, though no token has come of it yet.
+    pub fn session_progress(&self, worker: &str, session: u64) {
+        let mut jobs = self.jobs();
+        if let Some(job) = jobs.live.get_mut(&session)
+            && job.stages.iter().any(|s| s == worker)
+        {
+            job.progress = Instant::now();
+        }
+    }
+
     pub fn session_event(
         &self,
         worker: &str,

@@ -111,8 +111,20 @@ impl Federation {
     }
 
     /// Moves jobs that made no progress for `stall` to another chain (a stage that hangs
-    /// without dropping its connection).
+    /// without dropping its connection), and cancels jobs whose client has gone (noticed here
+    /// as well as at the next token, which may be a long prompt away).
     pub fn check_stalled_jobs(&self, now: Instant, stall: Duration) {
+        let abandoned: Vec<u64> = self
+            .jobs()
+            .live
+            .iter()
+            .filter(|(_, j)| j.events.is_closed())
+            .map(|(s, _)| *s)
+            .collect();
+        for session in abandoned {
+            let reason = "the client went away".to_string();
+            self.finish_job(session, JobState::Cancelled, None, Some(reason));
+        }
         let stalled: Vec<u64> = self
             .jobs()
             .live

@@ -18,9 +18,6 @@ use crate::federation::{Federation, FederationConfig};
 use crate::service::ControlPlane;
 use crate::store::SledStore;
 
-/// A running job with no token for this long is moved to another chain.
-const JOB_STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
-
 /// Settings of a coordinator process.
 #[derive(Debug, Clone)]
 pub struct CoordinatorConfig {
@@ -90,6 +87,6 @@ async fn expire_leases(fed: Arc<Federation>) {
         if let Err(e) = fed.expire_leases(now) {
             error!(cause = %e, "expiring leases");
         }
-        fed.check_stalled_jobs(now, JOB_STALL_TIMEOUT);
+        fed.check_stalled_jobs(now, fed.config().job_stall);
     }
 }

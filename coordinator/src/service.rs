@@ -306,7 +306,11 @@ fn handle_agent_message(
             let token = e.token.map(|t| (t.index, t.token_id, t.text));
             let finish = (!e.finish_reason.is_empty()).then(|| clip(&e.finish_reason));
             let error = (!e.error.is_empty()).then(|| clip(&e.error));
-            fed.session_event(worker, e.session, token, finish, error);
+            if e.prefilled > 0 && token.is_none() && finish.is_none() && error.is_none() {
+                fed.session_progress(worker, e.session);
+            } else {
+                fed.session_event(worker, e.session, token, finish, error);
+            }
             fed.heartbeat(worker, stream, None)
         }
         Some(Kind::Status(s)) => {

@@ -258,6 +258,15 @@ pub async fn fleet_with(
 ) -> (TestFederation, Vec<TestWorker>, String) {
     let mut fed = TestFederation::start().await;
     fed.worker_batch_wait = batch_wait;
+    fleet_in(fed, providers, dtype).await
+}
+
+/// As [`fleet`], on the federation `fed`.
+pub async fn fleet_in(
+    fed: TestFederation,
+    providers: &[(&str, &str)],
+    dtype: &str,
+) -> (TestFederation, Vec<TestWorker>, String) {
     let mut workers = Vec::new();
     for (name, country) in providers {
         fed.add_provider(name, country, &["ISO27001"]).await;

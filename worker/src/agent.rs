@@ -454,6 +454,7 @@ async fn pump_outputs(
                 }),
                 finish_reason: finish.map(|f| f.as_str().to_string()).unwrap_or_default(),
                 error: String::new(),
+                prefilled: 0,
             },
             EngineOutput::Failed { session, error } => {
                 close_session(&sessions, &slices, &plane, session);
@@ -462,8 +463,14 @@ async fn pump_outputs(
                     token: None,
                     finish_reason: String::new(),
                     error,
+                    prefilled: 0,
                 }
             }
+            EngineOutput::Prefilled { session, positions } => pb::SessionEvent {
+                session,
+                prefilled: positions,
+                ..Default::default()
+            },
         };
         let sender = lock_any(&uplink).clone();
         if let Some(tx) = sender {

@@ -176,6 +176,13 @@ pub enum EngineOutput {
         /// Why.
         error: String,
     },
+    /// A chunk of the session's prompt that yields no token yet has run here.
+    Prefilled {
+        /// Session id.
+        session: u64,
+        /// Prompt positions run so far.
+        positions: u32,
+    },
 }
 
 /// Live counters an engine publishes for heartbeats.
@@ -672,6 +679,18 @@ impl StageEngine {
                 for id in ids {
                     self.fail(id, error.clone());
                 }
+            }
+        }
+        // A chunk of a long prompt is progress although no token comes of it yet: the
+        // coordinator's stall watchdog hears of it.
+        for (id, work) in &batch {
+            let (start, sample) = work_start_sample(work);
+            if !sample && self.sessions.contains_key(id) {
+                let positions = (start + work_rows(work)) as u32;
+                let _ = self.out.send(EngineOutput::Prefilled {
+                    session: *id,
+                    positions,
+                });
             }
         }
     }

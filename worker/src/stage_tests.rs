@@ -193,6 +193,7 @@ async fn a_panicking_forward_fails_its_sessions_and_the_engine_serves_on() {
                 }
             }
             EngineOutput::Failed { error, .. } => panic!("session 3 failed: {error}"),
+            EngineOutput::Prefilled { .. } => {}
         }
     }
     assert_eq!(tokens, 4);
