@@ -554,6 +554,7 @@ fn state_name(state: i32) -> &'static str {
         Ok(pb::AssignmentState::Loading) => "loading",
         Ok(pb::AssignmentState::Ready) => "ready",
         Ok(pb::AssignmentState::Failed) => "failed",
+        Ok(pb::AssignmentState::Down) => "down",
         _ => "assigned",
     }
 }

@@ -316,8 +316,7 @@ impl Federation {
         validate_spec(&spec)?;
         let model = self.model(&spec.model)?;
         let policy = narrow_policy(&model.policy, &crate::validate::clean_policy(&spec.policy)?)?;
-        let placement = self.placement(&model.name)?;
-        let chain = self.pick_chain(&placement, &policy)?;
+        let (chain, version) = self.ready_chain(&model.name, &policy).await?;
         let job_id = format!("job-{}", token::random_hex(8));
         let tenant = match caller {
             Caller::Operator => "operator".to_string(),
@@ -361,10 +360,59 @@ impl Federation {
             attempts: 0,
             progress: Instant::now(),
         };
-        if let Err((session, error)) = self.launch(job, chain, placement.version).await {
+        if let Err((session, error)) = self.launch(job, chain, version).await {
             self.finish_job(session, JobState::Failed, None, Some(error));
         }
         Ok((job_id, rx))
+    }
+
+    /// A ready chain of `model` within `policy`, and the placement version it belongs to. When
+    /// every chain names a worker that is down (no job was running to notice), the model is
+    /// replanned over the live workers first, as for a job in flight, and the new chain
+    /// awaited while it loads.
+    async fn ready_chain(
+        &self,
+        model: &str,
+        policy: &PolicyRecord,
+    ) -> Result<(ChainStages, u64), CoordinatorError> {
+        let placement = self.placement(model)?;
+        let refused = match self.pick_chain(&placement, policy) {
+            Ok(chain) => return Ok((chain, placement.version)),
+            Err(e) => e,
+        };
+        let broken = |p: &PlacementRecord| {
+            !p.chains.is_empty()
+                && p.chains
+                    .iter()
+                    .all(|c| c.iter().any(|s| !self.is_live(&s.worker_id)))
+        };
+        if !broken(&placement) {
+            return Err(refused);
+        }
+        self.replan_around_failures(model).await.map_err(|e| {
+            CoordinatorError::FailedPrecondition(format!(
+                "{refused}; replanning over the live workers failed: {e}"
+            ))
+        })?;
+        let deadline = Instant::now() + crate::recovery::RECOVERY_TIMEOUT;
+        loop {
+            let placement = self.placement(model)?;
+            match self.pick_chain(&placement, policy) {
+                Ok(chain) => return Ok((chain, placement.version)),
+                Err(e) if broken(&placement) || Instant::now() > deadline => return Err(e),
+                Err(e)
+                    if placement.chains.iter().flatten().any(|s| {
+                        matches!(
+                            self.stage_state(model, &s.worker_id, placement.version),
+                            Some((AssignmentState::Failed, _))
+                        )
+                    }) =>
+                {
+                    return Err(e);
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+            }
+        }
     }
 
     /// Opens `job` on `chain` and starts it, replaying its history (prompt and tokens so far)

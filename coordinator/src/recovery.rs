@@ -13,7 +13,7 @@ use crate::jobs::{JobState, LiveJob, new_session_id};
 /// How many times one job may be moved to another chain.
 const MAX_RECOVERIES: u32 = 5;
 /// How long a job may wait for a replacement chain.
-const RECOVERY_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const RECOVERY_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Federation {
     /// Moves a job whose chain failed to another ready chain (replanning around the failed
@@ -96,7 +96,7 @@ impl Federation {
     }
 
     /// Replans `model` over the live workers unless a ready chain appeared meanwhile.
-    async fn replan_around_failures(&self, model: &str) -> Result<(), CoordinatorError> {
+    pub(crate) async fn replan_around_failures(&self, model: &str) -> Result<(), CoordinatorError> {
         let _one_at_a_time = self.replan_lock.lock().await;
         let placement = self.placement(model)?;
         let all_live = placement

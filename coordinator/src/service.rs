@@ -562,8 +562,11 @@ pub fn placement_pb(
                         .get(&s.worker_id)
                         .map(|(_, p)| (p.name.clone(), p.country.clone()))
                         .unwrap_or_default();
-                    let (state, message) = match fed.stage_state(&p.model, &s.worker_id, p.version)
-                    {
+                    let state = fed.stage_state(&p.model, &s.worker_id, p.version);
+                    let (state, message) = match state {
+                        _ if !fed.is_live(&s.worker_id) => {
+                            (pb::AssignmentState::Down, "the worker is down".to_string())
+                        }
                         Some((AssignmentState::Loading, m)) => (pb::AssignmentState::Loading, m),
                         Some((AssignmentState::Ready, m)) => (pb::AssignmentState::Ready, m),
                         Some((AssignmentState::Failed, m)) => (pb::AssignmentState::Failed, m),
