@@ -105,10 +105,13 @@ pub struct GenerateArgs {
 
 /// Prints a failure as the JSON line that ends `--json` output (`generate`, `run`, `demo`).
 pub fn print_error_line(err: &anyhow::Error) {
-    println!(
-        "{}",
-        json!({"type": "error", "message": format!("{err:#}")})
-    );
+    let line = match err.downcast_ref::<crate::jobs_cmd::JobFailed>() {
+        Some(failed) => {
+            json!({"type": "error", "message": failed.message, "job_id": failed.job_id})
+        }
+        None => json!({"type": "error", "message": format!("{err:#}")}),
+    };
+    println!("{line}");
 }
 
 /// Runs `sovra generate`.

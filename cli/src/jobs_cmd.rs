@@ -72,6 +72,23 @@ pub async fn run(args: RunArgs, conn: &ConnectArgs) -> Result<()> {
     }
 }
 
+/// A job that started and then failed: the error names it (and `--json` carries its id).
+#[derive(Debug)]
+pub struct JobFailed {
+    /// The job.
+    pub job_id: String,
+    /// Why it failed.
+    pub message: String,
+}
+
+impl std::fmt::Display for JobFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} failed: {}", self.job_id, self.message)
+    }
+}
+
+impl std::error::Error for JobFailed {}
+
 /// Runs a job on `channel` and streams it to stdout (text, or JSON lines), stats on stderr.
 pub async fn stream_job(
     channel: AuthChannel,
@@ -107,7 +124,14 @@ pub async fn stream_job(
                     s.message()
                 ));
             }
-            Err(s) => return Err(status(s)),
+            Err(s) if job_id.is_empty() => return Err(status(s)),
+            Err(s) => {
+                return Err(JobFailed {
+                    job_id,
+                    message: status(s).to_string(),
+                }
+                .into());
+            }
         };
         match event.kind {
             Some(pb::job_event::Kind::Started(s)) if !json_mode => {

@@ -346,6 +346,16 @@ fn a_job_with_no_capacity_left_ends_with_a_clear_error() {
         stderr.contains(&only) && stderr.contains("no capacity"),
         "{stderr}"
     );
+    // The error names the job its header announced.
+    let job_id = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix('['))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no job header: {stderr}"));
+    assert!(
+        stderr.contains(&format!("error: {job_id} failed: ")),
+        "{stderr}"
+    );
     assert!(started.elapsed() < Duration::from_secs(30), "bounded time");
 }
 
