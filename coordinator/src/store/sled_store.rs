@@ -16,7 +16,17 @@ pub struct SledStore {
 impl SledStore {
     /// Opens (or creates) the database in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = sled::open(dir).map_err(engine)?;
+        let db = sled::open(dir).map_err(|e| {
+            // sled locks its folder; its error wraps the lock's in text only.
+            if e.to_string().contains("could not acquire lock") {
+                StoreError::Engine(format!(
+                    "{} is in use by another running coordinator",
+                    dir.display()
+                ))
+            } else {
+                engine(e)
+            }
+        })?;
         Ok(Self { db })
     }
 }
@@ -106,12 +116,26 @@ mod tests {
             match SledStore::open(dir.path()) {
                 Ok(store) => break store,
                 Err(e) if std::time::Instant::now() < deadline => {
-                    assert!(e.to_string().contains("lock"), "{e}");
+                    assert!(e.to_string().contains("in use by another"), "{e}");
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
                 Err(e) => panic!("{e}"),
             }
         };
         assert_eq!(store.get("t", b"k").unwrap(), Some(b"v".to_vec()));
+    }
+
+    #[test]
+    fn a_database_in_use_is_refused_with_a_clear_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = SledStore::open(dir.path()).unwrap();
+        let second = SledStore::open(dir.path()).unwrap_err().to_string();
+        assert!(
+            second.contains(&format!(
+                "{} is in use by another running coordinator",
+                dir.path().display()
+            )),
+            "{second}"
+        );
     }
 }
