@@ -368,8 +368,8 @@ impl Federation {
 
     /// A ready chain of `model` within `policy`, and the placement version it belongs to. When
     /// every chain names a worker that is down (no job was running to notice), the model is
-    /// replanned over the live workers first, as for a job in flight, and the new chain
-    /// awaited while it loads.
+    /// replanned over the live workers first, as for a job in flight; a chain that is still
+    /// loading (so replanned, or just placed) is awaited.
     async fn ready_chain(
         &self,
         model: &str,
@@ -386,30 +386,34 @@ impl Federation {
                     .iter()
                     .all(|c| c.iter().any(|s| !self.is_live(&s.worker_id)))
         };
-        if !broken(&placement) {
+        // A chain of live workers whose slices are still loading: it may yet serve the job.
+        let loading = |p: &PlacementRecord| {
+            p.chains.iter().any(|c| {
+                c.iter().all(|s| self.is_live(&s.worker_id))
+                    && c.iter().any(|s| {
+                        !matches!(
+                            self.stage_state(model, &s.worker_id, p.version),
+                            Some((AssignmentState::Ready | AssignmentState::Failed, _))
+                        )
+                    })
+            })
+        };
+        if broken(&placement) {
+            self.replan_around_failures(model).await.map_err(|e| {
+                CoordinatorError::FailedPrecondition(format!(
+                    "{refused}; replanning over the live workers failed: {e}"
+                ))
+            })?;
+        } else if !loading(&placement) {
             return Err(refused);
         }
-        self.replan_around_failures(model).await.map_err(|e| {
-            CoordinatorError::FailedPrecondition(format!(
-                "{refused}; replanning over the live workers failed: {e}"
-            ))
-        })?;
         let deadline = Instant::now() + crate::recovery::RECOVERY_TIMEOUT;
         loop {
             let placement = self.placement(model)?;
             match self.pick_chain(&placement, policy) {
                 Ok(chain) => return Ok((chain, placement.version)),
-                Err(e) if broken(&placement) || Instant::now() > deadline => return Err(e),
-                Err(e)
-                    if placement.chains.iter().flatten().any(|s| {
-                        matches!(
-                            self.stage_state(model, &s.worker_id, placement.version),
-                            Some((AssignmentState::Failed, _))
-                        )
-                    }) =>
-                {
-                    return Err(e);
-                }
+                // Nothing more is coming (loaded, failed or down), or it takes too long.
+                Err(e) if !loading(&placement) || Instant::now() > deadline => return Err(e),
                 Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
             }
         }

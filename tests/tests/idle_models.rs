@@ -64,3 +64,24 @@ async fn a_job_for_a_model_placed_on_a_dead_worker_replans_it() {
         .into_inner();
     assert!(now.version > placed.version, "the model was replanned");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_submitted_while_its_model_loads_waits_for_it() {
+    let (fed, _workers, tenant) = fleet(&[("ovh-fr", "FR"), ("ionos-de", "DE")], "q8_0").await;
+    pb::placements_client::PlacementsClient::new(fed.operator().await)
+        .set_placement(pb::SetPlacementRequest {
+            model: "smollm2".into(),
+            how: Some(How::Stages(2)),
+        })
+        .await
+        .unwrap();
+    // At once, while the stages load their slices.
+    let out = run_job(
+        fed.channel(Some(&tenant)).await,
+        chat_request("What is the capital of France?", 4, 0.0, 0),
+    )
+    .await
+    .expect("the job waits for the stages and runs");
+    assert_eq!(out.tokens.len(), 4);
+    assert_eq!(out.stages.len(), 2);
+}
