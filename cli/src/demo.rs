@@ -292,7 +292,8 @@ async fn demo(
         .to_string();
     let operator = connect(&url, &ca, None, Some(&admin)).await?;
 
-    onboard(args, exe, root, &url, &operator, procs).await?;
+    let cores = worker_cores(args);
+    onboard(args, &cores, exe, root, &url, &operator, procs).await?;
     let placement = place(args, model_path, &operator).await?;
     if !args.json {
         print_placement_to_stderr(&placement);
@@ -306,7 +307,7 @@ async fn demo(
         .into_inner();
     let as_tenant = connect(&url, &ca, None, Some(&tenant.token)).await?;
     if args.bench {
-        return crate::fedbench::run(args, exe, model_path, &operator, &as_tenant).await;
+        return crate::fedbench::run(args, &cores, exe, model_path, &operator, &as_tenant).await;
     }
     let run = crate::jobs_cmd::RunArgs {
         model: "demo-model".into(),
@@ -322,6 +323,7 @@ async fn demo(
 
 async fn onboard(
     args: &DemoArgs,
+    (threads, layout): &(usize, WorkerCores),
     exe: &Path,
     root: &Path,
     url: &str,
@@ -330,7 +332,6 @@ async fn onboard(
 ) -> Result<()> {
     let mut providers = pb::providers_client::ProvidersClient::new(operator.clone());
     let mut workers = pb::workers_client::WorkersClient::new(operator.clone());
-    let (threads, layout) = worker_cores(args);
     say(args.json, &format!("workers      {}", layout.describe()));
     for (index, &(name, country, certs)) in PROVIDERS.iter().enumerate() {
         providers
@@ -357,7 +358,7 @@ async fn onboard(
             .args(["--coordinator", url, "--listen", "127.0.0.1:0"])
             .args(["--join-token", &token, "--data-dir"])
             .arg(root.join(name));
-        place_worker(&mut worker, &layout, index, args.dtype);
+        place_worker(&mut worker, layout, index, args.dtype);
         let log = std::fs::File::create(root.join(format!("{name}.log")))?;
         let worker = worker
             .stdout(Stdio::null())

@@ -10,7 +10,7 @@ use anyhow::{Result, anyhow};
 use sovra_proto::channel::AuthChannel;
 use sovra_proto::pb;
 
-use crate::demo::DemoArgs;
+use crate::demo::{DemoArgs, WorkerCores};
 use crate::fed::status;
 
 const PROMPT: &str = "Write a long story about a lighthouse keeper.";
@@ -209,6 +209,7 @@ fn row(label: &str, runs: &[f64], base: &[f64]) -> String {
 /// host is slower weighs on both sides of a ratio.
 pub async fn run(
     args: &DemoArgs,
+    (worker_threads, layout): &(usize, WorkerCores),
     exe: &Path,
     model_path: &Path,
     operator: &AuthChannel,
@@ -238,7 +239,6 @@ pub async fn run(
         .zip(&three)
         .map(|(o, t)| (1.0 / t - 1.0 / o) / 3.0 * 1e6)
         .collect();
-    let (worker_threads, layout) = crate::demo::worker_cores(args);
     println!(
         "### {} weights, {tokens} greedy tokens; generate --local with {threads} threads, each of the 3 workers with {worker_threads}, {}; all processes on this machine\n",
         args.dtype,

@@ -94,6 +94,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Forgets link `id` of `key` if it is still the registered one (a newer link may have taken
+/// the key); returns whether it did.
+fn forget_link(links: &mut HashMap<LinkKey, Link>, key: &LinkKey, id: u64) -> bool {
+    let current = links.get(key).is_some_and(|l| l.id == id);
+    if current {
+        links.remove(key);
+    }
+    current
+}
+
 /// Closes `conn` over a frame whose rest did not arrive within [`BODY_WAIT`].
 fn refuse_stalled(peer: &str, conn: &quinn::Connection) {
     warn!(peer = %peer, "frame body stalled; closing the connection");
@@ -368,12 +378,7 @@ impl DataPlane {
     /// whether it did.
     fn retire(&self, key: &LinkKey, id: u64, rx: &mpsc::UnboundedReceiver<Frame>) -> bool {
         let mut links = lock(&self.links);
-        if links.get(key).is_some_and(|l| l.id == id) && rx.is_empty() {
-            links.remove(key);
-            true
-        } else {
-            false
-        }
+        rx.is_empty() && forget_link(&mut links, key, id)
     }
 
     async fn write_loop(
@@ -494,12 +499,7 @@ impl DataPlane {
         .await;
         if let Err(reason) = result {
             warn!(peer = %to.worker_id, model = %model, %reason, "data-plane link lost");
-            {
-                let mut links = lock(&self.links);
-                if links.get(&key).is_some_and(|l| l.id == id) {
-                    links.remove(&key);
-                }
-            }
+            forget_link(&mut lock(&self.links), &key, id);
             rx.close();
             while let Some(frame) = rx.recv().await {
                 self.report_undelivered(&frame, &to, &reason);

@@ -274,7 +274,6 @@ pub struct FrameHead {
     /// The body's first bytes: a token's magic, kind and session; all of an activations
     /// frame's fields before its payload.
     head: [u8; ACTIVATIONS_HEADER_BYTES],
-    len: usize,
 }
 
 impl FrameHead {
@@ -297,7 +296,7 @@ impl FrameHead {
 
     /// The body's bytes read so far.
     fn bytes(&self) -> &[u8] {
-        &self.head[..self.len]
+        &self.head[..head_len(self.head[MAGIC.len()])]
     }
 }
 
@@ -362,26 +361,26 @@ async fn head_after<R: AsyncRead + Unpin>(r: &mut R, first: u8) -> Result<FrameH
     let mut head = FrameHead {
         declared,
         head: [0; ACTIVATIONS_HEADER_BYTES],
-        len: HEAD_BYTES,
     };
     read_exact_of(r, &mut head.head[..kind_end], 0, len).await?;
     if head.head[..MAGIC.len()] != MAGIC {
         return Err(FrameError::BadMagic);
     }
-    let end = match head.head[MAGIC.len()] {
-        KIND_TOKEN if len == TOKEN_BODY_BYTES => HEAD_BYTES,
+    let kind = head.head[MAGIC.len()];
+    match kind {
+        KIND_TOKEN if len == TOKEN_BODY_BYTES => {}
         KIND_TOKEN => return Err(FrameError::TokenLength(declared)),
-        KIND_ACTIVATIONS if len >= ACTIVATIONS_HEADER_BYTES => ACTIVATIONS_HEADER_BYTES,
+        KIND_ACTIVATIONS if len >= ACTIVATIONS_HEADER_BYTES => {}
         KIND_ACTIVATIONS => {
             // Read what it declares: the decoder names the field it cuts short.
             let body = read_body(r, len, &head.head[..kind_end]).await?;
             return Err(short_body_error(&body, ACTIVATIONS_HEADER_BYTES));
         }
         other => return Err(FrameError::UnknownKind(other)),
-    };
+    }
+    let end = head_len(kind);
     read_exact_of(r, &mut head.head[kind_end..end], kind_end, len).await?;
-    head.len = end;
-    if end == ACTIVATIONS_HEADER_BYTES {
+    if kind == KIND_ACTIVATIONS {
         let mut cur = Cursor {
             buf: &head.head[kind_end..end],
             pos: 0,
@@ -390,6 +389,16 @@ async fn head_after<R: AsyncRead + Unpin>(r: &mut R, first: u8) -> Result<FrameH
         payload_fits(rows, hidden, len - ACTIVATIONS_HEADER_BYTES)?;
     }
     Ok(head)
+}
+
+/// Bytes of a head of `kind` (a known one): a token's magic, kind and session; all of an
+/// activations frame's fields.
+fn head_len(kind: u8) -> usize {
+    if kind == KIND_TOKEN {
+        HEAD_BYTES
+    } else {
+        ACTIVATIONS_HEADER_BYTES
+    }
 }
 
 /// Why `body`, shorter than the `needed` bytes its frame's fields take, is refused: the
@@ -436,7 +445,7 @@ pub async fn skip_rest<R: AsyncRead + Unpin>(
     r: &mut R,
     head: &FrameHead,
 ) -> Result<(), FrameError> {
-    let mut left = head.body_len() - head.len;
+    let mut left = head.body_len() - head.bytes().len();
     let mut chunk = vec![0u8; left.min(FIRST_CHUNK)];
     while left > 0 {
         let want = left.min(chunk.len());
