@@ -17,7 +17,7 @@ use crate::error::CoordinatorError;
 use crate::placement::{self, PlacementRequest};
 use crate::records::*;
 use crate::store::{Batch, Store};
-use crate::validate::{clean_list, clean_policy, host_of, validate_name};
+use crate::validate::{clean_country, clean_list, clean_policy, host_of, validate_name};
 
 /// Settings of a coordinator.
 #[derive(Debug, Clone)]
@@ -264,12 +264,7 @@ impl Federation {
         certifications: &[String],
     ) -> Result<ProviderRecord, CoordinatorError> {
         validate_name("provider", name)?;
-        let country = country.trim().to_ascii_uppercase();
-        if country.len() != 2 || !country.bytes().all(|b| b.is_ascii_uppercase()) {
-            return Err(CoordinatorError::InvalidArgument(format!(
-                "country `{country}` is not a two-letter ISO code"
-            )));
-        }
+        let country = clean_country(country)?;
         let certifications = clean_list("certification", certifications)?;
         let record = ProviderRecord {
             name: name.to_string(),

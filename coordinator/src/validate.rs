@@ -11,6 +11,43 @@ pub fn host_of(addr: &str) -> Option<String> {
     (!host.is_empty()).then(|| host.to_string())
 }
 
+/// ISO 3166-1 alpha-2 codes in use, and XK (Kosovo), which the EU and most registries use.
+const COUNTRIES: [&str; 250] = [
+    "AD", "AE", "AF", "AG", "AI", "AL", "AM", "AO", "AQ", "AR", "AS", "AT", "AU", "AW", "AX", "AZ",
+    "BA", "BB", "BD", "BE", "BF", "BG", "BH", "BI", "BJ", "BL", "BM", "BN", "BO", "BQ", "BR", "BS",
+    "BT", "BV", "BW", "BY", "BZ", "CA", "CC", "CD", "CF", "CG", "CH", "CI", "CK", "CL", "CM", "CN",
+    "CO", "CR", "CU", "CV", "CW", "CX", "CY", "CZ", "DE", "DJ", "DK", "DM", "DO", "DZ", "EC", "EE",
+    "EG", "EH", "ER", "ES", "ET", "FI", "FJ", "FK", "FM", "FO", "FR", "GA", "GB", "GD", "GE", "GF",
+    "GG", "GH", "GI", "GL", "GM", "GN", "GP", "GQ", "GR", "GS", "GT", "GU", "GW", "GY", "HK", "HM",
+    "HN", "HR", "HT", "HU", "ID", "IE", "IL", "IM", "IN", "IO", "IQ", "IR", "IS", "IT", "JE", "JM",
+    "JO", "JP", "KE", "KG", "KH", "KI", "KM", "KN", "KP", "KR", "KW", "KY", "KZ", "LA", "LB", "LC",
+    "LI", "LK", "LR", "LS", "LT", "LU", "LV", "LY", "MA", "MC", "MD", "ME", "MF", "MG", "MH", "MK",
+    "ML", "MM", "MN", "MO", "MP", "MQ", "MR", "MS", "MT", "MU", "MV", "MW", "MX", "MY", "MZ", "NA",
+    "NC", "NE", "NF", "NG", "NI", "NL", "NO", "NP", "NR", "NU", "NZ", "OM", "PA", "PE", "PF", "PG",
+    "PH", "PK", "PL", "PM", "PN", "PR", "PS", "PT", "PW", "PY", "QA", "RE", "RO", "RS", "RU", "RW",
+    "SA", "SB", "SC", "SD", "SE", "SG", "SH", "SI", "SJ", "SK", "SL", "SM", "SN", "SO", "SR", "SS",
+    "ST", "SV", "SX", "SY", "SZ", "TC", "TD", "TF", "TG", "TH", "TJ", "TK", "TL", "TM", "TN", "TO",
+    "TR", "TT", "TV", "TW", "TZ", "UA", "UG", "UM", "US", "UY", "UZ", "VA", "VC", "VE", "VG", "VI",
+    "VN", "VU", "WF", "WS", "XK", "YE", "YT", "ZA", "ZM", "ZW",
+];
+
+/// Upper-cases a country code and checks it is an ISO 3166-1 alpha-2 code in use.
+pub fn clean_country(country: &str) -> Result<String, CoordinatorError> {
+    let c = country.trim().to_ascii_uppercase();
+    if COUNTRIES.binary_search(&c.as_str()).is_ok() {
+        return Ok(c);
+    }
+    // Codes people write for these countries that ISO gives to no one.
+    let hint = match c.as_str() {
+        "UK" => " (the United Kingdom is GB)",
+        "EL" => " (Greece is GR)",
+        _ => "",
+    };
+    Err(CoordinatorError::InvalidArgument(format!(
+        "country `{c}` is not an ISO 3166-1 alpha-2 code{hint}; write a country as FR, DE, NL, …"
+    )))
+}
+
 /// Checks a name: 1 to 40 lowercase letters, digits or '-', starting with a letter.
 pub fn validate_name(kind: &str, name: &str) -> Result<(), CoordinatorError> {
     let ok = (1..=40).contains(&name.len())
@@ -54,15 +91,48 @@ pub fn clean_policy(policy: &PolicyRecord) -> Result<PolicyRecord, CoordinatorEr
         .map(|c| c.trim().to_ascii_uppercase())
         .collect();
     for c in countries.iter().filter(|c| !c.is_empty()) {
-        if c.len() != 2 || !c.bytes().all(|b| b.is_ascii_uppercase()) {
-            return Err(CoordinatorError::InvalidArgument(format!(
-                "country `{c}` is not a two-letter ISO code"
-            )));
-        }
+        clean_country(c)?;
     }
     Ok(PolicyRecord {
         countries: clean_list("country", &countries)?,
         required_certifications: clean_list("certification", &policy.required_certifications)?,
         excluded_providers: clean_list("provider", &policy.excluded_providers)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn countries_are_sorted_and_distinct() {
+        assert!(COUNTRIES.windows(2).all(|w| w[0] < w[1]));
+        assert!(
+            COUNTRIES
+                .iter()
+                .all(|c| c.len() == 2 && c.bytes().all(|b| b.is_ascii_uppercase()))
+        );
+    }
+
+    #[test]
+    fn country_codes_are_checked_against_iso() {
+        for ok in ["FR", "de", " nl ", "XK", "ZW", "AD"] {
+            assert_eq!(clean_country(ok).unwrap(), ok.trim().to_ascii_uppercase());
+        }
+        for bad in ["ZZ", "EU", "AA", "FRA", "F", "", "1A", "ÉS"] {
+            let e = clean_country(bad).unwrap_err().to_string();
+            assert!(e.contains("ISO 3166-1"), "{bad}: {e}");
+        }
+        assert!(clean_country("uk").unwrap_err().to_string().contains("GB"));
+        let policy = PolicyRecord {
+            countries: vec!["fr".into(), "ZZ".into()],
+            ..Default::default()
+        };
+        assert!(
+            clean_policy(&policy)
+                .unwrap_err()
+                .to_string()
+                .contains("`ZZ`")
+        );
+    }
 }

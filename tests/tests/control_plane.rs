@@ -35,6 +35,18 @@ async fn onboarding_end_to_end_and_restart_reuses_the_certificate() {
     assert_eq!(providers.len(), 1);
     assert_eq!(providers[0].country, "FR", "country codes are normalised");
     assert_eq!(providers[0].certifications, vec!["ISO27001", "SecNumCloud"]);
+    for (country, named) in [("ZZ", "`ZZ`"), ("uk", "GB")] {
+        let refused = pb::providers_client::ProvidersClient::new(fed.operator().await)
+            .add_provider(pb::AddProviderRequest {
+                name: "typo-dc".into(),
+                country: country.into(),
+                certifications: vec![],
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+        assert!(refused.message().contains(named), "{refused:?}");
+    }
 
     let token = fed.join_token("ovh-fr", 600).await;
     assert!(
