@@ -214,7 +214,7 @@ pub enum JobCommand {
 }
 
 fn audit_json(a: &pb::AuditStage) -> Value {
-    json!({"worker": a.worker_id, "provider": a.provider, "country": a.country, "layers": format!("{}..{}", a.start_layer, a.end_layer)})
+    json!({"attempt": a.attempt, "from_token": a.from_token, "worker": a.worker_id, "provider": a.provider, "country": a.country, "layers": format!("{}..{}", a.start_layer, a.end_layer)})
 }
 
 fn job_json(j: &pb::Job) -> Value {
@@ -255,6 +255,8 @@ pub async fn job(cmd: JobCommand, conn: &ConnectArgs) -> Result<()> {
             .iter()
             .map(|a| {
                 vec![
+                    a.attempt.to_string(),
+                    a.from_token.to_string(),
                     a.worker_id.clone(),
                     a.provider.clone(),
                     a.country.clone(),
@@ -262,7 +264,17 @@ pub async fn job(cmd: JobCommand, conn: &ConnectArgs) -> Result<()> {
                 ]
             })
             .collect();
-        table(&["worker", "provider", "country", "layers"], &rows);
+        table(
+            &[
+                "chain",
+                "from token",
+                "worker",
+                "provider",
+                "country",
+                "layers",
+            ],
+            &rows,
+        );
     };
     match cmd {
         JobCommand::List => {

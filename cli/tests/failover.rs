@@ -298,7 +298,15 @@ fn killed_stages_are_replaced_and_the_stream_continues_exactly() {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|j| j["audit"].as_array().unwrap().len() > 3)
+        .filter(|j| {
+            let audit = j["audit"].as_array().unwrap();
+            // The second chain's lines say so, and from which token it ran the job.
+            audit.len() > 3
+                && audit[0]["attempt"] == 1
+                && audit[0]["from_token"] == 0
+                && audit.last().unwrap()["attempt"].as_u64() >= Some(2)
+                && audit.last().unwrap()["from_token"].as_u64() > Some(0)
+        })
         .count();
     assert!(moved >= 10, "the audit of each moved job lists both chains");
 }

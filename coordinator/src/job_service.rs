@@ -51,6 +51,8 @@ fn audit_pb(a: &AuditStage) -> pb::AuditStage {
         country: a.country.clone(),
         start_layer: a.range.start as u32,
         end_layer: a.range.end as u32,
+        attempt: a.attempt,
+        from_token: a.from_token as u64,
     }
 }
 

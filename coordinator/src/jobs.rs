@@ -56,6 +56,16 @@ pub struct AuditStage {
     pub country: String,
     /// Layers.
     pub range: LayerRange,
+    /// Which chain of the job this is: 1 for the first, one more for each move to another.
+    #[serde(default = "first_attempt")]
+    pub attempt: u32,
+    /// Tokens the job had generated when this chain took it over.
+    #[serde(default)]
+    pub from_token: usize,
+}
+
+fn first_attempt() -> u32 {
+    1
 }
 
 /// Lifecycle of a job.
@@ -214,7 +224,9 @@ pub(crate) struct LiveJob {
     pub(crate) progress: Instant,
 }
 
-fn audit_of(chain: &ChainStages) -> Vec<AuditStage> {
+/// The audit lines of `chain` as the job's `attempt`-th chain, taking over after `from_token`
+/// generated tokens.
+fn audit_of(chain: &ChainStages, attempt: u32, from_token: usize) -> Vec<AuditStage> {
     chain
         .iter()
         .map(|(w, p, r)| AuditStage {
@@ -222,6 +234,8 @@ fn audit_of(chain: &ChainStages) -> Vec<AuditStage> {
             provider: p.name.clone(),
             country: p.country.clone(),
             range: *r,
+            attempt,
+            from_token,
         })
         .collect()
 }
@@ -346,7 +360,7 @@ impl Federation {
         let _ = tx
             .send(JobEvent::Started {
                 job_id: job_id.clone(),
-                stages: audit_of(&chain),
+                stages: audit_of(&chain, 1, 0),
             })
             .await;
         let job = LiveJob {
@@ -431,7 +445,18 @@ impl Federation {
         let session = new_session_id();
         let worker_ids: Vec<String> = chain.iter().map(|(w, _, _)| w.id.clone()).collect();
         job.stages = worker_ids.clone();
-        job.record.audit.extend(audit_of(&chain));
+        let attempt = job
+            .record
+            .audit
+            .iter()
+            .map(|a| a.attempt)
+            .max()
+            .unwrap_or(0)
+            + 1;
+        let from_token = job.record.token_ids.len();
+        job.record
+            .audit
+            .extend(audit_of(&chain, attempt, from_token));
         let replay = !job.record.prompt_ids.is_empty();
         let mut opens = self.session_orders(session, &job.record.model, version, &chain, &job.spec);
         if replay {

@@ -183,4 +183,26 @@ async fn a_failover_stays_inside_the_jobs_policy() {
         moved.audit[0].worker_id,
         moved.audit.last().unwrap().worker_id
     );
+    // Each line says which chain it was and from which token that chain ran the job.
+    let (first, last) = (&moved.audit[0], moved.audit.last().unwrap());
+    assert_eq!(
+        (first.attempt, first.from_token),
+        (1, 0),
+        "{:?}",
+        moved.audit
+    );
+    assert!(last.attempt >= 2, "{:?}", moved.audit);
+    assert!(
+        (10..60).contains(&last.from_token),
+        "the second chain took over after the 10th token: {:?}",
+        moved.audit
+    );
+    assert!(
+        moved
+            .audit
+            .windows(2)
+            .all(|w| (w[0].attempt, w[0].from_token) <= (w[1].attempt, w[1].from_token)),
+        "{:?}",
+        moved.audit
+    );
 }
