@@ -476,6 +476,20 @@ pub async fn model_list(conn: &ConnectArgs) -> Result<()> {
     Ok(())
 }
 
+/// Runs `sovra model remove`.
+pub async fn model_remove(name: String, conn: &ConnectArgs) -> Result<()> {
+    let mut client = pb::models_client::ModelsClient::new(conn.channel().await?);
+    let m = client
+        .remove_model(pb::RemoveModelRequest { name })
+        .await
+        .map_err(status)?
+        .into_inner();
+    emit(conn.json, model_json(&m), || {
+        println!("model {} removed; its workers drop their slices", m.name)
+    });
+    Ok(())
+}
+
 /// `sovra placement …`.
 #[derive(Debug, Subcommand)]
 pub enum PlacementCommand {

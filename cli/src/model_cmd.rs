@@ -31,6 +31,14 @@ pub enum ModelCommand {
         #[command(flatten)]
         conn: crate::fed::ConnectArgs,
     },
+    /// Remove a model from the federation: its placement goes and its workers drop their
+    /// slices (refused while a job of it runs; its past jobs' records stay).
+    Remove {
+        /// Model name.
+        name: String,
+        #[command(flatten)]
+        conn: crate::fed::ConnectArgs,
+    },
 }
 
 /// Arguments of `sovra model inspect`.
@@ -66,6 +74,9 @@ pub fn run(cmd: ModelCommand) -> Result<ExitCode> {
             return crate::block_on(crate::fed::model_add(args, &conn));
         }
         ModelCommand::List { conn } => return crate::block_on(crate::fed::model_list(&conn)),
+        ModelCommand::Remove { name, conn } => {
+            return crate::block_on(crate::fed::model_remove(name, &conn));
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -310,4 +310,37 @@ fn operator_workflow_survives_a_coordinator_sigkill() {
     let reuse = start_worker(&cluster, "w-again", "1", Some(&fr_token));
     let output = reuse.wait_with_output().unwrap();
     assert!(!output.status.success());
+
+    // Removing the model: it and its placement go, and its workers give their slices back.
+    let pids: Vec<u32> = cluster.children[1..3].iter().map(|c| c.id()).collect();
+    let loaded: Vec<u64> = pids.iter().map(|&p| resident_bytes(p)).collect();
+    let said = cluster.ok(&["model", "remove", "smollm2"]);
+    assert!(said.contains("smollm2 removed"), "{said}");
+    assert_eq!(cluster.json(&["model", "list"]), serde_json::json!([]));
+    let shown = cluster.cli(&["placement", "show", "smollm2"]);
+    assert!(!shown.status.success());
+    let stderr = String::from_utf8_lossy(&shown.stderr);
+    assert!(stderr.contains("smollm2"), "{stderr}");
+    cluster.wait_for(
+        "the workers to free their slices",
+        Duration::from_secs(30),
+        |_| {
+            pids.iter()
+                .zip(&loaded)
+                .all(|(&p, &was)| resident_bytes(p) + (20 << 20) < was)
+        },
+    );
+    let gone = cluster.cli(&["model", "remove", "smollm2"]);
+    assert!(!gone.status.success());
+}
+
+/// Resident memory of a process, bytes.
+fn resident_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap();
+    kib << 10
 }

@@ -546,6 +546,49 @@ impl Federation {
         Ok((record, placement))
     }
 
+    /// Removes a model and its placement, and tells its workers to drop their slices. Refused
+    /// while a job of the model runs; the records of its past jobs stay.
+    pub async fn remove_model(&self, name: &str) -> Result<ModelRecord, CoordinatorError> {
+        // Not while a failed stage is being replanned around.
+        let _one_at_a_time = self.replan_lock.lock().await;
+        let record = self.model(name)?;
+        let running: Vec<String> = {
+            let jobs = self.jobs();
+            let mut ids: Vec<String> = jobs
+                .live
+                .values()
+                .filter(|j| j.record.model == name)
+                .map(|j| j.record.id.clone())
+                .collect();
+            ids.sort();
+            ids
+        };
+        if !running.is_empty() {
+            return Err(CoordinatorError::FailedPrecondition(format!(
+                "model `{name}` has {} running job(s) ({}); cancel them or let them finish first",
+                running.len(),
+                running.join(", ")
+            )));
+        }
+        let placement = self.placement(name)?;
+        let batch = Batch::new()
+            .expect(MODELS, name, self.store.get(MODELS, name.as_bytes())?)
+            .delete(MODELS, name)
+            .delete(PLACEMENTS, name);
+        self.store.apply(batch)?;
+        self.store.flush()?;
+        let empty = PlacementRecord {
+            model: name.to_string(),
+            version: placement.version + 1,
+            chains: vec![],
+            unplaced_reason: None,
+        };
+        self.dispatch(&record, &placement, &empty);
+        self.live().statuses.retain(|(model, _), _| model != name);
+        info!(model = name, "model removed");
+        Ok(record)
+    }
+
     /// Every model.
     pub fn list_models(&self) -> Result<Vec<ModelRecord>, CoordinatorError> {
         Ok(read_all(self.store(), MODELS)?)

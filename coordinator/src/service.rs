@@ -538,6 +538,15 @@ impl pb::models_server::Models for ControlPlane {
         let models = self.fed.list_models()?.into_iter().map(model_pb).collect();
         Ok(Response::new(pb::ListModelsResponse { models }))
     }
+
+    async fn remove_model(
+        &self,
+        request: Request<pb::RemoveModelRequest>,
+    ) -> Result<Response<pb::Model>, Status> {
+        operator(&self.fed, &request)?;
+        let name = request.into_inner().name;
+        Ok(Response::new(model_pb(self.fed.remove_model(&name).await?)))
+    }
 }
 
 /// Protobuf form of a placement with each stage's reported state.

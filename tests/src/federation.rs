@@ -261,6 +261,24 @@ pub async fn fleet_with(
     fleet_in(fed, providers, dtype).await
 }
 
+/// The request that registers SmolLM2 as `smollm2` in weight mode `dtype`, with no policy.
+pub fn smollm2_model(dtype: &str) -> pb::AddModelRequest {
+    let path = crate::smollm2_path();
+    let model = sovra_model::GgufModel::open(&path).expect("model");
+    pb::AddModelRequest {
+        name: "smollm2".into(),
+        spec: Some(sovra_coordinator::service::spec_pb(model.spec())),
+        file_sha256: sovra_model::fetch::sha256_file(&path).expect("hash"),
+        file_name: path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        file_path: path.display().to_string(),
+        dtype: dtype.into(),
+        policy: Some(pb::Policy::default()),
+    }
+}
+
 /// As [`fleet`], on the federation `fed`.
 pub async fn fleet_in(
     fed: TestFederation,
@@ -283,21 +301,8 @@ pub async fn fleet_in(
             .then_some(())
     })
     .await;
-    let path = crate::smollm2_path();
-    let model = sovra_model::GgufModel::open(&path).expect("model");
     pb::models_client::ModelsClient::new(fed.operator().await)
-        .add_model(pb::AddModelRequest {
-            name: "smollm2".into(),
-            spec: Some(sovra_coordinator::service::spec_pb(model.spec())),
-            file_sha256: sovra_model::fetch::sha256_file(&path).expect("hash"),
-            file_name: path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            file_path: path.display().to_string(),
-            dtype: dtype.into(),
-            policy: Some(pb::Policy::default()),
-        })
+        .add_model(smollm2_model(dtype))
         .await
         .expect("add model");
     let tenant = pb::tenants_client::TenantsClient::new(fed.operator().await)
