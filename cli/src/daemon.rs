@@ -75,10 +75,11 @@ pub async fn coordinator_start(args: CoordinatorStartArgs) -> Result<()> {
             ..FederationConfig::default()
         },
     };
-    let fed = server::open(&config)?;
+    // The port first: a coordinator that cannot serve leaves no fresh CA or token behind.
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
+    let fed = server::open(&config)?;
     let addr = listener.local_addr()?;
     eprintln!(
         "sovra coordinator listening on https://{addr} (CA {}, operator token {})",

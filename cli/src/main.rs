@@ -187,21 +187,27 @@ fn main() -> ExitCode {
     if !holds_weights(&cli.command) {
         keep_small_pages();
     }
-    if matches!(
+    let worker_start = matches!(
         cli.command,
         Command::Worker {
             command: WorkerCommand::Start(_),
             ..
         }
-    ) && std::env::var_os(SPIN_LIMIT_VAR).is_none()
-    {
+    );
+    if worker_start && std::env::var_os(SPIN_LIMIT_VAR).is_none() {
         // Safety: as above.
         unsafe { std::env::set_var(SPIN_LIMIT_VAR, WORKER_SPIN_LIMIT.to_string()) };
     }
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SOVRA_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            tracing_subscriber::EnvFilter::try_from_env("SOVRA_LOG").unwrap_or_else(|_| {
+                // A worker says when it joined, connected, loaded or dropped a slice.
+                tracing_subscriber::EnvFilter::new(if worker_start {
+                    "warn,sovra_worker::agent=info"
+                } else {
+                    "warn"
+                })
+            }),
         )
         .with_writer(std::io::stderr)
         // Colours only on a terminal, not in log files.

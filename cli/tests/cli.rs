@@ -398,3 +398,40 @@ fn sampling_values_out_of_range_are_refused_before_anything_runs() {
         }
     }
 }
+
+#[test]
+fn a_start_that_fails_leaves_no_folder_or_authority_behind() {
+    let root = tempfile::tempdir().unwrap();
+    // A worker whose join fails leaves no data dir it created; one that existed stays.
+    let fresh = root.path().join("fresh-worker");
+    let kept = root.path().join("kept-worker");
+    std::fs::create_dir(&kept).unwrap();
+    for dir in [&fresh, &kept] {
+        let out = Command::new(env!("CARGO_BIN_EXE_sovra"))
+            .args(["worker", "start", "--coordinator", "https://127.0.0.1:9"])
+            .args(["--join-token", "not-a-token", "--listen", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(dir)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("token"), "{stderr}");
+    }
+    assert!(!fresh.exists(), "the failed join left {}", fresh.display());
+    assert!(kept.is_dir());
+
+    // A coordinator that cannot take its port creates no CA and no operator token.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().to_string();
+    let data = root.path().join("coordinator");
+    let out = Command::new(env!("CARGO_BIN_EXE_sovra"))
+        .args(["coordinator", "start", "--listen", &port, "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&port), "{stderr}");
+    assert!(!data.join("ca.pem").exists() && !data.join("admin.token").exists());
+}

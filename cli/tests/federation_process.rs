@@ -106,7 +106,7 @@ fn start_worker(cluster: &Cluster, name: &str, threads: &str, token: Option<&str
     .arg(cluster.dir.path().join(name))
     .args(["--listen", "127.0.0.1:0", "--max-memory", "1GiB"])
     .stdout(Stdio::null())
-    .stderr(Stdio::null());
+    .stderr(std::fs::File::create(cluster.dir.path().join(format!("{name}.log"))).unwrap());
     if let Some(t) = token {
         cmd.args(["--join-token", t]);
     }
@@ -180,6 +180,12 @@ fn operator_workflow_survives_a_coordinator_sigkill() {
         workers_up(c).len() == 2
     });
     let workers = workers_up(&cluster);
+    // A worker says on stderr that it joined and whom it serves.
+    let log = std::fs::read_to_string(cluster.dir.path().join("w-fr.log")).unwrap();
+    assert!(
+        log.contains("joined the federation") && log.contains("ovh-fr"),
+        "{log}"
+    );
     let speed = |provider: &str| {
         workers.iter().find(|w| w["provider"] == provider).unwrap()["speed_gflops"]
             .as_f64()

@@ -264,12 +264,19 @@ pub fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, WorkerError
     }
 }
 
-/// Runs the worker until `shutdown` resolves or the coordinator refuses it for good.
-pub async fn run(
-    config: WorkerConfig,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), WorkerError> {
-    let _dir_lock = lock_data_dir(&config.data_dir)?;
+/// Binds the data-plane socket and loads or obtains the credentials: the socket, its address,
+/// the address peers are to dial and the credentials.
+async fn bind_and_join(
+    config: &WorkerConfig,
+) -> Result<
+    (
+        std::net::UdpSocket,
+        std::net::SocketAddr,
+        String,
+        Credentials,
+    ),
+    WorkerError,
+> {
     let socket = std::net::UdpSocket::bind(config.listen).map_err(|e| {
         WorkerError::Io(format!("binding the data plane on {}: {e}", config.listen))
     })?;
@@ -280,7 +287,29 @@ pub async fn run(
         .advertise
         .clone()
         .unwrap_or_else(|| bound.to_string());
-    let mut creds = credentials(&config, &advertise).await?;
+    let creds = credentials(config, &advertise).await?;
+    Ok((socket, bound, advertise, creds))
+}
+
+/// Runs the worker until `shutdown` resolves or the coordinator refuses it for good.
+pub async fn run(
+    config: WorkerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), WorkerError> {
+    let fresh_dir = !config.data_dir.exists();
+    let dir_lock = lock_data_dir(&config.data_dir)?;
+    let (socket, bound, advertise, mut creds) = match bind_and_join(&config).await {
+        Ok(started) => started,
+        Err(e) => {
+            // A failed start leaves no folder behind that it created (it holds the lock file
+            // only: the credentials are written once the coordinator has answered).
+            if fresh_dir {
+                drop(dir_lock);
+                let _ = std::fs::remove_dir_all(&config.data_dir);
+            }
+            return Err(e);
+        }
+    };
     creds.identity.advertise_addr = advertise;
     let device = cpu_device();
     let scratch = config.data_dir.clone();
