@@ -194,8 +194,15 @@ pub async fn stream_job(
 /// `sovra job …`.
 #[derive(Debug, Subcommand)]
 pub enum JobCommand {
-    /// List jobs (a tenant sees its own; the operator all).
-    List,
+    /// List jobs, newest first (a tenant sees its own; the operator all).
+    List {
+        /// At most this many (1 to 1000).
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        limit: u32,
+        /// Only jobs older than this one (the last of the previous page).
+        #[arg(long)]
+        before: Option<String>,
+    },
     /// Show one job.
     Get {
         /// Job id.
@@ -218,12 +225,23 @@ fn audit_json(a: &pb::AuditStage) -> Value {
 }
 
 fn job_json(j: &pb::Job) -> Value {
-    json!({"job_id": j.job_id, "tenant": j.tenant, "model": j.model, "state": j.state, "prompt_tokens": j.prompt_tokens, "generated_tokens": j.token_ids.len(), "token_ids": j.token_ids, "text": j.text, "finish_reason": j.finish_reason, "error": j.error, "audit": j.audit.iter().map(audit_json).collect::<Vec<_>>(), "created_unix": j.created_unix, "finished_unix": j.finished_unix})
+    let mut doc = job_line_json(j);
+    doc["token_ids"] = json!(j.token_ids);
+    doc["text"] = json!(j.text);
+    doc
+}
+
+/// A job as the list shows it: everything but its tokens and text.
+fn job_line_json(j: &pb::Job) -> Value {
+    json!({"job_id": j.job_id, "tenant": j.tenant, "model": j.model, "state": j.state, "prompt_tokens": j.prompt_tokens, "generated_tokens": j.generated_tokens, "finish_reason": j.finish_reason, "error": j.error, "audit": j.audit.iter().map(audit_json).collect::<Vec<_>>(), "created_unix": j.created_unix, "finished_unix": j.finished_unix})
 }
 
 /// Runs `sovra job …`.
 pub async fn job(cmd: JobCommand, conn: &ConnectArgs) -> Result<()> {
-    let mut client = pb::jobs_client::JobsClient::new(conn.channel().await?);
+    // A job of the longest budget (2^20 tokens) carries its ids and text: more than tonic's
+    // default 4 MiB.
+    let mut client =
+        pb::jobs_client::JobsClient::new(conn.channel().await?).max_decoding_message_size(64 << 20);
     let one = |j: &pb::Job, audit_only: bool| {
         if conn.json {
             let doc = if audit_only {
@@ -277,18 +295,26 @@ pub async fn job(cmd: JobCommand, conn: &ConnectArgs) -> Result<()> {
         );
     };
     match cmd {
-        JobCommand::List => {
-            let jobs = client
-                .list_jobs(pb::ListJobsRequest {})
+        JobCommand::List { limit, before } => {
+            let page = client
+                .list_jobs(pb::ListJobsRequest {
+                    limit,
+                    before: before.unwrap_or_default(),
+                })
                 .await
                 .map_err(status)?
-                .into_inner()
-                .jobs;
+                .into_inner();
+            let jobs = page.jobs;
+            if page.more
+                && let Some(last) = jobs.last()
+            {
+                eprintln!("older jobs follow: sovra job list --before {}", last.job_id);
+            }
             if conn.json {
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&Value::Array(
-                        jobs.iter().map(job_json).collect()
+                        jobs.iter().map(job_line_json).collect()
                     ))?
                 );
             } else {
@@ -300,7 +326,7 @@ pub async fn job(cmd: JobCommand, conn: &ConnectArgs) -> Result<()> {
                             j.tenant.clone(),
                             j.model.clone(),
                             j.state.clone(),
-                            j.token_ids.len().to_string(),
+                            j.generated_tokens.to_string(),
                             j.finish_reason.clone(),
                         ]
                     })

@@ -63,6 +63,7 @@ fn job_pb(j: JobRecord) -> pb::Job {
         model: j.model,
         state: j.state.as_str().to_string(),
         prompt_tokens: j.prompt_tokens as u32,
+        generated_tokens: j.token_ids.len() as u32,
         token_ids: j.token_ids,
         text: j.text,
         finish_reason: j.finish_reason.unwrap_or_default(),
@@ -180,13 +181,24 @@ impl pb::jobs_server::Jobs for ControlPlane {
         request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
         let caller = self.caller(&request)?;
-        let jobs = self
+        let r = request.into_inner();
+        let before = (!r.before.is_empty()).then_some(r.before.as_str());
+        let page = self
             .federation()
-            .list_jobs(&caller)?
+            .list_jobs(&caller, r.limit as usize, before)?;
+        let jobs = page
+            .jobs
             .into_iter()
-            .map(job_pb)
+            .map(|j| pb::Job {
+                token_ids: vec![],
+                text: String::new(),
+                ..job_pb(j)
+            })
             .collect();
-        Ok(Response::new(pb::ListJobsResponse { jobs }))
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs,
+            more: page.more,
+        }))
     }
 
     async fn get_job(&self, request: Request<pb::JobRef>) -> Result<Response<pb::Job>, Status> {

@@ -123,8 +123,38 @@ pub struct JobRecord {
     pub audit: Vec<AuditStage>,
     /// Creation time, Unix seconds.
     pub created_unix: u64,
+    /// Creation time, Unix nanoseconds (0 in records written before it existed): orders the
+    /// job list.
+    #[serde(default)]
+    pub created_ns: u64,
     /// End time, Unix seconds.
     pub finished_unix: u64,
+}
+
+impl JobRecord {
+    /// Where the job stands in the job list: by creation time, then id.
+    fn list_key(&self) -> (u64, &str) {
+        let ns = if self.created_ns > 0 {
+            self.created_ns
+        } else {
+            self.created_unix.saturating_mul(1_000_000_000)
+        };
+        (ns, &self.id)
+    }
+}
+
+/// Jobs in a list page when the client names no number.
+pub const DEFAULT_LIST_LIMIT: usize = 50;
+/// Most jobs in a list page.
+pub const MAX_LIST_LIMIT: usize = 1000;
+
+/// One page of the job list.
+#[derive(Debug, Clone)]
+pub struct JobPage {
+    /// Newest first.
+    pub jobs: Vec<JobRecord>,
+    /// Older jobs follow the last one.
+    pub more: bool,
 }
 
 /// Events streamed to the client.
@@ -350,6 +380,9 @@ impl Federation {
             error: None,
             audit: vec![],
             created_unix: now_unix(),
+            created_ns: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64),
             finished_unix: 0,
         };
         self.store()
@@ -794,15 +827,45 @@ impl Federation {
         info!(job = %job.record.id, state = state.as_str(), tokens = job.record.token_ids.len(), "job ended");
     }
 
-    /// Jobs `caller` may see.
-    pub fn list_jobs(&self, caller: &Caller) -> Result<Vec<JobRecord>, CoordinatorError> {
+    /// Up to `limit` (0: [`DEFAULT_LIST_LIMIT`]) of the jobs `caller` may see, newest first,
+    /// older than the job `before` when one is named (the last of the previous page).
+    pub fn list_jobs(
+        &self,
+        caller: &Caller,
+        limit: usize,
+        before: Option<&str>,
+    ) -> Result<JobPage, CoordinatorError> {
+        let limit = match limit {
+            0 => DEFAULT_LIST_LIMIT,
+            n if n > MAX_LIST_LIMIT => {
+                return Err(CoordinatorError::InvalidArgument(format!(
+                    "a job list page holds at most {MAX_LIST_LIMIT} jobs, not {n}"
+                )));
+            }
+            n => n,
+        };
         let mut jobs: Vec<JobRecord> = read_all::<JobRecord>(self.store(), JOBS)?
             .into_iter()
             .filter(|j| visible(caller, j))
+            .collect();
+        jobs.sort_by(|a, b| b.list_key().cmp(&a.list_key()));
+        let start = match before {
+            None => 0,
+            Some(id) => {
+                jobs.iter()
+                    .position(|j| j.id == id)
+                    .ok_or_else(|| CoordinatorError::not_found("job", id))?
+                    + 1
+            }
+        };
+        let more = jobs.len() > start + limit;
+        let jobs = jobs
+            .into_iter()
+            .skip(start)
+            .take(limit)
             .map(|j| self.live_view(j))
             .collect();
-        jobs.sort_by_key(|j| j.created_unix);
-        Ok(jobs)
+        Ok(JobPage { jobs, more })
     }
 
     /// One job, if `caller` may see it.

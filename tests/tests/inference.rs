@@ -192,7 +192,7 @@ async fn cancel_frees_every_stage_and_tenants_see_only_their_jobs() {
     );
     assert!(
         as_other
-            .list_jobs(pb::ListJobsRequest {})
+            .list_jobs(pb::ListJobsRequest::default())
             .await
             .unwrap()
             .into_inner()
@@ -248,7 +248,7 @@ async fn cancel_frees_every_stage_and_tenants_see_only_their_jobs() {
     assert_eq!(record.audit.last().unwrap().end_layer, 30);
     // The operator sees every job.
     let all = pb::jobs_client::JobsClient::new(fed.operator().await)
-        .list_jobs(pb::ListJobsRequest {})
+        .list_jobs(pb::ListJobsRequest::default())
         .await
         .unwrap()
         .into_inner()

@@ -162,7 +162,7 @@ async fn a_failover_stays_inside_the_jobs_policy() {
         .into_inner();
     assert_eq!(record.state, "done");
     let jobs = pb::jobs_client::JobsClient::new(fed.operator().await)
-        .list_jobs(pb::ListJobsRequest {})
+        .list_jobs(pb::ListJobsRequest::default())
         .await
         .unwrap()
         .into_inner()
