@@ -221,7 +221,8 @@ pub enum JobCommand {
 }
 
 fn audit_json(a: &pb::AuditStage) -> Value {
-    json!({"attempt": a.attempt, "from_token": a.from_token, "worker": a.worker_id, "provider": a.provider, "country": a.country, "layers": format!("{}..{}", a.start_layer, a.end_layer)})
+    let known = a.attempt > 0;
+    json!({"attempt": known.then_some(a.attempt), "from_token": known.then_some(a.from_token), "worker": a.worker_id, "provider": a.provider, "country": a.country, "layers": format!("{}..{}", a.start_layer, a.end_layer)})
 }
 
 fn job_json(j: &pb::Job) -> Value {
@@ -272,9 +273,16 @@ pub async fn job(cmd: JobCommand, conn: &ConnectArgs) -> Result<()> {
             .audit
             .iter()
             .map(|a| {
+                let known = |v: u64| {
+                    if a.attempt > 0 {
+                        v.to_string()
+                    } else {
+                        "-".into()
+                    }
+                };
                 vec![
-                    a.attempt.to_string(),
-                    a.from_token.to_string(),
+                    known(a.attempt.into()),
+                    known(a.from_token),
                     a.worker_id.clone(),
                     a.provider.clone(),
                     a.country.clone(),

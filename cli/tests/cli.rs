@@ -403,7 +403,7 @@ fn sampling_values_out_of_range_are_refused_before_anything_runs() {
 fn a_start_that_fails_leaves_no_folder_or_authority_behind() {
     let root = tempfile::tempdir().unwrap();
     // A worker whose join fails leaves no data dir it created; one that existed stays.
-    let fresh = root.path().join("fresh-worker");
+    let fresh = root.path().join("fresh").join("worker");
     let kept = root.path().join("kept-worker");
     std::fs::create_dir(&kept).unwrap();
     for dir in [&fresh, &kept] {
@@ -418,7 +418,11 @@ fn a_start_that_fails_leaves_no_folder_or_authority_behind() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains("token"), "{stderr}");
     }
-    assert!(!fresh.exists(), "the failed join left {}", fresh.display());
+    assert!(
+        !root.path().join("fresh").exists(),
+        "the failed join left {}",
+        fresh.display()
+    );
     assert!(kept.is_dir());
 
     // A coordinator that cannot take its port creates no CA and no operator token.

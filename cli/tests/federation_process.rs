@@ -317,18 +317,44 @@ fn operator_workflow_survives_a_coordinator_sigkill() {
     let output = reuse.wait_with_output().unwrap();
     assert!(!output.status.success());
 
-    // Removing the model: it and its placement go, and its workers give their slices back.
+    // Removing the model while one worker is cut off (stopped until its lease runs out): the
+    // other drops its slice at once, the cut-off one as soon as it is back and hears that it
+    // holds no assignment. Both give the memory back.
     let pids: Vec<u32> = cluster.children[1..3].iter().map(|c| c.id()).collect();
     let loaded: Vec<u64> = pids.iter().map(|&p| resident_bytes(p)).collect();
+    let signal = |sig: &str, pid: u32| {
+        let ok = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} {pid}");
+    };
+    signal("-STOP", pids[1]);
+    cluster.wait_for(
+        "the stopped worker to be down",
+        Duration::from_secs(30),
+        |c| workers_up(c).len() == 1,
+    );
     let said = cluster.ok(&["model", "remove", "smollm2"]);
+    signal("-CONT", pids[1]);
     assert!(said.contains("smollm2 removed"), "{said}");
     assert_eq!(cluster.json(&["model", "list"]), serde_json::json!([]));
     let shown = cluster.cli(&["placement", "show", "smollm2"]);
     assert!(!shown.status.success());
     let stderr = String::from_utf8_lossy(&shown.stderr);
     assert!(stderr.contains("smollm2"), "{stderr}");
+    let log = |name: &str| std::fs::read_to_string(cluster.dir.path().join(name)).unwrap();
     cluster.wait_for(
-        "the workers to free their slices",
+        "both workers to drop their slices",
+        Duration::from_secs(30),
+        |_| {
+            log("w-fr.log").contains("slice dropped")
+                && log("w-de.log").contains("slice dropped: no longer assigned")
+        },
+    );
+    cluster.wait_for(
+        "the workers to free their slices' memory",
         Duration::from_secs(30),
         |_| {
             pids.iter()

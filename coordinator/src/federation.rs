@@ -179,6 +179,7 @@ impl Federation {
             info!(path = %dir.admin_token().display(), "operator token created");
         }
         crate::jobs::abandon_running_jobs(store.as_ref())?;
+        warn_of_stale_countries(store.as_ref())?;
         let (recoveries, recovery_queue) = mpsc::unbounded_channel();
         Ok(Self {
             store,
@@ -533,12 +534,16 @@ impl Federation {
             Err(e) => {
                 let p = PlacementRecord {
                     model: record.name.clone(),
-                    version: 0,
+                    version: self.placement_floor(&record.name)?,
                     chains: vec![],
                     unplaced_reason: Some(e.to_string()),
                 };
-                self.store
-                    .apply(Batch::new().put(PLACEMENTS, &record.name, encode(&p)))?;
+                // Only while the model is still the one just added (not removed meanwhile).
+                self.store.apply(
+                    Batch::new()
+                        .expect(MODELS, &record.name, Some(encode(&record)))
+                        .put(PLACEMENTS, &record.name, encode(&p)),
+                )?;
                 p
             }
         };
@@ -547,36 +552,56 @@ impl Federation {
     }
 
     /// Removes a model and its placement, and tells its workers to drop their slices. Refused
-    /// while a job of the model runs; the records of its past jobs stay.
+    /// while a job of the model runs; the records of its past jobs stay. Placement versions go
+    /// on from where they were if the name is registered again, so a worker's late report of
+    /// the old model is never taken for the new one.
     pub async fn remove_model(&self, name: &str) -> Result<ModelRecord, CoordinatorError> {
         // Not while a failed stage is being replanned around.
         let _one_at_a_time = self.replan_lock.lock().await;
         let record = self.model(name)?;
-        let running: Vec<String> = {
+        let placed = self.store.get(PLACEMENTS, name.as_bytes())?;
+        let placement = self.placement(name)?;
+        {
+            // Held until the model is gone: a job is either in the table now, or finds the
+            // model gone when it is about to enter it (`launch`).
             let jobs = self.jobs();
-            let mut ids: Vec<String> = jobs
+            let mut running: Vec<&str> = jobs
                 .live
                 .values()
                 .filter(|j| j.record.model == name)
-                .map(|j| j.record.id.clone())
+                .map(|j| j.record.id.as_str())
                 .collect();
-            ids.sort();
-            ids
-        };
-        if !running.is_empty() {
-            return Err(CoordinatorError::FailedPrecondition(format!(
-                "model `{name}` has {} running job(s) ({}); cancel them or let them finish first",
-                running.len(),
-                running.join(", ")
-            )));
+            if !running.is_empty() {
+                running.sort();
+                let count = running.len();
+                let more = if count > 10 {
+                    format!(" and {} more", count - 10)
+                } else {
+                    String::new()
+                };
+                running.truncate(10);
+                return Err(CoordinatorError::FailedPrecondition(format!(
+                    "model `{name}` has {count} running job(s) ({}{more}); cancel them or let them finish first",
+                    running.join(", ")
+                )));
+            }
+            let floor = placement.version + 1;
+            let batch = Batch::new()
+                .expect(MODELS, name, self.store.get(MODELS, name.as_bytes())?)
+                .expect(PLACEMENTS, name, placed)
+                .delete(MODELS, name)
+                .delete(PLACEMENTS, name)
+                .put(META, floor_key(name), encode(&floor));
+            match self.store.apply(batch) {
+                Err(crate::store::StoreError::Conflict { .. }) => {
+                    return Err(CoordinatorError::FailedPrecondition(format!(
+                        "model `{name}` was replanned while it was being removed; try again"
+                    )));
+                }
+                other => other?,
+            }
+            self.store.flush()?;
         }
-        let placement = self.placement(name)?;
-        let batch = Batch::new()
-            .expect(MODELS, name, self.store.get(MODELS, name.as_bytes())?)
-            .delete(MODELS, name)
-            .delete(PLACEMENTS, name);
-        self.store.apply(batch)?;
-        self.store.flush()?;
         let empty = PlacementRecord {
             model: name.to_string(),
             version: placement.version + 1,
@@ -587,6 +612,12 @@ impl Federation {
         self.live().statuses.retain(|(model, _), _| model != name);
         info!(model = name, "model removed");
         Ok(record)
+    }
+
+    /// The version a model's next placement must pass: that of the last placement of a model
+    /// of this name that was removed (0 if none was).
+    fn placement_floor(&self, model: &str) -> Result<u64, CoordinatorError> {
+        Ok(read::<u64>(self.store(), META, &floor_key(model))?.unwrap_or(0))
     }
 
     /// Every model.
@@ -622,7 +653,7 @@ impl Federation {
         let chains = placement::plan(&record, &candidates, &how, self.config.kv_reserve_tokens)?;
         let placement = PlacementRecord {
             model: model.to_string(),
-            version: previous.version + 1,
+            version: previous.version.max(self.placement_floor(model)?) + 1,
             chains,
             unplaced_reason: None,
         };
@@ -685,7 +716,12 @@ impl Federation {
     ) -> Result<Vec<AssignmentOrder>, CoordinatorError> {
         let mut out = Vec::new();
         for p in read_all::<PlacementRecord>(self.store(), PLACEMENTS)? {
-            let model = self.model(&p.model)?;
+            // A placement whose model is gone orders nothing (and must not keep every worker
+            // from connecting).
+            let Some(model) = read::<ModelRecord>(self.store(), MODELS, &p.model)? else {
+                warn!(model = %p.model, "a placement of a model that no longer exists");
+                continue;
+            };
             out.extend(
                 placement::orders(&model, &p)
                     .into_iter()
@@ -695,4 +731,30 @@ impl Federation {
         }
         Ok(out)
     }
+}
+
+/// Key in the meta tree of the placement version a model name's next placement must pass.
+fn floor_key(model: &str) -> String {
+    format!("placement_floor/{model}")
+}
+
+/// Names providers and model policies recorded, before countries were checked against ISO
+/// 3166-1, with a code that is not one: no job policy can name such a country.
+fn warn_of_stale_countries(store: &dyn Store) -> Result<(), CoordinatorError> {
+    for p in read_all::<ProviderRecord>(store, PROVIDERS)? {
+        if clean_country(&p.country).is_err() {
+            warn!(provider = %p.name, country = %p.country, "the provider's country is not an ISO 3166-1 code: no country policy can select it; add it again under its ISO code");
+        }
+    }
+    for m in read_all::<ModelRecord>(store, MODELS)? {
+        for c in m
+            .policy
+            .countries
+            .iter()
+            .filter(|c| clean_country(c).is_err())
+        {
+            warn!(model = %m.name, country = %c, "the model's policy names a country that is not an ISO 3166-1 code: no worker can be there");
+        }
+    }
+    Ok(())
 }

@@ -14,6 +14,16 @@ use crate::records::*;
 use crate::store::Batch;
 use crate::validate::host_of;
 
+/// A worker's new agent stream.
+pub struct Connected {
+    /// Its number (a heartbeat of an older stream is ignored).
+    pub stream: u64,
+    /// Commands for the worker: first its assignments.
+    pub commands: mpsc::UnboundedReceiver<AgentCommand>,
+    /// The models it holds assignments for: it drops slices of any other.
+    pub models: Vec<String>,
+}
+
 impl Federation {
     /// Finds the worker a verified client certificate belongs to, refusing revoked providers and
     /// superseded certificates.
@@ -76,7 +86,7 @@ impl Federation {
         &self,
         worker: &WorkerRecord,
         hello: WorkerHello,
-    ) -> Result<(u64, mpsc::UnboundedReceiver<AgentCommand>), CoordinatorError> {
+    ) -> Result<Connected, CoordinatorError> {
         if host_of(&hello.advertise_addr) != host_of(&worker.advertise_addr) {
             return Err(CoordinatorError::InvalidArgument(format!(
                 "worker `{}` joined with data-plane address {} and now claims {}: the host must stay the one in its certificate",
@@ -94,7 +104,9 @@ impl Federation {
         self.store()
             .apply(Batch::new().put(WORKERS, &record.id, encode(&record)))?;
         let (tx, rx) = mpsc::unbounded_channel();
-        for order in self.orders_for(&record.id)? {
+        let orders = self.orders_for(&record.id)?;
+        let models = orders.iter().map(|o| o.model.clone()).collect();
+        for order in orders {
             let _ = tx.send(AgentCommand::Assign(order));
         }
         let mut live = self.live();
@@ -117,7 +129,11 @@ impl Federation {
             self.fail_jobs_on(&record.id, "reconnected and reset its sessions");
         }
         info!(worker = %record.id, speed_gflops = record.speed_gflops, "worker up");
-        Ok((stream, rx))
+        Ok(Connected {
+            stream,
+            commands: rx,
+            models,
+        })
     }
 
     /// Records a heartbeat; false when the stream is no longer the worker's live one.

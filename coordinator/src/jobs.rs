@@ -56,16 +56,13 @@ pub struct AuditStage {
     pub country: String,
     /// Layers.
     pub range: LayerRange,
-    /// Which chain of the job this is: 1 for the first, one more for each move to another.
-    #[serde(default = "first_attempt")]
+    /// Which chain of the job this is: 1 for the first, one more for each move to another
+    /// (0 in records written before it was kept: unknown).
+    #[serde(default)]
     pub attempt: u32,
-    /// Tokens the job had generated when this chain took it over.
+    /// Tokens the job had generated when this chain took it over (with `attempt` 0: unknown).
     #[serde(default)]
     pub from_token: usize,
-}
-
-fn first_attempt() -> u32 {
-    1
 }
 
 /// Lifecycle of a job.
@@ -510,8 +507,14 @@ impl Federation {
         job.progress = Instant::now();
         {
             let mut jobs = self.jobs();
+            // Checked under the table's lock, which `remove_model` holds while it looks for
+            // running jobs and removes the model: the job either shows there or sees it gone.
+            let model = job.record.model.clone();
             jobs.by_id.insert(job_id.clone(), session);
             jobs.live.insert(session, job);
+            if self.model(&model).is_err() {
+                return Err((session, format!("model `{model}` was removed")));
+            }
         }
         let prompt_ids = self
             .open_everywhere(session, &worker_ids, opens)

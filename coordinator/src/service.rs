@@ -193,12 +193,17 @@ impl pb::workers_server::Workers for ControlPlane {
                 ));
             }
         };
-        let (stream, commands) = self.fed.worker_connected(&worker, hello)?;
+        let crate::fleet::Connected {
+            stream,
+            commands,
+            models,
+        } = self.fed.worker_connected(&worker, hello)?;
         let (tx, rx) = mpsc::channel(64);
         let welcome = pb::coordinator_message::Kind::Welcome(pb::Welcome {
             worker_id: worker.id.clone(),
             heartbeat_interval_ms: self.fed.config().heartbeat_interval.as_millis() as u64,
             lease_ms: self.fed.config().lease.as_millis() as u64,
+            models,
         });
         let _ = tx
             .send(Ok(pb::CoordinatorMessage {

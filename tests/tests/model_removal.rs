@@ -12,7 +12,7 @@ fn remove(name: &str) -> pb::RemoveModelRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_is_removed_only_when_idle_and_can_come_back() {
     let (fed, _workers, tenant) = fleet(&[("ovh-fr", "FR"), ("ionos-de", "DE")], "q8_0").await;
-    fed.place("smollm2", How::Stages(2)).await;
+    let first = fed.place("smollm2", How::Stages(2)).await;
     let request = chat_request("Name three rivers of Europe.", 6, 0.0, 0);
     let before = run_job(fed.channel(Some(&tenant)).await, request.clone())
         .await
@@ -90,9 +90,42 @@ async fn a_model_is_removed_only_when_idle_and_can_come_back() {
 
     // Added again under the same name, it is placed and answers as before.
     models.add_model(smollm2_model("q8_0")).await.unwrap();
-    fed.place("smollm2", How::Stages(2)).await;
+    let second = fed.place("smollm2", How::Stages(2)).await;
+    // Its placements go on counting from the removed one's (a late report of an old slice
+    // cannot pass for the new one).
+    assert!(
+        second.version > first.version + 1,
+        "{} after {}",
+        second.version,
+        first.version
+    );
     let after = run_job(fed.channel(Some(&tenant)).await, request)
         .await
         .unwrap();
     assert_eq!(after.tokens, before.tokens);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_placement_left_without_its_model_does_not_keep_workers_out() {
+    use sovra_coordinator::records::{PLACEMENTS, PlacementRecord, encode};
+    use sovra_coordinator::store::Batch;
+    let fed = sovra_tests::federation::TestFederation::start().await;
+    // As a crash between writes could leave it: a placement naming a model that is gone.
+    let orphan = PlacementRecord {
+        model: "gone".into(),
+        version: 3,
+        ..Default::default()
+    };
+    fed.fed
+        .store()
+        .apply(Batch::new().put(PLACEMENTS, "gone", encode(&orphan)))
+        .unwrap();
+    fed.add_provider("ovh-fr", "FR", &[]).await;
+    let _worker = fed.start_worker(Some(fed.join_token("ovh-fr", 600).await), None);
+    sovra_tests::federation::eventually(
+        "the worker to be up",
+        std::time::Duration::from_secs(60),
+        || async { fed.workers().await.into_iter().find(|w| w.state == "up") },
+    )
+    .await;
 }

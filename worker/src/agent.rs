@@ -264,6 +264,14 @@ pub fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, WorkerError
     }
 }
 
+/// The outermost folder on the way to `dir` (itself included) that does not exist yet.
+fn first_missing(dir: &Path) -> Option<PathBuf> {
+    dir.ancestors()
+        .take_while(|a| !a.as_os_str().is_empty() && !a.exists())
+        .last()
+        .map(Path::to_path_buf)
+}
+
 /// Binds the data-plane socket and loads or obtains the credentials: the socket, its address,
 /// the address peers are to dial and the credentials.
 async fn bind_and_join(
@@ -296,17 +304,18 @@ pub async fn run(
     config: WorkerConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), WorkerError> {
-    let fresh_dir = !config.data_dir.exists();
+    let created = first_missing(&config.data_dir);
     let dir_lock = lock_data_dir(&config.data_dir)?;
     let (socket, bound, advertise, mut creds) = match bind_and_join(&config).await {
         Ok(started) => started,
         Err(e) => {
             // A failed start leaves no folder behind that it created (it holds the lock file
-            // only: the credentials are written once the coordinator has answered).
-            if fresh_dir {
-                drop(dir_lock);
-                let _ = std::fs::remove_dir_all(&config.data_dir);
+            // only: the credentials are written once the coordinator has answered), removed
+            // while the lock is still held.
+            if let Some(root) = created {
+                let _ = std::fs::remove_dir_all(root);
             }
+            drop(dir_lock);
             return Err(e);
         }
     };
@@ -350,6 +359,7 @@ pub async fn run(
         device,
         speed,
         slices: Arc::default(),
+        wanted: Arc::default(),
         sessions: Arc::default(),
         plane: plane.clone(),
         outputs: outputs_tx,
@@ -442,6 +452,9 @@ async fn serve(
 type Uplink = Arc<Mutex<Option<mpsc::Sender<pb::AgentMessage>>>>;
 /// Open sessions: session id → model name.
 type SessionTable = Arc<Mutex<HashMap<u64, String>>>;
+/// The slices the coordinator wants loaded: model name → placement version of its newest
+/// order. A load that finishes after its order was replaced or withdrawn is dropped.
+type Wanted = Arc<Mutex<HashMap<String, u64>>>;
 
 /// Moves engine outputs to the network: frames to peers, token events to the coordinator.
 async fn pump_outputs(
@@ -531,6 +544,7 @@ struct AgentSession<'a> {
     device: DeviceInfo,
     speed: f64,
     slices: SliceTable,
+    wanted: Wanted,
     sessions: SessionTable,
     plane: Arc<DataPlane>,
     outputs: mpsc::UnboundedSender<EngineOutput>,
@@ -620,12 +634,23 @@ impl AgentSession<'_> {
                 for session in open {
                     close_session(&self.sessions, &self.slices, &self.plane, session);
                 }
+                // Slices of models this worker was unassigned from while it was away.
+                lock_any(&self.wanted).retain(|model, _| w.models.contains(model));
+                lock(&self.slices).retain(|model, _| {
+                    let keep = w.models.contains(model);
+                    if !keep {
+                        info!(%model, "slice dropped: no longer assigned");
+                    }
+                    keep
+                });
             }
             Some(Kind::Assign(a)) => {
+                lock_any(&self.wanted).insert(a.model.clone(), a.placement_version);
                 let loader = Loader {
                     models_dir: self.config.models_dir.clone(),
                     batch_wait: self.config.batch_wait,
                     slices: self.slices.clone(),
+                    wanted: self.wanted.clone(),
                     sessions: self.sessions.clone(),
                     outputs: self.outputs.clone(),
                     net: self.net.clone(),
@@ -633,6 +658,8 @@ impl AgentSession<'_> {
                 tokio::spawn(load_assignment(a, loader, tx.clone()));
             }
             Some(Kind::Unassign(u)) => {
+                // A load still running for it is dropped when it finishes.
+                lock_any(&self.wanted).remove(&u.model);
                 lock(&self.slices).remove(&u.model);
                 info!(model = %u.model, "slice dropped");
             }
@@ -772,6 +799,7 @@ struct Loader {
     models_dir: Option<PathBuf>,
     batch_wait: Duration,
     slices: SliceTable,
+    wanted: Wanted,
     sessions: SessionTable,
     outputs: mpsc::UnboundedSender<EngineOutput>,
     net: tokio::runtime::Handle,
@@ -808,11 +836,10 @@ async fn load_assignment(a: pb::Assignment, loader: Loader, tx: mpsc::Sender<pb:
             .with_batch_wait(loader.batch_wait);
             let task = loader.net.spawn(engine_core.run(inputs));
             let mut slices = lock(&loader.slices);
-            // Loads of several placement versions may finish out of order: the newest wins.
-            if slices
-                .get(&a.model)
-                .is_some_and(|l| l.version > a.placement_version)
-            {
+            // Only the newest order is kept: loads of several placement versions may finish
+            // out of order, and the model may have been unassigned meanwhile.
+            if lock_any(&loader.wanted).get(&a.model) != Some(&a.placement_version) {
+                info!(model = %a.model, version = a.placement_version, "slice loaded after its order was replaced or withdrawn: dropped");
                 return;
             }
             slices.insert(

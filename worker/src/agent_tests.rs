@@ -90,6 +90,65 @@ async fn an_engine_that_panics_is_forgotten_its_sessions_fail_and_its_assignment
     assert!(failed.try_recv().is_err());
 }
 
+#[tokio::test]
+async fn a_load_whose_order_was_withdrawn_or_replaced_meanwhile_is_dropped() {
+    use pb::AssignmentState::{Loading, Ready};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    SyntheticLlama::tiny().write_file(&path).unwrap();
+    let hash = sha256_file(&path).unwrap();
+    let order = |version| pb::Assignment {
+        model: "m".into(),
+        placement_version: version,
+        file_sha256: hash.clone(),
+        file_name: "m.gguf".into(),
+        file_path: path.display().to_string(),
+        dtype: "f32".into(),
+        start_layer: 0,
+        end_layer: 2,
+        chain: 0,
+        stage: 0,
+    };
+    let slices: SliceTable = Arc::default();
+    let wanted: Wanted = Arc::default();
+    let (outputs, _engine_outputs) = mpsc::unbounded_channel();
+    let loader = || Loader {
+        models_dir: None,
+        batch_wait: Duration::ZERO,
+        slices: slices.clone(),
+        wanted: wanted.clone(),
+        sessions: Arc::default(),
+        outputs: outputs.clone(),
+        net: tokio::runtime::Handle::current(),
+    };
+    let (tx, mut reports) = mpsc::channel(16);
+
+    // Unassigned while it loaded: nothing stays.
+    load_assignment(order(3), loader(), tx.clone()).await;
+    assert!(lock(&slices).is_empty());
+    // Replaced by a newer order while it loaded: dropped; the newer one stays.
+    lock_any(&wanted).insert("m".into(), 5);
+    load_assignment(order(4), loader(), tx.clone()).await;
+    assert!(lock(&slices).is_empty());
+    load_assignment(order(5), loader(), tx.clone()).await;
+    assert_eq!(lock(&slices).get("m").map(|l| l.version), Some(5));
+    let states: Vec<(u64, i32)> = std::iter::from_fn(|| reports.try_recv().ok())
+        .filter_map(|m| match m.kind {
+            Some(pb::agent_message::Kind::Status(s)) => Some((s.placement_version, s.state)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        states,
+        [
+            (3, Loading as i32),
+            (4, Loading as i32),
+            (5, Loading as i32),
+            (5, Ready as i32)
+        ]
+    );
+}
+
 #[test]
 fn a_data_dir_serves_one_worker_process_at_a_time() {
     let dir = tempfile::tempdir().unwrap();
