@@ -266,18 +266,36 @@ pub enum TenantCommand {
     },
     /// List tenants.
     List,
+    /// Revoke a tenant: its token stops working and its running jobs are cancelled (its
+    /// jobs' records stay).
+    Revoke {
+        /// Tenant name.
+        name: String,
+    },
+    /// Issue a tenant a new token, printed once (the old one stops working; lifts a
+    /// revocation).
+    RotateToken {
+        /// Tenant name.
+        name: String,
+    },
 }
 
 /// Runs `sovra tenant …`.
 pub async fn tenant(cmd: TenantCommand, conn: &ConnectArgs) -> Result<()> {
     let mut client = pb::tenants_client::TenantsClient::new(conn.channel().await?);
     match cmd {
-        TenantCommand::Add { name } => {
-            let r = client
-                .add_tenant(pb::AddTenantRequest { name })
-                .await
-                .map_err(status)?
-                .into_inner();
+        TenantCommand::Add { .. } | TenantCommand::RotateToken { .. } => {
+            let r = match cmd {
+                TenantCommand::Add { name } => {
+                    client.add_tenant(pb::AddTenantRequest { name }).await
+                }
+                TenantCommand::RotateToken { name } => {
+                    client.rotate_tenant_token(pb::TenantRef { name }).await
+                }
+                _ => unreachable!("matched above"),
+            }
+            .map_err(status)?
+            .into_inner();
             emit(conn.json, json!({"name": r.name, "token": r.token}), || {
                 println!("{}", r.token)
             });
@@ -293,18 +311,33 @@ pub async fn tenant(cmd: TenantCommand, conn: &ConnectArgs) -> Result<()> {
                 conn.json,
                 Value::Array(
                     list.iter()
-                        .map(|t| json!({"name": t.name, "created_unix": t.created_unix}))
+                        .map(|t| json!({"name": t.name, "created_unix": t.created_unix, "revoked": t.revoked}))
                         .collect(),
                 ),
                 || {
                     table(
-                        &["tenant"],
+                        &["tenant", "state"],
                         &list
                             .iter()
-                            .map(|t| vec![t.name.clone()])
+                            .map(|t| {
+                                let state = if t.revoked { "revoked" } else { "active" };
+                                vec![t.name.clone(), state.into()]
+                            })
                             .collect::<Vec<_>>(),
                     );
                 },
+            );
+        }
+        TenantCommand::Revoke { name } => {
+            let t = client
+                .revoke_tenant(pb::TenantRef { name })
+                .await
+                .map_err(status)?
+                .into_inner();
+            emit(
+                conn.json,
+                json!({"name": t.name, "created_unix": t.created_unix, "revoked": t.revoked}),
+                || println!("tenant {} revoked; its token no longer works", t.name),
             );
         }
     }

@@ -240,6 +240,11 @@ impl Federation {
         } else if token.starts_with(token::TENANT_PREFIX)
             && let Some(name) = read::<String>(self.store(), TENANT_TOKENS, &hash)?
         {
+            if read::<TenantRecord>(self.store(), TENANTS, &name)?.is_some_and(|t| t.revoked) {
+                return Err(CoordinatorError::Unauthenticated(format!(
+                    "tenant `{name}` is revoked"
+                )));
+            }
             return Ok(Caller::Tenant(name));
         }
         Err(CoordinatorError::Unauthenticated(
@@ -393,6 +398,7 @@ impl Federation {
             name: name.to_string(),
             token_hash: token::hash_secret(&token),
             created_unix: now_unix(),
+            revoked: false,
         };
         let batch = Batch::new()
             .expect(TENANTS, name, None)
@@ -409,6 +415,82 @@ impl Federation {
         }
         self.store.flush()?;
         Ok((record, token))
+    }
+
+    /// Revokes a tenant: its token stops authenticating at once and its running jobs are
+    /// cancelled. Its record and its jobs' records stay; [`Self::rotate_tenant_token`] lets it
+    /// back in with a new token.
+    pub fn revoke_tenant(&self, name: &str) -> Result<TenantRecord, CoordinatorError> {
+        let mut record = self.tenant(name)?;
+        let before = encode(&record);
+        record.revoked = true;
+        self.update_tenant(name, before, &record, None)?;
+        let sessions: Vec<u64> = {
+            let jobs = self.jobs();
+            jobs.live
+                .iter()
+                .filter(|(_, j)| j.record.tenant == name)
+                .map(|(s, _)| *s)
+                .collect()
+        };
+        for session in sessions {
+            let why = format!("tenant `{name}` was revoked");
+            self.finish_job(session, crate::jobs::JobState::Cancelled, None, Some(why));
+        }
+        info!(tenant = name, "tenant revoked");
+        Ok(record)
+    }
+
+    /// Issues a tenant a new API token (lifting a revocation); the old token stops working.
+    pub fn rotate_tenant_token(
+        &self,
+        name: &str,
+    ) -> Result<(TenantRecord, String), CoordinatorError> {
+        let mut record = self.tenant(name)?;
+        let before = encode(&record);
+        let old_hash = record.token_hash.clone();
+        let token = token::new_tenant_token();
+        record.token_hash = token::hash_secret(&token);
+        record.revoked = false;
+        self.update_tenant(name, before, &record, Some(&old_hash))?;
+        info!(tenant = name, "tenant token rotated");
+        Ok((record, token))
+    }
+
+    fn tenant(&self, name: &str) -> Result<TenantRecord, CoordinatorError> {
+        read(self.store(), TENANTS, name)?
+            .ok_or_else(|| CoordinatorError::not_found("tenant", name))
+    }
+
+    /// Writes `record` over `before` (refused if it changed meanwhile); with `old_hash`, the
+    /// token of that hash is replaced by the record's.
+    fn update_tenant(
+        &self,
+        name: &str,
+        before: Vec<u8>,
+        record: &TenantRecord,
+        old_hash: Option<&str>,
+    ) -> Result<(), CoordinatorError> {
+        let mut batch =
+            Batch::new()
+                .expect(TENANTS, name, Some(before))
+                .put(TENANTS, name, encode(record));
+        if let Some(old) = old_hash {
+            batch = batch.delete(TENANT_TOKENS, old).put(
+                TENANT_TOKENS,
+                &record.token_hash,
+                encode(&record.name),
+            );
+        }
+        match self.store.apply(batch) {
+            Err(crate::store::StoreError::Conflict { .. }) => {
+                return Err(CoordinatorError::FailedPrecondition(format!(
+                    "tenant `{name}` changed meanwhile; try again"
+                )));
+            }
+            other => other?,
+        }
+        Ok(self.store.flush()?)
     }
 
     /// Every tenant.

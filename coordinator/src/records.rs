@@ -48,6 +48,9 @@ pub struct TenantRecord {
     pub token_hash: String,
     /// Creation time, Unix seconds.
     pub created_unix: u64,
+    /// Revoked: its token no longer authenticates (until a new one is issued).
+    #[serde(default)]
+    pub revoked: bool,
 }
 
 /// A one-time join token; its secret is stored only as a hash.

@@ -140,12 +140,38 @@ impl pb::tenants_server::Tenants for ControlPlane {
             .fed
             .list_tenants()?
             .into_iter()
-            .map(|t| pb::Tenant {
-                name: t.name,
-                created_unix: t.created_unix,
-            })
+            .map(tenant_pb)
             .collect();
         Ok(Response::new(pb::ListTenantsResponse { tenants }))
+    }
+
+    async fn revoke_tenant(
+        &self,
+        request: Request<pb::TenantRef>,
+    ) -> Result<Response<pb::Tenant>, Status> {
+        operator(&self.fed, &request)?;
+        let t = self.fed.revoke_tenant(&request.into_inner().name)?;
+        Ok(Response::new(tenant_pb(t)))
+    }
+
+    async fn rotate_tenant_token(
+        &self,
+        request: Request<pb::TenantRef>,
+    ) -> Result<Response<pb::AddTenantResponse>, Status> {
+        operator(&self.fed, &request)?;
+        let (t, token) = self.fed.rotate_tenant_token(&request.into_inner().name)?;
+        Ok(Response::new(pb::AddTenantResponse {
+            name: t.name,
+            token,
+        }))
+    }
+}
+
+fn tenant_pb(t: TenantRecord) -> pb::Tenant {
+    pb::Tenant {
+        name: t.name,
+        created_unix: t.created_unix,
+        revoked: t.revoked,
     }
 }
 

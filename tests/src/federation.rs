@@ -407,6 +407,27 @@ pub async fn run_job(
     Err(tonic::Status::internal("stream ended without a summary"))
 }
 
+/// Starts a job and returns its id and the rest of its stream, once the coordinator said it
+/// started.
+pub async fn start_job(
+    channel: AuthChannel,
+    request: pb::RunJobRequest,
+) -> (String, tonic::Streaming<pb::JobEvent>) {
+    let mut stream = pb::jobs_client::JobsClient::new(channel)
+        .run_job(request)
+        .await
+        .expect("run job")
+        .into_inner();
+    loop {
+        let event = stream.message().await.expect("job stream");
+        match event.and_then(|e| e.kind) {
+            Some(pb::job_event::Kind::Started(s)) => return (s.job_id, stream),
+            Some(_) => continue,
+            None => panic!("the job stream ended before the job started"),
+        }
+    }
+}
+
 /// A chat job request.
 pub fn chat_request(
     prompt: &str,

@@ -3,7 +3,7 @@
 
 use sovra_proto::pb;
 use sovra_proto::pb::set_placement_request::How;
-use sovra_tests::federation::{chat_request, fleet, run_job, smollm2_model};
+use sovra_tests::federation::{chat_request, fleet, run_job, smollm2_model, start_job};
 
 fn remove(name: &str) -> pb::RemoveModelRequest {
     pb::RemoveModelRequest { name: name.into() }
@@ -28,17 +28,7 @@ async fn a_model_is_removed_only_when_idle_and_can_come_back() {
     // Not while a job of it runs: the refusal names the job.
     let mut long = chat_request("Write a long story about the sea.", 2000, 0.0, 0);
     long.sampling.as_mut().unwrap().ignore_eos = true;
-    let mut stream = pb::jobs_client::JobsClient::new(fed.channel(Some(&tenant)).await)
-        .run_job(long)
-        .await
-        .unwrap()
-        .into_inner();
-    let running = loop {
-        match stream.message().await.unwrap().unwrap().kind {
-            Some(pb::job_event::Kind::Started(s)) => break s.job_id,
-            _ => continue,
-        }
-    };
+    let (running, stream) = start_job(fed.channel(Some(&tenant)).await, long).await;
     let mut models = pb::models_client::ModelsClient::new(fed.operator().await);
     let busy = models.remove_model(remove("smollm2")).await.unwrap_err();
     assert_eq!(busy.code(), tonic::Code::FailedPrecondition, "{busy:?}");

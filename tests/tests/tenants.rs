@@ -1,0 +1,104 @@
+//! Revoking a tenant stops its token at once and cancels its running jobs; a new token lets
+//! it back in with its job history; its old token stays dead.
+
+use sovra_proto::pb;
+use sovra_proto::pb::set_placement_request::How;
+use sovra_tests::federation::{chat_request, fleet, run_job, start_job};
+use tonic::Code;
+
+fn named(name: &str) -> pb::TenantRef {
+    pb::TenantRef { name: name.into() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_tenant_is_locked_out_and_a_new_token_lets_it_back() {
+    let (fed, _workers, acme) = fleet(&[("ovh-fr", "FR")], "q8_0").await;
+    fed.place("smollm2", How::Stages(1)).await;
+    let mut tenants = pb::tenants_client::TenantsClient::new(fed.operator().await);
+    let done = run_job(
+        fed.channel(Some(&acme)).await,
+        chat_request("Say hello.", 3, 0.0, 0),
+    )
+    .await
+    .unwrap();
+
+    // Only the operator may revoke.
+    let refused = pb::tenants_client::TenantsClient::new(fed.channel(Some(&acme)).await)
+        .revoke_tenant(named("acme"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+
+    // A job of the tenant is running when it is revoked: it is cancelled, saying why.
+    let (running, mut stream) = start_job(
+        fed.channel(Some(&acme)).await,
+        chat_request("Write a long story about the sea.", 2000, 0.0, 0),
+    )
+    .await;
+    let revoked = tenants
+        .revoke_tenant(named("acme"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(revoked.revoked);
+    let ended = loop {
+        match stream.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended without saying why"),
+            Err(status) => break status,
+        }
+    };
+    assert!(ended.message().contains("revoked"), "{ended:?}");
+    let mut jobs = pb::jobs_client::JobsClient::new(fed.operator().await);
+    let cut = jobs
+        .get_job(pb::JobRef {
+            job_id: running.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cut.state, "cancelled");
+    assert!(cut.error.contains("revoked"), "{cut:?}");
+
+    // Its token no longer works, with a reason.
+    let locked = pb::jobs_client::JobsClient::new(fed.channel(Some(&acme)).await)
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(locked.code(), Code::Unauthenticated, "{locked:?}");
+    assert!(locked.message().contains("revoked"), "{locked:?}");
+    let listed = tenants
+        .list_tenants(pb::ListTenantsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .tenants;
+    assert!(listed.iter().any(|t| t.name == "acme" && t.revoked));
+
+    // A new token lets it back in, with its jobs; the old one stays dead.
+    let fresh = tenants
+        .rotate_tenant_token(named("acme"))
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    assert_ne!(fresh, acme);
+    let mine: Vec<String> = pb::jobs_client::JobsClient::new(fed.channel(Some(&fresh)).await)
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs
+        .into_iter()
+        .map(|j| j.job_id)
+        .collect();
+    assert_eq!(mine, [running, done.job_id]);
+    let old = pb::jobs_client::JobsClient::new(fed.channel(Some(&acme)).await)
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(old.code(), Code::Unauthenticated, "{old:?}");
+
+    let unknown = tenants.revoke_tenant(named("nobody")).await.unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound, "{unknown:?}");
+}
