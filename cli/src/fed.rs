@@ -344,6 +344,22 @@ pub async fn tenant(cmd: TenantCommand, conn: &ConnectArgs) -> Result<()> {
     Ok(())
 }
 
+/// Runs `sovra worker revoke`.
+pub async fn worker_revoke(id: String, conn: &ConnectArgs) -> Result<()> {
+    let mut client = pb::workers_client::WorkersClient::new(conn.channel().await?);
+    let w = client
+        .revoke_worker(pb::RevokeWorkerRequest { worker_id: id })
+        .await
+        .map_err(status)?
+        .into_inner();
+    emit(
+        conn.json,
+        json!({"id": w.id, "provider": w.provider, "state": w.state}),
+        || println!("worker {} of {} revoked", w.id, w.provider),
+    );
+    Ok(())
+}
+
 /// Runs `sovra worker list`.
 pub async fn worker_list(conn: &ConnectArgs) -> Result<()> {
     let mut client = pb::workers_client::WorkersClient::new(conn.channel().await?);

@@ -109,6 +109,14 @@ enum WorkerCommand {
         #[command(flatten)]
         conn: fed::ConnectArgs,
     },
+    /// Revoke one worker (a machine decommissioned or compromised): it is refused from then
+    /// on, its peers refuse its connections and its jobs move to other chains.
+    Revoke {
+        /// Worker id (as `worker list` shows it).
+        id: String,
+        #[command(flatten)]
+        conn: fed::ConnectArgs,
+    },
 }
 
 /// How long candle's compute threads spin for the next op before they sleep, in spin-loop
@@ -230,6 +238,9 @@ fn main() -> ExitCode {
         Command::Worker {
             command: WorkerCommand::List { conn },
         } => block_on(fed::worker_list(&conn)),
+        Command::Worker {
+            command: WorkerCommand::Revoke { id, conn },
+        } => block_on(fed::worker_revoke(id, &conn)),
         Command::Placement { command, conn } => block_on(fed::placement(command, &conn)),
         Command::Run { args, conn } => block_on(jobs_cmd::run(args, &conn)),
         Command::Job { command, conn } => block_on(jobs_cmd::job(command, &conn)),

@@ -764,7 +764,9 @@ impl Federation {
             .list_workers()?
             .into_iter()
             .map(|(w, p)| placement::Candidate {
-                available: live.contains(&w.id) && !p.revoked,
+                available: live.contains(&w.id)
+                    && !p.revoked
+                    && !self.worker_revoked(&w.id).unwrap_or(true),
                 worker: w,
                 provider: p,
             })

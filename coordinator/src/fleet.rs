@@ -50,6 +50,57 @@ impl Federation {
                 worker.provider
             )));
         }
+        if self.worker_revoked(&worker.id)? {
+            return Err(revoked_worker(&worker.id));
+        }
+        Ok(worker)
+    }
+
+    /// Every worker revoked, by itself or with its provider.
+    pub fn revoked_workers(&self) -> Result<Vec<String>, CoordinatorError> {
+        let mut ids: Vec<String> = self
+            .list_workers()?
+            .into_iter()
+            .filter(|(_, p)| p.revoked)
+            .map(|(w, _)| w.id)
+            .collect();
+        for (key, _) in self.store().scan(REVOKED_WORKERS, b"")? {
+            ids.push(String::from_utf8_lossy(&key).into_owned());
+        }
+        ids.sort();
+        ids.dedup();
+        Ok(ids)
+    }
+
+    /// True once the operator revoked this worker.
+    pub fn worker_revoked(&self, id: &str) -> Result<bool, CoordinatorError> {
+        Ok(self.store().get(REVOKED_WORKERS, id.as_bytes())?.is_some())
+    }
+
+    /// Revokes one worker (a machine decommissioned or compromised): its agent stream ends, it
+    /// is refused from then on, its peers refuse its data-plane connections, and the jobs it
+    /// ran move to other chains. Its provider's other workers are not affected.
+    pub fn revoke_worker(&self, id: &str) -> Result<WorkerRecord, CoordinatorError> {
+        let worker: WorkerRecord = read(self.store(), WORKERS, id)?
+            .ok_or_else(|| CoordinatorError::not_found("worker", id))?;
+        self.store()
+            .apply(Batch::new().put(REVOKED_WORKERS, id, encode(&now_unix())))?;
+        self.store().flush()?;
+        {
+            // Under the lock `worker_connected` checks the revocation in: a stream opening
+            // now is either removed here or refused there.
+            let mut live = self.live();
+            // Dropping the command sender ends the worker's stream.
+            live.workers.remove(id);
+            for other in live.workers.values() {
+                let _ = other
+                    .commands
+                    .send(AgentCommand::PeersRevoked(vec![id.to_string()]));
+            }
+        }
+        self.set_worker_state(id, WorkerState::Down)?;
+        self.fail_jobs_on(id, "was revoked");
+        warn!(worker = id, "worker revoked");
         Ok(worker)
     }
 
@@ -110,6 +161,9 @@ impl Federation {
             let _ = tx.send(AgentCommand::Assign(order));
         }
         let mut live = self.live();
+        if self.worker_revoked(&record.id)? {
+            return Err(revoked_worker(&record.id));
+        }
         live.next_stream += 1;
         let replaced = live.workers.contains_key(&record.id);
         let stream = live.next_stream;
@@ -258,4 +312,8 @@ impl Federation {
             .filter(|(v, _, _)| *v == version)
             .map(|(_, s, m)| (*s, m.clone()))
     }
+}
+
+fn revoked_worker(id: &str) -> CoordinatorError {
+    CoordinatorError::PermissionDenied(format!("worker `{id}` is revoked"))
 }

@@ -21,6 +21,8 @@ pub const WORKERS: &str = "workers";
 pub const MODELS: &str = "models";
 /// Tree of placements, keyed by model name.
 pub const PLACEMENTS: &str = "placements";
+/// Tree of revoked workers: worker id → revocation time, Unix seconds.
+pub const REVOKED_WORKERS: &str = "revoked_workers";
 /// Tree of coordinator settings (operator token hash).
 pub const META: &str = "meta";
 

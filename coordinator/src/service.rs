@@ -230,6 +230,7 @@ impl pb::workers_server::Workers for ControlPlane {
             heartbeat_interval_ms: self.fed.config().heartbeat_interval.as_millis() as u64,
             lease_ms: self.fed.config().lease.as_millis() as u64,
             models,
+            revoked_peers: self.fed.revoked_workers()?,
         });
         let _ = tx
             .send(Ok(pb::CoordinatorMessage {
@@ -259,6 +260,17 @@ impl pb::workers_server::Workers for ControlPlane {
             .map(|(w, p)| worker_pb(&self.fed, w, &p))
             .collect();
         Ok(Response::new(pb::ListWorkersResponse { workers }))
+    }
+
+    async fn revoke_worker(
+        &self,
+        request: Request<pb::RevokeWorkerRequest>,
+    ) -> Result<Response<pb::Worker>, Status> {
+        operator(&self.fed, &request)?;
+        let id = request.into_inner().worker_id;
+        let worker = self.fed.revoke_worker(&id)?;
+        let provider = self.fed.provider(&worker.provider)?;
+        Ok(Response::new(worker_pb(&self.fed, worker, &provider)))
     }
 }
 
@@ -432,7 +444,7 @@ fn open_pb(o: crate::jobs::SessionOpen) -> pb::OpenSession {
 }
 
 fn worker_pb(fed: &Federation, w: WorkerRecord, p: &ProviderRecord) -> pb::Worker {
-    let state = if p.revoked {
+    let state = if p.revoked || fed.worker_revoked(&w.id).unwrap_or(false) {
         "revoked"
     } else if fed.is_live(&w.id) {
         "up"

@@ -51,6 +51,29 @@ async fn send_one(
         .map_err(|_| "the connection stayed open".to_string())
 }
 
+/// Waits until `target` closes connections from `identity` as revoked; returns the close.
+async fn refused_as_revoked(
+    identity: &TlsIdentity,
+    target: &pb::Worker,
+    what: &str,
+) -> quinn::ApplicationClose {
+    eventually(what, Duration::from_secs(10), || {
+        let identity = identity.clone();
+        let target = target.clone();
+        async move {
+            match send_one(&identity, &target).await {
+                Ok(quinn::ConnectionError::ApplicationClosed(close))
+                    if close.error_code == quic::CODE_REVOKED.into() =>
+                {
+                    Some(close)
+                }
+                _ => None,
+            }
+        }
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn only_named_peers_with_federation_certificates_reach_a_stage() {
     let (fed, workers, tenant) = fleet(
@@ -146,25 +169,8 @@ async fn only_named_peers_with_federation_certificates_reach_a_stage() {
         })
         .await
         .unwrap();
-    let revoked = eventually(
-        "the revocation to reach the stage",
-        Duration::from_secs(10),
-        || {
-            let identity = rogue_identity.clone();
-            let target = de.clone();
-            async move {
-                match send_one(&identity, &target).await {
-                    Ok(quinn::ConnectionError::ApplicationClosed(close))
-                        if close.error_code == quic::CODE_REVOKED.into() =>
-                    {
-                        Some(close)
-                    }
-                    _ => None,
-                }
-            }
-        },
-    )
-    .await;
+    let revoked =
+        refused_as_revoked(&rogue_identity, &de, "the revocation to reach the stage").await;
     assert!(String::from_utf8_lossy(&revoked.reason).contains("revoked"));
 }
 
@@ -229,4 +235,101 @@ async fn malformed_frames_close_the_connection_and_the_stage_keeps_serving() {
     .await
     .unwrap();
     assert_eq!(out.tokens.len(), 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_revoked_worker_is_cut_off_and_its_job_moves_on() {
+    let (fed, mut workers, tenant) = fleet(
+        &[("ovh-fr", "FR"), ("ionos-de", "DE"), ("scw-nl", "NL")],
+        "q8_0",
+    )
+    .await;
+    fed.place("smollm2", How::Stages(2)).await;
+    let request = chat_request("Write a long story about the sea.", 40, 0.0, 0);
+    let reference = run_job(fed.channel(Some(&tenant)).await, request.clone())
+        .await
+        .unwrap();
+
+    // A tenant may not revoke a worker.
+    let mut operator = pb::workers_client::WorkersClient::new(fed.operator().await);
+    let refused = pb::workers_client::WorkersClient::new(fed.channel(Some(&tenant)).await)
+        .revoke_worker(pb::RevokeWorkerRequest {
+            worker_id: reference.stages[1].worker_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+
+    // The tail of a running job is revoked after its 5th token: the job goes on elsewhere and
+    // gives the same tokens.
+    let (_, mut stream) =
+        sovra_tests::federation::start_job(fed.channel(Some(&tenant)).await, request).await;
+    let victim = reference.stages[1].worker_id.clone();
+    let mut tokens = Vec::new();
+    while let Some(event) = stream.message().await.unwrap() {
+        match event.kind {
+            Some(pb::job_event::Kind::Token(t)) => {
+                tokens.push(t.token_id);
+                if tokens.len() == 5 {
+                    let shown = operator
+                        .revoke_worker(pb::RevokeWorkerRequest {
+                            worker_id: victim.clone(),
+                        })
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    assert_eq!(shown.state, "revoked");
+                }
+            }
+            Some(pb::job_event::Kind::Summary(_)) => break,
+            _ => {}
+        }
+    }
+    assert_eq!(tokens, reference.tokens, "the stream went on exactly");
+    let listed = fed.workers().await;
+    let state = |id: &str| listed.iter().find(|w| w.id == id).unwrap().state.clone();
+    assert_eq!(state(&victim), "revoked");
+    assert!(
+        listed.iter().filter(|w| w.state == "up").count() == 2,
+        "its provider's standing and the other workers are untouched: {listed:?}"
+    );
+
+    // The revoked worker stops, refused, and its certificate opens no stage any more.
+    let index = workers
+        .iter()
+        .position(|w| {
+            std::fs::read_to_string(w.data_dir.join("identity.json"))
+                .unwrap()
+                .contains(&victim)
+        })
+        .unwrap();
+    let identity = identity_of(&workers[index].data_dir);
+    let ended = workers[index]
+        .finished(Duration::from_secs(30))
+        .await
+        .expect("the revoked worker stops");
+    let message = ended.unwrap_err().to_string();
+    assert!(message.contains("revoked"), "{message}");
+    let target = listed.iter().find(|w| w.state == "up").unwrap().clone();
+    let closed = refused_as_revoked(&identity, &target, "the stage to refuse it").await;
+    assert!(String::from_utf8_lossy(&closed.reason).contains("revoked"));
+    // A worker that starts after the revocation refuses it too (the coordinator tells it).
+    fed.add_provider("newcomer-be", "BE", &["ISO27001"]).await;
+    let _newcomer = fed.start_worker(Some(fed.join_token("newcomer-be", 600).await), None);
+    let newcomer = eventually("the newcomer to be up", Duration::from_secs(60), || async {
+        fed.workers()
+            .await
+            .into_iter()
+            .find(|w| w.provider == "newcomer-be" && w.state == "up")
+    })
+    .await;
+    // (Within moments: the worker is listed up before it has read its welcome.)
+    refused_as_revoked(&identity, &newcomer, "the newcomer to refuse it").await;
+    let again = operator
+        .revoke_worker(pb::RevokeWorkerRequest {
+            worker_id: "no-such-worker".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), tonic::Code::NotFound);
 }

@@ -634,6 +634,8 @@ impl AgentSession<'_> {
                 for session in open {
                     close_session(&self.sessions, &self.slices, &self.plane, session);
                 }
+                // Revocations made while it was away or before it started.
+                self.plane.revoke(&w.revoked_peers);
                 // Slices of models this worker was unassigned from while it was away.
                 lock_any(&self.wanted).retain(|model, _| w.models.contains(model));
                 lock(&self.slices).retain(|model, _| {

@@ -180,7 +180,7 @@ impl DataPlane {
             for conn in incoming.remove(w).unwrap_or_default() {
                 conn.close(
                     quic::CODE_REVOKED.into(),
-                    b"the provider of this worker is revoked",
+                    b"this worker or its provider is revoked",
                 );
             }
             lock(&self.links).retain(|(peer, _, _), _| peer != w);
@@ -207,7 +207,7 @@ impl DataPlane {
         if lock(&self.revoked).contains(&peer) {
             return conn.close(
                 quic::CODE_REVOKED.into(),
-                b"the provider of this worker is revoked",
+                b"this worker or its provider is revoked",
             );
         }
         {
@@ -281,7 +281,7 @@ impl DataPlane {
             // make this worker hold are the budget's and the QUIC windows'.
             let held = budget.hold(head.body_len()).await;
             if lock(&self.revoked).contains(peer) {
-                let reason = b"the provider of this worker is revoked";
+                let reason = b"this worker or its provider is revoked";
                 return conn.close(quic::CODE_REVOKED.into(), reason);
             }
             let frame = match tokio::time::timeout(BODY_WAIT, read_rest(&mut stream, &head)).await {
