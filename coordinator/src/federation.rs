@@ -144,6 +144,9 @@ pub(crate) struct Live {
     pub(crate) next_stream: u64,
 }
 
+/// The tenant name the operator's jobs are recorded under (no tenant may take it).
+pub const OPERATOR_NAME: &str = "operator";
+
 /// The coordinator's state: durable records in the store, live streams in memory.
 pub struct Federation {
     store: Arc<dyn Store>,
@@ -393,6 +396,11 @@ impl Federation {
     /// Creates a tenant and returns its API token.
     pub fn add_tenant(&self, name: &str) -> Result<(TenantRecord, String), CoordinatorError> {
         validate_name("tenant", name)?;
+        if name == OPERATOR_NAME {
+            return Err(CoordinatorError::InvalidArgument(format!(
+                "`{OPERATOR_NAME}` is the name jobs of the operator are recorded under; choose another"
+            )));
+        }
         let token = token::new_tenant_token();
         let record = TenantRecord {
             name: name.to_string(),
@@ -455,6 +463,15 @@ impl Federation {
         self.update_tenant(name, before, &record, Some(&old_hash))?;
         info!(tenant = name, "tenant token rotated");
         Ok((record, token))
+    }
+
+    /// True when `name` is a tenant that is revoked (or cannot be read).
+    pub(crate) fn tenant_revoked(&self, name: &str) -> bool {
+        match read::<TenantRecord>(self.store(), TENANTS, name) {
+            Ok(Some(t)) => t.revoked,
+            Ok(None) => false,
+            Err(_) => true,
+        }
     }
 
     fn tenant(&self, name: &str) -> Result<TenantRecord, CoordinatorError> {

@@ -72,6 +72,14 @@ impl Federation {
         Ok(ids)
     }
 
+    /// True while `stream` is the worker's live agent stream.
+    pub fn is_current_stream(&self, worker_id: &str, stream: u64) -> bool {
+        self.live()
+            .workers
+            .get(worker_id)
+            .is_some_and(|w| w.stream == stream)
+    }
+
     /// True once the operator revoked this worker.
     pub fn worker_revoked(&self, id: &str) -> Result<bool, CoordinatorError> {
         Ok(self.store().get(REVOKED_WORKERS, id.as_bytes())?.is_some())
@@ -138,6 +146,9 @@ impl Federation {
         worker: &WorkerRecord,
         hello: WorkerHello,
     ) -> Result<Connected, CoordinatorError> {
+        if self.worker_revoked(&worker.id)? {
+            return Err(revoked_worker(&worker.id));
+        }
         if host_of(&hello.advertise_addr) != host_of(&worker.advertise_addr) {
             return Err(CoordinatorError::InvalidArgument(format!(
                 "worker `{}` joined with data-plane address {} and now claims {}: the host must stay the one in its certificate",

@@ -19,6 +19,13 @@ use crate::store::Batch;
 
 /// Tree of job records, keyed by job id.
 pub const JOBS: &str = "jobs";
+/// Index of the job list, newest first: `all/` + key for the operator's list, `t/TENANT/` +
+/// key for a tenant's, where key is (u64::MAX - creation ns) in 16 hex digits then the job
+/// id; values are empty. A list page reads only its own jobs' records.
+pub const JOB_ORDER: &str = "job_order";
+/// Meta key set once the job-order index holds every job (records written before it existed
+/// are indexed at the first start that has it).
+const JOB_ORDER_BUILT: &str = "job_order_built";
 /// How long every stage has to acknowledge a new session.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest prompt text accepted, bytes.
@@ -129,15 +136,35 @@ pub struct JobRecord {
 }
 
 impl JobRecord {
-    /// Where the job stands in the job list: by creation time, then id.
-    fn list_key(&self) -> (u64, &str) {
+    /// The job's key in the job-order index under `prefix` (`all/` or `t/TENANT/`).
+    fn order_key(&self, prefix: &str) -> String {
         let ns = if self.created_ns > 0 {
             self.created_ns
         } else {
             self.created_unix.saturating_mul(1_000_000_000)
         };
-        (ns, &self.id)
+        format!("{prefix}{:016x}{}", u64::MAX - ns, self.id)
     }
+
+    /// Adds the job's entries in the job-order index to `batch` (written with the job's first
+    /// record; they never change).
+    pub fn index(&self, batch: Batch) -> Batch {
+        batch
+            .put(JOB_ORDER, self.order_key(ALL_JOBS), Vec::new())
+            .put(
+                JOB_ORDER,
+                self.order_key(&tenant_jobs(&self.tenant)),
+                Vec::new(),
+            )
+    }
+}
+
+/// Prefix of the operator's list in the job-order index.
+const ALL_JOBS: &str = "all/";
+
+/// Prefix of a tenant's list in the job-order index.
+fn tenant_jobs(tenant: &str) -> String {
+    format!("t/{tenant}/")
 }
 
 /// Jobs in a list page when the client names no number.
@@ -360,7 +387,7 @@ impl Federation {
         let (chain, version) = self.ready_chain(&model.name, &policy).await?;
         let job_id = format!("job-{}", token::random_hex(8));
         let tenant = match caller {
-            Caller::Operator => "operator".to_string(),
+            Caller::Operator => crate::federation::OPERATOR_NAME.to_string(),
             Caller::Tenant(t) => t.clone(),
         };
         let record = JobRecord {
@@ -383,7 +410,7 @@ impl Federation {
             finished_unix: 0,
         };
         self.store()
-            .apply(Batch::new().put(JOBS, &job_id, encode(&record)))?;
+            .apply(record.index(Batch::new().put(JOBS, &job_id, encode(&record))))?;
         // Durable before the job starts: a coordinator crash must not forget it.
         self.store().flush()?;
         let (tx, rx) = mpsc::channel(4096);
@@ -510,10 +537,16 @@ impl Federation {
             // Checked under the table's lock, which `remove_model` holds while it looks for
             // running jobs and removes the model: the job either shows there or sees it gone.
             let model = job.record.model.clone();
+            let tenant = job.record.tenant.clone();
             jobs.by_id.insert(job_id.clone(), session);
             jobs.live.insert(session, job);
             if self.model(&model).is_err() {
                 return Err((session, format!("model `{model}` was removed")));
+            }
+            // Likewise for `revoke_tenant`, which writes the revocation before it looks for
+            // the tenant's jobs.
+            if self.tenant_revoked(&tenant) {
+                return Err((session, format!("tenant `{tenant}` was revoked")));
             }
         }
         let prompt_ids = self
@@ -847,27 +880,38 @@ impl Federation {
             }
             n => n,
         };
-        let mut jobs: Vec<JobRecord> = read_all::<JobRecord>(self.store(), JOBS)?
+        let prefix = match caller {
+            Caller::Operator => ALL_JOBS.to_string(),
+            Caller::Tenant(t) => tenant_jobs(t),
+        };
+        let keys: Vec<Vec<u8>> = self
+            .store()
+            .scan(JOB_ORDER, prefix.as_bytes())?
             .into_iter()
-            .filter(|j| visible(caller, j))
+            .map(|(k, _)| k)
             .collect();
-        jobs.sort_by(|a, b| b.list_key().cmp(&a.list_key()));
         let start = match before {
             None => 0,
             Some(id) => {
-                jobs.iter()
-                    .position(|j| j.id == id)
-                    .ok_or_else(|| CoordinatorError::not_found("job", id))?
-                    + 1
+                let cursor: JobRecord = read(self.store(), JOBS, id)?
+                    .filter(|j| visible(caller, j))
+                    .ok_or_else(|| CoordinatorError::not_found("job", id))?;
+                let key = cursor.order_key(&prefix);
+                keys.partition_point(|k| k.as_slice() <= key.as_bytes())
             }
         };
-        let more = jobs.len() > start + limit;
-        let jobs = jobs
-            .into_iter()
-            .skip(start)
-            .take(limit)
-            .map(|j| self.live_view(j))
-            .collect();
+        let more = keys.len() > start + limit;
+        let mut jobs = Vec::new();
+        for key in keys.iter().skip(start).take(limit) {
+            // The id follows the prefix and the 16 hex digits of the time.
+            let Some(id) = key.get(prefix.len() + 16..) else {
+                continue;
+            };
+            let id = String::from_utf8_lossy(id);
+            if let Some(job) = read::<JobRecord>(self.store(), JOBS, &id)? {
+                jobs.push(self.live_view(job));
+            }
+        }
         Ok(JobPage { jobs, more })
     }
 
@@ -907,10 +951,18 @@ impl Federation {
 }
 
 /// Marks the jobs a previous coordinator process left running as failed: their clients lost
-/// their streams with it, and their sessions are gone.
+/// their streams with it, and their sessions are gone. At the first start with the job-order
+/// index, indexes every job.
 pub fn abandon_running_jobs(store: &dyn crate::store::Store) -> Result<(), CoordinatorError> {
     let mut batch = Batch::new();
+    let indexed = read::<bool>(store, META, JOB_ORDER_BUILT)?.unwrap_or(false);
+    if !indexed {
+        batch = batch.put(META, JOB_ORDER_BUILT, encode(&true));
+    }
     for mut job in read_all::<JobRecord>(store, JOBS)? {
+        if !indexed {
+            batch = job.index(batch);
+        }
         if job.state == JobState::Running {
             job.state = JobState::Failed;
             job.error =

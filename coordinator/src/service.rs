@@ -292,7 +292,7 @@ async fn serve_agent(
                     }
                 }
                 None => {
-                    let _ = send_bounded(&tx, Err(Status::unavailable("lease expired, provider revoked or stream replaced")), fed.config().lease).await;
+                    let _ = send_bounded(&tx, Err(Status::unavailable("lease expired, worker or provider revoked, or stream replaced")), fed.config().lease).await;
                     break;
                 }
             },
@@ -330,6 +330,11 @@ fn handle_agent_message(
     stream: u64,
     message: pb::AgentMessage,
 ) -> bool {
+    // A stream that was replaced, timed out or revoked speaks for no one any more: nothing it
+    // sends (a token, a session's end) reaches a job.
+    if !fed.is_current_stream(worker, stream) {
+        return false;
+    }
     use pb::agent_message::Kind;
     match message.kind {
         Some(Kind::Heartbeat(h)) => {

@@ -262,7 +262,7 @@ async fn a_revoked_worker_is_cut_off_and_its_job_moves_on() {
 
     // The tail of a running job is revoked after its 5th token: the job goes on elsewhere and
     // gives the same tokens.
-    let (_, mut stream) =
+    let (job_id, mut stream) =
         sovra_tests::federation::start_job(fed.channel(Some(&tenant)).await, request).await;
     let victim = reference.stages[1].worker_id.clone();
     let mut tokens = Vec::new();
@@ -286,6 +286,21 @@ async fn a_revoked_worker_is_cut_off_and_its_job_moves_on() {
         }
     }
     assert_eq!(tokens, reference.tokens, "the stream went on exactly");
+    let audit = pb::jobs_client::JobsClient::new(fed.channel(Some(&tenant)).await)
+        .get_job(pb::JobRef { job_id })
+        .await
+        .unwrap()
+        .into_inner()
+        .audit;
+    let last = audit.iter().map(|a| a.attempt).max().unwrap();
+    assert!(last >= 2, "the job moved to another chain: {audit:?}");
+    assert!(
+        audit
+            .iter()
+            .filter(|a| a.attempt == last)
+            .all(|a| a.worker_id != victim && a.from_token >= 5),
+        "{audit:?}"
+    );
     let listed = fed.workers().await;
     let state = |id: &str| listed.iter().find(|w| w.id == id).unwrap().state.clone();
     assert_eq!(state(&victim), "revoked");

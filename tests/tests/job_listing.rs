@@ -46,6 +46,58 @@ async fn page(
         .map(|r| r.into_inner())
 }
 
+const BASE_NS: u64 = 1_800_000_000_000_000_000;
+
+fn tenant_of(i: usize) -> &'static str {
+    if i.is_multiple_of(5) {
+        "globex"
+    } else {
+        "acme"
+    }
+}
+
+/// Job `i` of the history: ids do not follow creation order; job 0 is a record of before
+/// creation times had nanoseconds (`created_ns` 0: it is the oldest), jobs 1 and 2 were created
+/// in the same nanosecond.
+fn job(i: usize) -> JobRecord {
+    let mut job = record(
+        (i * 7919) % 1200,
+        tenant_of(i),
+        BASE_NS + i as u64 * 1_000_000,
+    );
+    match i {
+        0 => job.created_ns = 0,
+        2 => job.created_ns = BASE_NS + 1_000_000,
+        _ => {}
+    }
+    job
+}
+
+/// 1,200 finished jobs (every fifth of another tenant), ~20 MB of records: far past what one
+/// gRPC message may carry; each with its entries in the job-order index.
+fn history() -> Batch {
+    (0..1200).map(job).fold(Batch::new(), |batch, job| {
+        job.index(batch.put(JOBS, &job.id, encode(&job)))
+    })
+}
+
+/// The history's ids, newest first (the two of one nanosecond by id).
+fn newest_first(tenant: Option<&str>) -> Vec<String> {
+    let mut jobs: Vec<JobRecord> = (0..1200)
+        .filter(|&i| tenant.is_none_or(|t| tenant_of(i) == t))
+        .map(job)
+        .collect();
+    let ns = |j: &JobRecord| {
+        if j.created_ns > 0 {
+            j.created_ns
+        } else {
+            j.created_unix * 1_000_000_000
+        }
+    };
+    jobs.sort_by(|a, b| ns(b).cmp(&ns(a)).then(a.id.cmp(&b.id)));
+    jobs.into_iter().map(|j| j.id).collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousands_of_jobs_list_in_pages_newest_first() {
     let fed = TestFederation::start().await;
@@ -57,25 +109,8 @@ async fn thousands_of_jobs_list_in_pages_newest_first() {
         .unwrap()
         .into_inner()
         .token;
-    // 1,200 finished jobs (every fifth of another tenant), ~20 MB of records: far past what
-    // one gRPC message may carry. Ids do not follow creation order.
-    let base = 1_800_000_000_000_000_000u64;
-    let mut batch = Batch::new();
-    for i in 0..1200usize {
-        let tenant = if i % 5 == 0 { "globex" } else { "acme" };
-        let id_order = (i * 7919) % 1200;
-        let job = record(id_order, tenant, base + i as u64 * 1_000_000);
-        batch = batch.put(JOBS, &job.id, encode(&job));
-    }
-    fed.fed.store().apply(batch).unwrap();
+    fed.fed.store().apply(history()).unwrap();
     fed.fed.store().flush().unwrap();
-    let newest_first = |tenant: Option<&str>| -> Vec<String> {
-        (0..1200usize)
-            .rev()
-            .filter(|i| tenant.is_none_or(|t| (if i % 5 == 0 { "globex" } else { "acme" }) == t))
-            .map(|i| format!("job-{:016x}", (i * 7919) % 1200))
-            .collect()
-    };
 
     // The operator's first page: the 50 newest, without tokens or text.
     let mut operator = pb::jobs_client::JobsClient::new(fed.operator().await);
@@ -94,7 +129,7 @@ async fn thousands_of_jobs_list_in_pages_newest_first() {
     let mut seen = Vec::new();
     let mut before = String::new();
     loop {
-        let p = page(&mut tenant, 1000, &before).await.unwrap();
+        let p = page(&mut tenant, 100, &before).await.unwrap();
         seen.extend(p.jobs.iter().map(|j| j.job_id.clone()));
         assert!(p.jobs.iter().all(|j| j.tenant == "acme"));
         if !p.more {
@@ -128,4 +163,37 @@ async fn thousands_of_jobs_list_in_pages_newest_first() {
         Code::NotFound,
         "another tenant's job is not a cursor"
     );
+}
+
+#[test]
+fn jobs_recorded_before_the_index_are_indexed_at_the_next_start() {
+    use sovra_coordinator::datadir::DataDir;
+    use sovra_coordinator::federation::{Caller, Federation, FederationConfig};
+    use sovra_coordinator::store::{MemoryStore, Store};
+    use std::sync::Arc;
+    sovra_tests::federation::init_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(MemoryStore::new());
+    // Records only, as a coordinator without the index left them.
+    let records = (0..1200).map(job).fold(Batch::new(), |batch, job| {
+        batch.put(JOBS, &job.id, encode(&job))
+    });
+    store.apply(records).unwrap();
+    let data = DataDir {
+        root: dir.path().to_path_buf(),
+    };
+    let fed = Federation::open(&data, store, FederationConfig::default()).unwrap();
+    let acme = Caller::Tenant("acme".into());
+    let first = fed.list_jobs(&acme, 30, None).unwrap();
+    let ids: Vec<String> = first.jobs.iter().map(|j| j.id.clone()).collect();
+    assert_eq!(ids, newest_first(Some("acme"))[..30]);
+    let all = fed.list_jobs(&Caller::Operator, 1000, None).unwrap();
+    assert!(all.more);
+    let rest = fed
+        .list_jobs(&Caller::Operator, 1000, Some(&all.jobs[999].id))
+        .unwrap();
+    assert!(!rest.more);
+    let mut every: Vec<String> = all.jobs.iter().map(|j| j.id.clone()).collect();
+    every.extend(rest.jobs.iter().map(|j| j.id.clone()));
+    assert_eq!(every, newest_first(None));
 }

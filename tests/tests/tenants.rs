@@ -101,4 +101,12 @@ async fn a_revoked_tenant_is_locked_out_and_a_new_token_lets_it_back() {
 
     let unknown = tenants.revoke_tenant(named("nobody")).await.unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound, "{unknown:?}");
+    // The name the operator's jobs are recorded under is not a tenant's to take.
+    let reserved = tenants
+        .add_tenant(pb::AddTenantRequest {
+            name: "operator".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reserved.code(), Code::InvalidArgument, "{reserved:?}");
 }
