@@ -344,6 +344,34 @@ pub async fn tenant(cmd: TenantCommand, conn: &ConnectArgs) -> Result<()> {
     Ok(())
 }
 
+/// Runs `sovra coordinator rotate-token`.
+pub async fn rotate_operator_token(conn: &ConnectArgs) -> Result<()> {
+    let mut client = pb::coordinator_client::CoordinatorClient::new(conn.channel().await?);
+    let r = client
+        .rotate_operator_token(pb::RotateOperatorTokenRequest {})
+        .await
+        .map_err(status)?
+        .into_inner();
+    if !r.write_error.is_empty() {
+        eprintln!(
+            "warning: the coordinator could not store the new token ({}); keep the one printed here",
+            r.write_error
+        );
+    }
+    emit(
+        conn.json,
+        json!({"token": r.token, "token_file": r.token_file, "write_error": r.write_error}),
+        || {
+            eprintln!(
+                "the old operator token no longer works; the coordinator wrote the new one to {}",
+                r.token_file
+            );
+            println!("{}", r.token)
+        },
+    );
+    Ok(())
+}
+
 /// Runs `sovra worker revoke`.
 pub async fn worker_revoke(id: String, conn: &ConnectArgs) -> Result<()> {
     let mut client = pb::workers_client::WorkersClient::new(conn.channel().await?);

@@ -98,6 +98,12 @@ enum Command {
 enum CoordinatorCommand {
     /// Start the coordinator (creates its CA and operator token on first start).
     Start(daemon::CoordinatorStartArgs),
+    /// Replace the operator token (the old one stops working at once); the coordinator writes
+    /// the new one to its admin.token, and it is printed here.
+    RotateToken {
+        #[command(flatten)]
+        conn: fed::ConnectArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -226,6 +232,9 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Model(cmd) => model_cmd::run(cmd),
         Command::Bench(args) => bench::run(args),
+        Command::Coordinator(CoordinatorCommand::RotateToken { conn }) => {
+            block_on(fed::rotate_operator_token(&conn))
+        }
         Command::Coordinator(CoordinatorCommand::Start(args)) => {
             let io_threads = args.io_threads.map(usize::from);
             block_on_threads(io_threads, daemon::coordinator_start(args))

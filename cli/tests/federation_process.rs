@@ -364,6 +364,43 @@ fn operator_workflow_survives_a_coordinator_sigkill() {
     );
     let gone = cluster.cli(&["model", "remove", "smollm2"]);
     assert!(!gone.status.success());
+
+    // The operator token is replaced: the old one stops working, the coordinator's admin.token
+    // holds the new one.
+    let token_file = cluster.coord_dir().join("admin.token");
+    let old = std::fs::read_to_string(&token_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    let new = cluster
+        .ok(&["coordinator", "rotate-token"])
+        .trim()
+        .to_string();
+    assert!(new.starts_with("sovra-op-") && new != old, "{new}");
+    assert_eq!(std::fs::read_to_string(&token_file).unwrap().trim(), new);
+    let with = |token: &str| {
+        Command::new(SOVRA)
+            .args([
+                "provider",
+                "list",
+                "--coordinator",
+                &cluster.url,
+                "--token",
+                token,
+            ])
+            .arg("--ca")
+            .arg(cluster.coord_dir().join("ca.pem"))
+            .output()
+            .unwrap()
+    };
+    let refused = with(&old);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("not valid"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(with(&new).status.success());
 }
 
 /// Resident memory of a process, bytes.

@@ -158,7 +158,12 @@ pub struct Federation {
     pub(crate) recoveries: mpsc::UnboundedSender<(u64, String)>,
     recovery_queue: Mutex<Option<mpsc::UnboundedReceiver<(u64, String)>>>,
     pub(crate) replan_lock: tokio::sync::Mutex<()>,
+    /// Where the operator token is kept for the operator (`admin.token`).
+    admin_token_path: std::path::PathBuf,
 }
+
+/// Meta key of the operator token's hash.
+const OPERATOR_TOKEN_HASH: &str = "operator_token_hash";
 
 impl Federation {
     /// Opens the federation kept in `dir` (creating its CA and operator token on first start).
@@ -168,14 +173,14 @@ impl Federation {
         config: FederationConfig,
     ) -> Result<Self, CoordinatorError> {
         let ca = load_or_create_ca(dir)?;
-        if read::<String>(store.as_ref(), META, "operator_token_hash")?.is_none() {
+        if read::<String>(store.as_ref(), META, OPERATOR_TOKEN_HASH)?.is_none() {
             let token = token::new_operator_token();
             write_private(&dir.admin_token(), &format!("{token}\n")).map_err(|e| {
                 CoordinatorError::Io(format!("writing {}: {e}", dir.admin_token().display()))
             })?;
             store.apply(Batch::new().put(
                 META,
-                "operator_token_hash",
+                OPERATOR_TOKEN_HASH,
                 encode(&token::hash_secret(&token)),
             ))?;
             store.flush()?;
@@ -193,7 +198,31 @@ impl Federation {
             recoveries,
             recovery_queue: Mutex::new(Some(recovery_queue)),
             replan_lock: tokio::sync::Mutex::new(()),
+            admin_token_path: dir.admin_token(),
         })
+    }
+
+    /// Replaces the operator token: the old one stops working at once. Returns the new token
+    /// and, when writing it to the data dir's token file failed, why (the token is then only
+    /// in the answer).
+    pub fn rotate_operator_token(&self) -> Result<(String, Option<String>), CoordinatorError> {
+        let token = token::new_operator_token();
+        self.store.apply(Batch::new().put(
+            META,
+            OPERATOR_TOKEN_HASH,
+            encode(&token::hash_secret(&token)),
+        ))?;
+        self.store.flush()?;
+        warn!(path = %self.admin_token_path.display(), "operator token rotated");
+        let unwritten = write_private(&self.admin_token_path, &format!("{token}\n"))
+            .err()
+            .map(|e| format!("writing {}: {e}", self.admin_token_path.display()));
+        Ok((token, unwritten))
+    }
+
+    /// The file the operator token is kept in.
+    pub fn admin_token_path(&self) -> &std::path::Path {
+        &self.admin_token_path
     }
 
     /// Moves failed jobs to other chains until the federation is dropped; `server::run`
@@ -236,7 +265,7 @@ impl Federation {
         })?;
         let hash = token::hash_secret(token);
         if token.starts_with(token::OPERATOR_PREFIX) {
-            let stored: Option<String> = read(self.store(), META, "operator_token_hash")?;
+            let stored: Option<String> = read(self.store(), META, OPERATOR_TOKEN_HASH)?;
             if stored.is_some_and(|s| token::constant_time_eq(&s, &hash)) {
                 return Ok(Caller::Operator);
             }

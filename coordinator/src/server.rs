@@ -64,6 +64,9 @@ pub async fn run(
     let result = Server::builder()
         .tls_config(tls)
         .map_err(|e| CoordinatorError::Internal(format!("TLS setup: {e}")))?
+        .add_service(pb::coordinator_server::CoordinatorServer::new(
+            plane.clone(),
+        ))
         .add_service(pb::providers_server::ProvidersServer::new(plane.clone()))
         .add_service(pb::tenants_server::TenantsServer::new(plane.clone()))
         .add_service(pb::workers_server::WorkersServer::new(plane.clone()))

@@ -118,6 +118,22 @@ impl pb::providers_server::Providers for ControlPlane {
 }
 
 #[tonic::async_trait]
+impl pb::coordinator_server::Coordinator for ControlPlane {
+    async fn rotate_operator_token(
+        &self,
+        request: Request<pb::RotateOperatorTokenRequest>,
+    ) -> Result<Response<pb::RotateOperatorTokenResponse>, Status> {
+        operator(&self.fed, &request)?;
+        let (token, unwritten) = self.fed.rotate_operator_token()?;
+        Ok(Response::new(pb::RotateOperatorTokenResponse {
+            token,
+            token_file: self.fed.admin_token_path().display().to_string(),
+            write_error: unwritten.unwrap_or_default(),
+        }))
+    }
+}
+
+#[tonic::async_trait]
 impl pb::tenants_server::Tenants for ControlPlane {
     async fn add_tenant(
         &self,
