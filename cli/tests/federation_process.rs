@@ -51,6 +51,16 @@ impl Cluster {
         String::from_utf8(out.stdout).unwrap()
     }
 
+    /// Runs `sovra ARGS` with `token` given on the command line (over the environment's).
+    fn cli_as(&self, token: &str, args: &[&str]) -> Output {
+        Command::new(SOVRA)
+            .args(args)
+            .args(["--coordinator", &self.url, "--token", token, "--ca"])
+            .arg(self.coord_dir().join("ca.pem"))
+            .output()
+            .expect("running sovra")
+    }
+
     fn json(&self, args: &[&str]) -> Value {
         let mut all: Vec<&str> = args.to_vec();
         all.push("--json");
@@ -204,19 +214,7 @@ fn operator_workflow_survives_a_coordinator_sigkill() {
     );
 
     // A tenant token is refused for operator commands, with a one-line reason.
-    let out = Command::new(SOVRA)
-        .args([
-            "provider",
-            "list",
-            "--coordinator",
-            &cluster.url,
-            "--token",
-            &tenant_token,
-            "--ca",
-        ])
-        .arg(cluster.coord_dir().join("ca.pem"))
-        .output()
-        .unwrap();
+    let out = cluster.cli_as(&tenant_token, &["provider", "list"]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -294,19 +292,7 @@ fn operator_workflow_survives_a_coordinator_sigkill() {
         },
     );
     // The tenant's token still authenticates after the restart.
-    let out = Command::new(SOVRA)
-        .args([
-            "model",
-            "list",
-            "--coordinator",
-            &cluster.url,
-            "--token",
-            &tenant_token,
-            "--ca",
-        ])
-        .arg(cluster.coord_dir().join("ca.pem"))
-        .output()
-        .unwrap();
+    let out = cluster.cli_as(&tenant_token, &["model", "list"]);
     assert!(
         out.status.success(),
         "{}",
@@ -378,29 +364,14 @@ fn operator_workflow_survives_a_coordinator_sigkill() {
         .to_string();
     assert!(new.starts_with("sovra-op-") && new != old, "{new}");
     assert_eq!(std::fs::read_to_string(&token_file).unwrap().trim(), new);
-    let with = |token: &str| {
-        Command::new(SOVRA)
-            .args([
-                "provider",
-                "list",
-                "--coordinator",
-                &cluster.url,
-                "--token",
-                token,
-            ])
-            .arg("--ca")
-            .arg(cluster.coord_dir().join("ca.pem"))
-            .output()
-            .unwrap()
-    };
-    let refused = with(&old);
+    let refused = cluster.cli_as(&old, &["provider", "list"]);
     assert!(!refused.status.success());
     assert!(
         String::from_utf8_lossy(&refused.stderr).contains("not valid"),
         "{}",
         String::from_utf8_lossy(&refused.stderr)
     );
-    assert!(with(&new).status.success());
+    assert!(cluster.cli_as(&new, &["provider", "list"]).status.success());
 }
 
 /// Resident memory of a process, bytes.
