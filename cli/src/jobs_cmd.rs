@@ -72,18 +72,26 @@ pub async fn run(args: RunArgs, conn: &ConnectArgs) -> Result<()> {
     }
 }
 
-/// A job that started and then failed: the error names it (and `--json` carries its id).
+/// A job that started and then failed or was cancelled: the error names it (and `--json`
+/// carries its id).
 #[derive(Debug)]
 pub struct JobFailed {
     /// The job.
     pub job_id: String,
-    /// Why it failed.
+    /// Why it ended.
     pub message: String,
+    /// Cancelled rather than failed.
+    pub cancelled: bool,
 }
 
 impl std::fmt::Display for JobFailed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} failed: {}", self.job_id, self.message)
+        let how = if self.cancelled {
+            "was cancelled"
+        } else {
+            "failed"
+        };
+        write!(f, "{} {how}: {}", self.job_id, self.message)
     }
 }
 
@@ -128,6 +136,7 @@ pub async fn stream_job(
             Err(s) => {
                 return Err(JobFailed {
                     job_id,
+                    cancelled: s.code() == tonic::Code::Cancelled,
                     message: status(s).to_string(),
                 }
                 .into());
@@ -255,19 +264,22 @@ pub async fn job(cmd: JobCommand, conn: &ConnectArgs) -> Result<()> {
         }
         if !audit_only {
             println!(
-                "{} · {} · {} · {} · {} prompt + {} generated tokens {}",
+                "{} · {} · {} · {} · {} prompt + {} generated tokens{}",
                 j.job_id,
                 j.tenant,
                 j.model,
                 j.state,
                 j.prompt_tokens,
-                j.token_ids.len(),
+                j.generated_tokens,
                 if j.error.is_empty() {
                     String::new()
                 } else {
-                    format!("· {}", j.error)
+                    format!(" · {}", j.error)
                 }
             );
+            if !j.text.is_empty() {
+                println!("{}\n", j.text.trim_end());
+            }
         }
         let rows: Vec<Vec<String>> = j
             .audit
@@ -292,7 +304,7 @@ pub async fn job(cmd: JobCommand, conn: &ConnectArgs) -> Result<()> {
             .collect();
         table(
             &[
-                "chain",
+                "attempt",
                 "from token",
                 "worker",
                 "provider",
@@ -316,7 +328,10 @@ pub async fn job(cmd: JobCommand, conn: &ConnectArgs) -> Result<()> {
             if page.more
                 && let Some(last) = jobs.last()
             {
-                eprintln!("older jobs follow: sovra job list --before {}", last.job_id);
+                eprintln!(
+                    "older jobs follow: sovra job list --limit {limit} --before {}",
+                    last.job_id
+                );
             }
             if conn.json {
                 println!(

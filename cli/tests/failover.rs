@@ -431,6 +431,13 @@ fn a_coordinator_crash_ends_running_jobs_clearly_and_the_federation_resumes() {
             .contains("coordinator restarted"),
         "{cut}"
     );
+    // Where it ran is still on record: the audit of its chain survived the crash.
+    let audit = cut["audit"].as_array().unwrap();
+    assert!(
+        !audit.is_empty() && audit.iter().all(|a| a["attempt"] == 1),
+        "{cut}"
+    );
+    assert!(cut["prompt_tokens"].as_u64() > Some(0), "{cut}");
     // The workers dropped the orphaned session's state.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

@@ -372,6 +372,28 @@ fn operator_workflow_survives_a_coordinator_sigkill() {
         String::from_utf8_lossy(&refused.stderr)
     );
     assert!(cluster.cli_as(&new, &["provider", "list"]).status.success());
+
+    // SIGTERM stops the coordinator gracefully, its workers still connected.
+    let pid = cluster.children[0].id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = cluster.children[0].try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the coordinator did not stop within 15 s of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "{status:?}");
 }
 
 /// Resident memory of a process, bytes.

@@ -393,6 +393,11 @@ impl Federation {
     /// Revokes a provider: its workers are refused from now on and their streams are cut.
     pub fn revoke_provider(&self, name: &str) -> Result<ProviderRecord, CoordinatorError> {
         let mut record = self.provider(name)?;
+        if record.revoked {
+            return Err(CoordinatorError::FailedPrecondition(format!(
+                "provider `{name}` is already revoked"
+            )));
+        }
         record.revoked = true;
         self.store
             .apply(Batch::new().put(PROVIDERS, name, encode(&record)))?;
@@ -459,6 +464,11 @@ impl Federation {
     /// back in with a new token.
     pub fn revoke_tenant(&self, name: &str) -> Result<TenantRecord, CoordinatorError> {
         let mut record = self.tenant(name)?;
+        if record.revoked {
+            return Err(CoordinatorError::FailedPrecondition(format!(
+                "tenant `{name}` is already revoked"
+            )));
+        }
         let before = encode(&record);
         record.revoked = true;
         self.update_tenant(name, before, &record, None)?;
@@ -504,6 +514,11 @@ impl Federation {
     }
 
     fn tenant(&self, name: &str) -> Result<TenantRecord, CoordinatorError> {
+        if name == OPERATOR_NAME {
+            return Err(CoordinatorError::InvalidArgument(format!(
+                "`{OPERATOR_NAME}` is not a tenant: the operator's token is replaced with `sovra coordinator rotate-token`"
+            )));
+        }
         read(self.store(), TENANTS, name)?
             .ok_or_else(|| CoordinatorError::not_found("tenant", name))
     }

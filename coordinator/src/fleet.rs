@@ -10,6 +10,7 @@ use tracing::{info, warn};
 
 use crate::error::CoordinatorError;
 use crate::federation::{AgentCommand, AssignmentState, Federation, LiveWorker, WorkerHello};
+use crate::jobs::JobState;
 use crate::records::*;
 use crate::store::Batch;
 use crate::validate::host_of;
@@ -72,6 +73,20 @@ impl Federation {
         Ok(ids)
     }
 
+    /// Ends every agent stream and every running job (which fails, saying the coordinator
+    /// stopped), so a graceful stop does not wait for them. Workers reconnect to the next
+    /// coordinator process by themselves.
+    pub fn shut_down(&self) {
+        let sessions: Vec<u64> = self.jobs().live.keys().copied().collect();
+        for session in sessions {
+            let why = "the coordinator stopped while the job ran".to_string();
+            self.finish_job(session, JobState::Failed, None, Some(why));
+        }
+        // Dropping the command senders ends the agent streams.
+        self.live().workers.clear();
+        info!("agent streams and jobs ended for the stop");
+    }
+
     /// True while `stream` is the worker's live agent stream.
     pub fn is_current_stream(&self, worker_id: &str, stream: u64) -> bool {
         self.live()
@@ -91,6 +106,11 @@ impl Federation {
     pub fn revoke_worker(&self, id: &str) -> Result<WorkerRecord, CoordinatorError> {
         let worker: WorkerRecord = read(self.store(), WORKERS, id)?
             .ok_or_else(|| CoordinatorError::not_found("worker", id))?;
+        if self.worker_revoked(id)? {
+            return Err(CoordinatorError::FailedPrecondition(format!(
+                "worker `{id}` is already revoked"
+            )));
+        }
         self.store()
             .apply(Batch::new().put(REVOKED_WORKERS, id, encode(&now_unix())))?;
         self.store().flush()?;

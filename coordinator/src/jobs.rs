@@ -202,8 +202,10 @@ pub enum JobEvent {
     },
     /// The job ended normally.
     Summary(JobSummary),
-    /// The job ended with an error (or was cancelled).
+    /// The job ended with an error.
     Failed(String),
+    /// The job was cancelled (by its tenant, the operator, or a revocation): why.
+    Cancelled(String),
 }
 
 /// Statistics of a finished job.
@@ -563,7 +565,16 @@ impl Federation {
                 job.record.prompt_ids = prompt_ids;
             }
             job.started.get_or_insert_with(Instant::now);
+            // Where the job runs is on disk before it runs there (a coordinator that crashes
+            // meanwhile leaves the job failed, with its audit). Written under the table's
+            // lock, so the final record of a job that ends now cannot come first.
+            self.store()
+                .apply(Batch::new().put(JOBS, &job_id, encode(&job.record)))
+                .map_err(|e| (session, format!("recording the job: {e}")))?;
         }
+        self.store()
+            .flush()
+            .map_err(|e| (session, format!("recording the job: {e}")))?;
         self.send_to(&worker_ids[0], AgentCommand::StartSession(session));
         info!(job = %job_id, session, stages = worker_ids.len(), replay, "job running");
         Ok(())
@@ -853,6 +864,9 @@ impl Federation {
         }
         let event = match (state, finish) {
             (JobState::Done, Some(reason)) => JobEvent::Summary(summary(&job, reason)),
+            (JobState::Cancelled, _) => {
+                JobEvent::Cancelled(error.unwrap_or_else(|| "cancelled".into()))
+            }
             _ => JobEvent::Failed(error.unwrap_or_else(|| state.as_str().to_string())),
         };
         // The last event waits for room (a slow client), within bounds.

@@ -255,7 +255,7 @@ impl Policy {
 /// Why `worker` cannot run anything regardless of policy, or `None`.
 fn unusable(worker: &WorkerCandidate) -> Option<String> {
     if !worker.available {
-        return Some("it is unavailable".to_string());
+        return Some("it is down or revoked (see `sovra worker list`)".to_string());
     }
     let speed = worker.speed_gflops;
     if !(speed.is_finite() && speed > 0.0) {

@@ -95,6 +95,20 @@ impl Federation {
         }
     }
 
+    /// Replans every model left without a chain of live workers (after a revocation), so
+    /// `placement show` and the next job do not wait on revoked workers.
+    pub async fn replan_after_revocation(self: std::sync::Arc<Self>) {
+        let models = match self.list_models() {
+            Ok(models) => models,
+            Err(e) => return warn!(cause = %e, "listing models to replan"),
+        };
+        for model in models {
+            if let Err(e) = self.replan_around_failures(&model.name).await {
+                warn!(model = %model.name, cause = %e, "replanning after a revocation");
+            }
+        }
+    }
+
     /// Replans `model` over the live workers unless a ready chain appeared meanwhile.
     pub(crate) async fn replan_around_failures(&self, model: &str) -> Result<(), CoordinatorError> {
         let _one_at_a_time = self.replan_lock.lock().await;

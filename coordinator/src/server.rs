@@ -73,7 +73,15 @@ pub async fn run(
         .add_service(pb::models_server::ModelsServer::new(plane.clone()))
         .add_service(pb::placements_server::PlacementsServer::new(plane.clone()))
         .add_service(pb::jobs_server::JobsServer::new(plane))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), {
+            let fed = fed.clone();
+            async move {
+                shutdown.await;
+                // The server waits for every call in flight: end the streams that never end
+                // by themselves (agent streams, running jobs).
+                fed.shut_down();
+            }
+        })
         .await;
     reaper.abort();
     recoveries.abort();

@@ -113,6 +113,7 @@ impl pb::providers_server::Providers for ControlPlane {
     ) -> Result<Response<pb::Provider>, Status> {
         operator(&self.fed, &request)?;
         let p = self.fed.revoke_provider(&request.into_inner().name)?;
+        tokio::spawn(self.fed.clone().replan_after_revocation());
         Ok(Response::new(provider_pb(p, 0)))
     }
 }
@@ -285,6 +286,7 @@ impl pb::workers_server::Workers for ControlPlane {
         operator(&self.fed, &request)?;
         let id = request.into_inner().worker_id;
         let worker = self.fed.revoke_worker(&id)?;
+        tokio::spawn(self.fed.clone().replan_after_revocation());
         let provider = self.fed.provider(&worker.provider)?;
         Ok(Response::new(worker_pb(&self.fed, worker, &provider)))
     }
@@ -636,7 +638,13 @@ pub fn placement_pb(
                         .map(|(_, p)| (p.name.clone(), p.country.clone()))
                         .unwrap_or_default();
                     let state = fed.stage_state(&p.model, &s.worker_id, p.version);
+                    let revoked = workers.get(&s.worker_id).is_some_and(|(_, p)| p.revoked)
+                        || fed.worker_revoked(&s.worker_id).unwrap_or(false);
                     let (state, message) = match state {
+                        _ if revoked => (
+                            pb::AssignmentState::Down,
+                            "the worker is revoked".to_string(),
+                        ),
                         _ if !fed.is_live(&s.worker_id) => {
                             (pb::AssignmentState::Down, "the worker is down".to_string())
                         }

@@ -347,4 +347,11 @@ async fn a_revoked_worker_is_cut_off_and_its_job_moves_on() {
         .await
         .unwrap_err();
     assert_eq!(again.code(), tonic::Code::NotFound);
+    let twice = operator
+        .revoke_worker(pb::RevokeWorkerRequest {
+            worker_id: victim.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(twice.code(), tonic::Code::FailedPrecondition, "{twice:?}");
 }

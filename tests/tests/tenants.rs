@@ -49,6 +49,7 @@ async fn a_revoked_tenant_is_locked_out_and_a_new_token_lets_it_back() {
         }
     };
     assert!(ended.message().contains("revoked"), "{ended:?}");
+    assert_eq!(ended.code(), Code::Cancelled, "{ended:?}");
     let mut jobs = pb::jobs_client::JobsClient::new(fed.operator().await);
     let cut = jobs
         .get_job(pb::JobRef {
@@ -101,6 +102,13 @@ async fn a_revoked_tenant_is_locked_out_and_a_new_token_lets_it_back() {
 
     let unknown = tenants.revoke_tenant(named("nobody")).await.unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound, "{unknown:?}");
+    tenants.revoke_tenant(named("acme")).await.unwrap();
+    let twice = tenants.revoke_tenant(named("acme")).await.unwrap_err();
+    assert_eq!(twice.code(), Code::FailedPrecondition, "{twice:?}");
+    assert!(twice.message().contains("already revoked"), "{twice:?}");
+    let operator = tenants.revoke_tenant(named("operator")).await.unwrap_err();
+    assert_eq!(operator.code(), Code::InvalidArgument, "{operator:?}");
+    assert!(operator.message().contains("rotate-token"), "{operator:?}");
     // The name the operator's jobs are recorded under is not a tenant's to take.
     let reserved = tenants
         .add_tenant(pb::AddTenantRequest {
