@@ -740,7 +740,7 @@ fn check_chain_rejects_unavailable_worker() {
         ("b".to_string(), LayerRange::new(4, 8)),
     ];
     let err = check_chain(&workers, &model, &policy, &assignment).unwrap_err();
-    assert!(err.to_string().contains("unavailable"), "{err}");
+    assert!(err.to_string().contains("down or revoked"), "{err}");
 }
 
 #[test]
