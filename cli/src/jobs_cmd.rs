@@ -144,6 +144,7 @@ pub async fn stream_job(
         };
         match event.kind {
             Some(pb::job_event::Kind::Started(s)) if !json_mode => {
+                let moved = !job_id.is_empty();
                 job_id = s.job_id.clone();
                 let stages: Vec<String> = s
                     .stages
@@ -155,7 +156,16 @@ pub async fn stream_job(
                         )
                     })
                     .collect();
-                eprintln!("[{} on {}]", s.job_id, stages.join(" → "));
+                if moved {
+                    let from = s.stages.first().map_or(0, |st| st.from_token);
+                    eprintln!(
+                        "\n[{} moved to {} after {from} tokens]",
+                        s.job_id,
+                        stages.join(" → ")
+                    );
+                } else {
+                    eprintln!("[{} on {}]", s.job_id, stages.join(" → "));
+                }
             }
             Some(pb::job_event::Kind::Token(t)) => {
                 if json_mode {

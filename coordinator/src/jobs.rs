@@ -513,9 +513,8 @@ impl Federation {
             .unwrap_or(0)
             + 1;
         let from_token = job.record.token_ids.len();
-        job.record
-            .audit
-            .extend(audit_of(&chain, attempt, from_token));
+        let stages = audit_of(&chain, attempt, from_token);
+        job.record.audit.extend(stages.iter().cloned());
         let replay = !job.record.prompt_ids.is_empty();
         let mut opens = self.session_orders(session, &job.record.model, version, &chain, &job.spec);
         if replay {
@@ -565,6 +564,13 @@ impl Federation {
                 job.record.prompt_ids = prompt_ids;
             }
             job.started.get_or_insert_with(Instant::now);
+            if replay {
+                // The client hears where its job went.
+                let _ = job.events.try_send(JobEvent::Started {
+                    job_id: job_id.clone(),
+                    stages,
+                });
+            }
             // Where the job runs is on disk before it runs there (a coordinator that crashes
             // meanwhile leaves the job failed, with its audit). Written under the table's
             // lock, so the final record of a job that ends now cannot come first.

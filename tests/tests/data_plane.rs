@@ -266,8 +266,10 @@ async fn a_revoked_worker_is_cut_off_and_its_job_moves_on() {
         sovra_tests::federation::start_job(fed.channel(Some(&tenant)).await, request).await;
     let victim = reference.stages[1].worker_id.clone();
     let mut tokens = Vec::new();
+    let mut moved = None;
     while let Some(event) = stream.message().await.unwrap() {
         match event.kind {
+            Some(pb::job_event::Kind::Started(s)) => moved = Some(s.stages),
             Some(pb::job_event::Kind::Token(t)) => {
                 tokens.push(t.token_id);
                 if tokens.len() == 5 {
@@ -286,6 +288,14 @@ async fn a_revoked_worker_is_cut_off_and_its_job_moves_on() {
         }
     }
     assert_eq!(tokens, reference.tokens, "the stream went on exactly");
+    // The client was told where its job went.
+    let moved = moved.expect("a second start event");
+    assert!(
+        moved
+            .iter()
+            .all(|st| st.attempt >= 2 && st.worker_id != victim && st.from_token >= 5),
+        "{moved:?}"
+    );
     let audit = pb::jobs_client::JobsClient::new(fed.channel(Some(&tenant)).await)
         .get_job(pb::JobRef { job_id })
         .await
