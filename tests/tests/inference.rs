@@ -417,3 +417,22 @@ async fn absurd_control_plane_fields_are_refused() {
         4
     );
 }
+
+/// 3,000 random words of a small vocabulary (3,474 prompt tokens with the chat template): a
+/// prompt whose greedy tokens differ between a prefill of the whole prompt at once and one in
+/// 64-position chunks (attention sums in another order), as the stages run it.
+const LONG_PROMPT: &str = include_str!("../data/random_words_3000.txt");
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_prompt_gives_the_local_tokens() {
+    let (fed, _workers, tenant) = fleet(&[("ovh-fr", "FR")], "q8_0").await;
+    fed.place("smollm2", How::Stages(1)).await;
+    let out = run_job(
+        fed.channel(Some(&tenant)).await,
+        chat_request(LONG_PROMPT, 5, 0.0, 0),
+    )
+    .await
+    .unwrap();
+    let local = local_tokens(WeightMode::Q8_0, LONG_PROMPT, 5, SamplingParams::default());
+    assert_eq!(out.tokens, local);
+}

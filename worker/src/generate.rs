@@ -105,9 +105,13 @@ pub fn generate(
     let mut stream = TextStream::new(stop, tokenizer.eos());
     let mut session = pipeline.new_session();
     let start = Instant::now();
-    let mut logits = pipeline
-        .forward(&mut [&mut session], &[&request.prompt])?
-        .remove(0);
+    // In the chunks a stage prefills a prompt in, so the arithmetic (and with it every
+    // greedy token of a long prompt) is the federation's: attention over a whole prompt at
+    // once sums in another order than chunk by chunk.
+    let mut logits = Vec::new();
+    for chunk in request.prompt.chunks(crate::stage::PREFILL_CHUNK) {
+        logits = pipeline.forward(&mut [&mut session], &[chunk])?.remove(0);
+    }
     let prefill_s = start.elapsed().as_secs_f64();
     let mut first_token_at = None;
     let mut sampled = Vec::new();
