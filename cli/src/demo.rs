@@ -200,6 +200,19 @@ fn say(json: bool, line: &str) {
     }
 }
 
+/// Ctrl-C ended the demo (after it tore its processes down): the process exits with 130, as
+/// one killed by SIGINT does.
+#[derive(Debug)]
+pub struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("interrupted")
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
 /// Runs `sovra demo`; with `--json` (and no `--bench`), a failure is also printed as a JSON
 /// error line on stdout, as `sovra run --json` does.
 pub async fn run(args: DemoArgs) -> Result<()> {
@@ -218,6 +231,9 @@ async fn run_demo(args: DemoArgs) -> Result<()> {
         bail!("--stages must be 1, 2 or 3 (the demo has three workers)");
     }
     args.sampling.sampling()?;
+    if args.prompt.trim().is_empty() {
+        bail!("the prompt is empty");
+    }
     let model_path = resolve_model(&args.model, &sovra_home(), &mut crate::progress)?;
     let model_path = std::fs::canonicalize(&model_path)?;
     let dir = tempfile::Builder::new().prefix("sovra-demo-").tempdir()?;
@@ -230,7 +246,7 @@ async fn run_demo(args: DemoArgs) -> Result<()> {
     let exe = std::env::current_exe().context("locating the sovra binary")?;
     let result = tokio::select! {
         r = demo(&args, &exe, &root, &model_path, &mut procs) => r,
-        _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
+        _ = tokio::signal::ctrl_c() => Err(Interrupted.into()),
     };
     drop(procs);
     if args.keep {

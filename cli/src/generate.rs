@@ -7,6 +7,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::json;
 use sovra_model::fetch::{resolve_model, sovra_home};
+use sovra_model::stream::MAX_TOKENS;
 use sovra_model::{
     ChatPrompt, GgufModel, LayerRange, ModelTokenizer, SamplingError, SamplingParams,
     StopConditions, WeightMode,
@@ -16,9 +17,14 @@ use sovra_worker::{GenerateRequest, GenerationSummary, LocalPipeline, TokenEvent
 /// Sampling and stopping flags shared by every command that generates.
 #[derive(Debug, Clone, Args)]
 pub struct SamplingArgs {
-    /// Most tokens to generate.
-    #[arg(long, default_value_t = 256, env = "SOVRA_MAX_TOKENS")]
-    pub max_tokens: usize,
+    /// Most tokens to generate (1 to 1048576).
+    #[arg(
+        long,
+        default_value_t = 256,
+        env = "SOVRA_MAX_TOKENS",
+        allow_negative_numbers = true
+    )]
+    pub max_tokens: i64,
     /// Softmax temperature; 0 is greedy.
     // Negative values reach the checks below (which answer in JSON under --json) instead of
     // being taken for flags.
@@ -42,8 +48,9 @@ pub struct SamplingArgs {
 }
 
 impl SamplingArgs {
-    /// The sampling settings, checked.
+    /// The sampling settings, checked (the token budget too).
     pub fn sampling(&self) -> Result<SamplingParams> {
+        self.max_tokens()?;
         let top_k = match self.top_k {
             Some(k) => Some(
                 usize::try_from(k)
@@ -63,13 +70,26 @@ impl SamplingArgs {
         Ok(params)
     }
 
-    /// The stop conditions.
-    pub fn stop(&self) -> StopConditions {
-        StopConditions {
-            max_tokens: self.max_tokens,
+    /// The token budget, checked.
+    pub fn max_tokens(&self) -> Result<usize> {
+        usize::try_from(self.max_tokens)
+            .ok()
+            .filter(|n| (1..=MAX_TOKENS).contains(n))
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "max tokens must be between 1 and {MAX_TOKENS}, got {}",
+                    self.max_tokens
+                )
+            })
+    }
+
+    /// The stop conditions, checked.
+    pub fn stop(&self) -> Result<StopConditions> {
+        Ok(StopConditions {
+            max_tokens: self.max_tokens()?,
             stop: self.stop.clone(),
             ignore_eos: self.ignore_eos,
-        }
+        })
     }
 }
 
@@ -128,7 +148,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
 }
 
 fn run_inner(args: GenerateArgs) -> Result<()> {
-    if args.prompt.is_empty() {
+    if args.prompt.trim().is_empty() {
         bail!("the prompt is empty");
     }
     if args.stages == 0 {
@@ -160,7 +180,7 @@ fn run_inner(args: GenerateArgs) -> Result<()> {
     let request = GenerateRequest {
         prompt,
         sampling: args.sampling.sampling()?,
-        stop: args.sampling.stop(),
+        stop: args.sampling.stop()?,
     };
     let mut stdout = std::io::stdout().lock();
     let json = args.json;

@@ -47,7 +47,7 @@ impl RunArgs {
                 top_k: checked.top_k.unwrap_or(0).min(u32::MAX as usize) as u32,
                 top_p: checked.top_p.unwrap_or(0.0),
                 seed: s.seed,
-                max_tokens: s.max_tokens.min(u32::MAX as usize) as u32,
+                max_tokens: s.max_tokens()? as u32,
                 stop: s.stop.clone(),
                 ignore_eos: s.ignore_eos,
             }),
@@ -103,7 +103,7 @@ pub async fn stream_job(
     request: pb::RunJobRequest,
     json_mode: bool,
 ) -> Result<()> {
-    if request.prompt.is_empty() {
+    if request.prompt.trim().is_empty() {
         return Err(anyhow!("the prompt is empty"));
     }
     let mut events = pb::jobs_client::JobsClient::new(channel)

@@ -259,6 +259,11 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
+        // On a line of its own: it may cut an answer mid-line.
+        Err(err) if err.is::<demo::Interrupted>() => {
+            eprintln!("\ninterrupted");
+            ExitCode::from(130)
+        }
         Err(err) => {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE

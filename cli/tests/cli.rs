@@ -370,6 +370,21 @@ fn sampling_values_out_of_range_are_refused_before_anything_runs() {
         ("--top-p", "5", "top-p must be in (0, 1]"),
         ("--top-k", "0", "top-k must be at least 1"),
         ("--top-k", "-3", "top-k must be at least 1"),
+        (
+            "--max-tokens",
+            "0",
+            "max tokens must be between 1 and 1048576",
+        ),
+        (
+            "--max-tokens",
+            "-1",
+            "max tokens must be between 1 and 1048576",
+        ),
+        (
+            "--max-tokens",
+            "2000000",
+            "max tokens must be between 1 and 1048576",
+        ),
     ] {
         // `run` is refused before it dials the coordinator (none listens on port 9).
         let remote = [

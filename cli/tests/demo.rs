@@ -121,3 +121,44 @@ fn killing_the_demo_with_sigkill_stops_its_coordinator_and_workers() {
         "still running after the demo died: {left:?}"
     );
 }
+
+#[test]
+fn ctrl_c_tears_the_demo_down_and_exits_130() {
+    use std::io::Read;
+    sovra_tests::smollm2_path();
+    let mut demo = Command::new(env!("CARGO_BIN_EXE_sovra"))
+        .args(["demo", "--keep", "--ignore-eos", "--max-tokens", "2000"])
+        .arg("Write a long story about the sea.")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Some of the answer first.
+    let mut first = [0u8; 16];
+    demo.stdout.take().unwrap().read_exact(&mut first).unwrap();
+    let pid = demo.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = demo.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(stderr.ends_with("\ninterrupted\n"), "{stderr}");
+    // Its coordinator and workers are gone (their command lines name the demo's folder).
+    let dir = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("demo files kept in "))
+        .expect("the folder")
+        .to_string();
+    let left = Command::new("pgrep").args(["-f", &dir]).output().unwrap();
+    assert!(
+        left.stdout.is_empty(),
+        "still running: {}",
+        String::from_utf8_lossy(&left.stdout)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

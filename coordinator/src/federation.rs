@@ -160,6 +160,8 @@ pub struct Federation {
     pub(crate) replan_lock: tokio::sync::Mutex<()>,
     /// Where the operator token is kept for the operator (`admin.token`).
     admin_token_path: std::path::PathBuf,
+    /// Set once the coordinator is stopping.
+    pub(crate) stopping: std::sync::atomic::AtomicBool,
 }
 
 /// Meta key of the operator token's hash.
@@ -199,6 +201,7 @@ impl Federation {
             recovery_queue: Mutex::new(Some(recovery_queue)),
             replan_lock: tokio::sync::Mutex::new(()),
             admin_token_path: dir.admin_token(),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         })
     }
 

@@ -77,6 +77,8 @@ impl Federation {
     /// stopped), so a graceful stop does not wait for them. Workers reconnect to the next
     /// coordinator process by themselves.
     pub fn shut_down(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let sessions: Vec<u64> = self.jobs().live.keys().copied().collect();
         for session in sessions {
             let why = "the coordinator stopped while the job ran".to_string();

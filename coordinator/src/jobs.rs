@@ -31,7 +31,7 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest prompt text accepted, bytes.
 const MAX_PROMPT_BYTES: usize = 1 << 20;
 /// Largest token budget accepted.
-const MAX_TOKENS_LIMIT: usize = 1 << 20;
+const MAX_TOKENS_LIMIT: usize = sovra_model::stream::MAX_TOKENS;
 
 /// What a client asks for.
 #[derive(Debug, Clone)]
@@ -1030,7 +1030,7 @@ fn summary(job: &LiveJob, reason: String) -> JobSummary {
 
 fn validate_spec(spec: &JobSpec) -> Result<(), CoordinatorError> {
     let bad = |m: String| Err(CoordinatorError::InvalidArgument(m));
-    if spec.prompt.is_empty() {
+    if spec.prompt.trim().is_empty() {
         return bad("the prompt is empty".into());
     }
     if spec.prompt.len() > MAX_PROMPT_BYTES {

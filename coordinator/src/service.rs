@@ -310,7 +310,12 @@ async fn serve_agent(
                     }
                 }
                 None => {
-                    let _ = send_bounded(&tx, Err(Status::unavailable("lease expired, worker or provider revoked, or stream replaced")), fed.config().lease).await;
+                    let why = if fed.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                        "the coordinator is stopping"
+                    } else {
+                        "lease expired, worker or provider revoked, or stream replaced"
+                    };
+                    let _ = send_bounded(&tx, Err(Status::unavailable(why)), fed.config().lease).await;
                     break;
                 }
             },

@@ -29,6 +29,9 @@ impl FinishReason {
     }
 }
 
+/// Largest token budget of one generation that the commands and the coordinator accept.
+pub const MAX_TOKENS: usize = 1 << 20;
+
 /// When a generation stops.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StopConditions {
