@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 use sovra_coordinator::service::spec_pb;
@@ -48,6 +48,12 @@ impl ConnectArgs {
             .ok_or_else(|| anyhow!("no CA certificate: pass --ca FILE or set SOVRA_CA"))?;
         let ca = std::fs::read_to_string(ca_path)
             .with_context(|| format!("reading {}", ca_path.display()))?;
+        if !ca.contains("-----BEGIN CERTIFICATE-----") {
+            bail!(
+                "{} holds no PEM certificate: --ca takes the coordinator's ca.pem",
+                ca_path.display()
+            );
+        }
         // A token or token file from the command line wins over one from the environment.
         let (from_env, file_from_env) = ENV_SOURCED.get().copied().unwrap_or_default();
         let file_on_command_line = self.token_file.is_some() && !file_from_env;
@@ -65,7 +71,19 @@ impl ConnectArgs {
             ),
             (None, None) => None,
         };
-        Ok(connect(url, &ca, None, token.as_deref()).await?)
+        connect(url, &ca, None, token.as_deref())
+            .await
+            .map_err(|e| {
+                let text = e.to_string();
+                if text.contains("UnknownIssuer") {
+                    anyhow!(
+                        "{text}: the coordinator's certificate is not signed by the CA in {} (is it this federation's ca.pem?)",
+                        ca_path.display()
+                    )
+                } else {
+                    e.into()
+                }
+            })
     }
 }
 

@@ -373,6 +373,34 @@ fn operator_workflow_survives_a_coordinator_sigkill() {
     );
     assert!(cluster.cli_as(&new, &["provider", "list"]).status.success());
 
+    // A CA file that is not this federation's, or no certificate at all, is named as such.
+    let other = cluster.dir.path().join("other-ca.pem");
+    let foreign = sovra_proto::ca::FederationCa::generate("elsewhere").unwrap();
+    std::fs::write(&other, foreign.cert_pem()).unwrap();
+    let not_pem = cluster.dir.path().join("not-a-cert.txt");
+    std::fs::write(&not_pem, "hello").unwrap();
+    for (ca, expected) in [
+        (&other, "not signed by the CA in"),
+        (&not_pem, "holds no PEM certificate"),
+    ] {
+        let out = Command::new(SOVRA)
+            .args([
+                "provider",
+                "list",
+                "--coordinator",
+                &cluster.url,
+                "--token",
+                &new,
+            ])
+            .arg("--ca")
+            .arg(ca)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expected), "{stderr}");
+    }
+
     // SIGTERM stops the coordinator gracefully, its workers still connected.
     let pid = cluster.children[0].id().to_string();
     assert!(
