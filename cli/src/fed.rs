@@ -48,12 +48,6 @@ impl ConnectArgs {
             .ok_or_else(|| anyhow!("no CA certificate: pass --ca FILE or set SOVRA_CA"))?;
         let ca = std::fs::read_to_string(ca_path)
             .with_context(|| format!("reading {}", ca_path.display()))?;
-        if !ca.contains("-----BEGIN CERTIFICATE-----") {
-            bail!(
-                "{} holds no PEM certificate: --ca takes the coordinator's ca.pem",
-                ca_path.display()
-            );
-        }
         // A token or token file from the command line wins over one from the environment.
         let (from_env, file_from_env) = ENV_SOURCED.get().copied().unwrap_or_default();
         let file_on_command_line = self.token_file.is_some() && !file_from_env;
@@ -71,6 +65,12 @@ impl ConnectArgs {
             ),
             (None, None) => None,
         };
+        if !ca.contains("-----BEGIN CERTIFICATE-----") {
+            bail!(
+                "{} holds no PEM certificate: --ca takes the coordinator's ca.pem",
+                ca_path.display()
+            );
+        }
         connect(url, &ca, None, token.as_deref())
             .await
             .map_err(|e| {
