@@ -89,14 +89,6 @@ impl Federation {
         info!("agent streams and jobs ended for the stop");
     }
 
-    /// True while `stream` is the worker's live agent stream.
-    pub fn is_current_stream(&self, worker_id: &str, stream: u64) -> bool {
-        self.live()
-            .workers
-            .get(worker_id)
-            .is_some_and(|w| w.stream == stream)
-    }
-
     /// True once the operator revoked this worker.
     pub fn worker_revoked(&self, id: &str) -> Result<bool, CoordinatorError> {
         Ok(self.store().get(REVOKED_WORKERS, id.as_bytes())?.is_some())

@@ -353,17 +353,20 @@ fn handle_agent_message(
     stream: u64,
     message: pb::AgentMessage,
 ) -> bool {
-    // A stream that was replaced, timed out or revoked speaks for no one any more: nothing it
-    // sends (a token, a session's end) reaches a job.
-    if !fed.is_current_stream(worker, stream) {
-        return false;
-    }
     use pb::agent_message::Kind;
-    match message.kind {
+    let load = match &message.kind {
         Some(Kind::Heartbeat(h)) => {
             debug!(worker, seq = h.seq, "heartbeat");
-            fed.heartbeat(worker, stream, Some((h.open_sessions, h.kv_cache_bytes)))
+            Some((h.open_sessions, h.kv_cache_bytes))
         }
+        _ => None,
+    };
+    // Every message counts as a heartbeat. A stream that was replaced, timed out or revoked
+    // speaks for no one any more: nothing it sends (a token, a session's end) reaches a job.
+    if !fed.heartbeat(worker, stream, load) {
+        return false;
+    }
+    match message.kind {
         Some(Kind::SessionOpened(o)) => {
             let result = if o.error.is_empty() {
                 Ok(o.prompt_ids)
@@ -371,7 +374,6 @@ fn handle_agent_message(
                 Err(clip(&o.error))
             };
             fed.session_opened(worker, o.session, result);
-            fed.heartbeat(worker, stream, None)
         }
         Some(Kind::SessionEvent(e)) => {
             let token = e.token.map(|t| (t.index, t.token_id, t.text));
@@ -382,7 +384,6 @@ fn handle_agent_message(
             } else {
                 fed.session_event(worker, e.session, token, finish, error);
             }
-            fed.heartbeat(worker, stream, None)
         }
         Some(Kind::Status(s)) => {
             let state = match pb::AssignmentState::try_from(s.state) {
@@ -392,10 +393,10 @@ fn handle_agent_message(
             };
             let message: String = s.message.chars().take(1000).collect();
             fed.assignment_status(worker, &s.model, s.placement_version, state, message);
-            fed.heartbeat(worker, stream, None)
         }
-        Some(Kind::Hello(_)) | None => fed.heartbeat(worker, stream, None),
+        Some(Kind::Heartbeat(_)) | Some(Kind::Hello(_)) | None => {}
     }
+    true
 }
 
 /// A peer-supplied string cut to a sane length.
