@@ -677,13 +677,23 @@ pub fn print_placement(p: &pb::Placement, json_mode: bool) {
             json!({"bottleneck_ms": c.bottleneck_ms, "stages": c.stages.iter().map(|s| json!({"worker": s.worker_id, "provider": s.provider, "country": s.country, "layers": format!("{}..{}", s.start_layer, s.end_layer), "start_layer": s.start_layer, "end_layer": s.end_layer, "memory_bytes": s.memory_bytes, "state": state_name(s.state), "message": s.message})).collect::<Vec<_>>()})
         })
         .collect();
-    let doc = json!({"model": p.model, "version": p.version, "chains": chains, "unplaced_reason": if p.unplaced_reason.is_empty() { Value::Null } else { json!(p.unplaced_reason) }});
+    let doc = json!({"model": p.model, "version": p.version, "requested": p.requested, "degraded": p.degraded, "chains": chains, "unplaced_reason": if p.unplaced_reason.is_empty() { Value::Null } else { json!(p.unplaced_reason) }});
     emit(json_mode, doc, || {
         if p.chains.is_empty() {
             println!("{} is not placed: {}", p.model, p.unplaced_reason);
+            if !p.unplaced_reason.is_empty() {
+                println!("(placed as soon as the available workers allow)");
+            }
             return;
         }
-        println!("{} · placement v{}", p.model, p.version);
+        if p.degraded {
+            println!(
+                "{} · placement v{} · degraded: planned around unavailable workers; placed as asked ({}) again once they allow it and no job of it runs",
+                p.model, p.version, p.requested
+            );
+        } else {
+            println!("{} · placement v{} · {}", p.model, p.version, p.requested);
+        }
         let mut rows = Vec::new();
         for (i, c) in p.chains.iter().enumerate() {
             for s in &c.stages {

@@ -158,6 +158,13 @@ pub struct Federation {
     pub(crate) recoveries: mpsc::UnboundedSender<(u64, String)>,
     recovery_queue: Mutex<Option<mpsc::UnboundedReceiver<(u64, String)>>>,
     pub(crate) replan_lock: tokio::sync::Mutex<()>,
+    /// Per model: held (shared) by every job from choosing its chain until it is in the job
+    /// table, so a placement made as asked again (`replan_degraded`) never pulls a chain from
+    /// under a job that is starting.
+    placement_gates: Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>,
+    /// Per degraded model: the placement version and the available workers of the last try to
+    /// place it as asked again (tried again only once either changes).
+    pub(crate) replan_tries: Mutex<HashMap<String, (u64, Vec<String>)>>,
     /// Where the operator token is kept for the operator (`admin.token`).
     admin_token_path: std::path::PathBuf,
     /// Set once the coordinator is stopping.
@@ -200,6 +207,8 @@ impl Federation {
             recoveries,
             recovery_queue: Mutex::new(Some(recovery_queue)),
             replan_lock: tokio::sync::Mutex::new(()),
+            placement_gates: Mutex::default(),
+            replan_tries: Mutex::default(),
             admin_token_path: dir.admin_token(),
             stopping: std::sync::atomic::AtomicBool::new(false),
         })
@@ -678,11 +687,14 @@ impl Federation {
         let placement = match self.set_placement(&record.name, PlacementRequest::Auto) {
             Ok(p) => p,
             Err(e) => {
+                // Placed once the workers allow (see `replan_degraded`).
                 let p = PlacementRecord {
                     model: record.name.clone(),
                     version: self.placement_floor(&record.name)?,
                     chains: vec![],
                     unplaced_reason: Some(e.to_string()),
+                    requested: PlacementRequest::Auto,
+                    degraded: false,
                 };
                 // Only while the model is still the one just added (not removed meanwhile).
                 self.store.apply(
@@ -751,11 +763,14 @@ impl Federation {
         let empty = PlacementRecord {
             model: name.to_string(),
             version: placement.version + 1,
-            chains: vec![],
-            unplaced_reason: None,
+            ..Default::default()
         };
         self.dispatch(&record, &placement, &empty);
         self.live().statuses.retain(|(model, _), _| model != name);
+        self.replan_tries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
         info!(model = name, "model removed");
         Ok(record)
     }
@@ -776,6 +791,16 @@ impl Federation {
         read(self.store(), MODELS, name)?.ok_or_else(|| CoordinatorError::not_found("model", name))
     }
 
+    /// The gate of `model`'s placement (see `placement_gates`).
+    pub(crate) fn placement_gate(&self, model: &str) -> Arc<tokio::sync::RwLock<()>> {
+        self.placement_gates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(model.to_string())
+            .or_default()
+            .clone()
+    }
+
     /// The model's current placement.
     pub fn placement(&self, model: &str) -> Result<PlacementRecord, CoordinatorError> {
         self.model(model)?;
@@ -787,21 +812,49 @@ impl Federation {
         )
     }
 
-    /// Replans `model` and sends the new assignments to the workers.
+    /// Replans `model` as `how` asks and sends the new assignments to the workers.
     pub fn set_placement(
         &self,
         model: &str,
         how: PlacementRequest,
     ) -> Result<PlacementRecord, CoordinatorError> {
         let record = self.model(model)?;
+        let chains = self.plan(&record, &how)?;
+        self.write_placement(&record, chains, how, false)
+    }
+
+    /// Plans `model` as `how` asks over the workers available now.
+    pub(crate) fn plan(
+        &self,
+        model: &ModelRecord,
+        how: &PlacementRequest,
+    ) -> Result<Vec<Vec<StageRecord>>, CoordinatorError> {
+        placement::plan(
+            model,
+            &self.candidates()?,
+            how,
+            self.config.kv_reserve_tokens,
+        )
+    }
+
+    /// Stores `chains` as the model's next placement (asked for as `requested`; `degraded`
+    /// when planned otherwise, around failures) and sends the new assignments to the workers.
+    pub(crate) fn write_placement(
+        &self,
+        record: &ModelRecord,
+        chains: Vec<Vec<StageRecord>>,
+        requested: PlacementRequest,
+        degraded: bool,
+    ) -> Result<PlacementRecord, CoordinatorError> {
+        let model = record.name.as_str();
         let previous = self.placement(model)?;
-        let candidates = self.candidates()?;
-        let chains = placement::plan(&record, &candidates, &how, self.config.kv_reserve_tokens)?;
         let placement = PlacementRecord {
             model: model.to_string(),
             version: previous.version.max(self.placement_floor(model)?) + 1,
             chains,
             unplaced_reason: None,
+            requested,
+            degraded,
         };
         let batch = Batch::new()
             .expect(
@@ -812,17 +865,19 @@ impl Federation {
             .put(PLACEMENTS, model, encode(&placement));
         self.store.apply(batch)?;
         self.store.flush()?;
-        self.dispatch(&record, &previous, &placement);
+        self.dispatch(record, &previous, &placement);
         info!(
             model,
             version = placement.version,
             chains = placement.chains.len(),
+            requested = %placement.requested.describe(),
+            degraded,
             "placed"
         );
         Ok(placement)
     }
 
-    fn candidates(&self) -> Result<Vec<placement::Candidate>, CoordinatorError> {
+    pub(crate) fn candidates(&self) -> Result<Vec<placement::Candidate>, CoordinatorError> {
         let live: Vec<String> = self.live().workers.keys().cloned().collect();
         Ok(self
             .list_workers()?

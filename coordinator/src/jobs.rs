@@ -386,6 +386,9 @@ impl Federation {
         validate_spec(&spec)?;
         let model = self.model(&spec.model)?;
         let policy = narrow_policy(&model.policy, &crate::validate::clean_policy(&spec.policy)?)?;
+        // Until the job is in the job table on its chain (see `placement_gates`).
+        let gate = self.placement_gate(&model.name);
+        let _starting = gate.read().await;
         let (chain, version) = self.ready_chain(&model.name, &policy).await?;
         let job_id = format!("job-{}", token::random_hex(8));
         let tenant = match caller {

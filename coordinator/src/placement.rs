@@ -1,6 +1,7 @@
 //! Placement glue: turns records into planner inputs, planner output into stored stages, and
 //! stored placements into the assignment orders each worker receives.
 
+use serde::{Deserialize, Serialize};
 use sovra_model::{LayerRange, ModelSpec, WeightMode};
 
 use crate::error::CoordinatorError;
@@ -10,15 +11,36 @@ use crate::records::{
     ModelRecord, PlacementRecord, PolicyRecord, ProviderRecord, StageRecord, WorkerRecord,
 };
 
-/// How the operator asks for a model to be placed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How the operator asks for a model to be placed (kept with the placement, so a placement
+/// made around failed workers can be made as asked again once they are back).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PlacementRequest {
     /// The planner decides.
+    #[default]
     Auto,
     /// One chain of exactly this many stages.
     Stages(usize),
     /// Exactly these (worker, layers) stages, in layer order.
     Explicit(Vec<(String, LayerRange)>),
+}
+
+impl PlacementRequest {
+    /// How it reads in `placement show`: "auto", "3 stages", "explicit: W 0..10, W 10..30".
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Auto => "auto".into(),
+            Self::Stages(1) => "1 stage".into(),
+            Self::Stages(n) => format!("{n} stages"),
+            Self::Explicit(stages) => format!(
+                "explicit: {}",
+                stages
+                    .iter()
+                    .map(|(w, r)| format!("{w} {}..{}", r.start, r.end))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
 }
 
 /// A worker as the planner sees it.

@@ -187,6 +187,35 @@ pub struct PlacementRecord {
     pub chains: Vec<Vec<StageRecord>>,
     /// Why there is no chain, when there is none.
     pub unplaced_reason: Option<String>,
+    /// What the operator (or the model's registration) asked for.
+    #[serde(default)]
+    pub requested: crate::placement::PlacementRequest,
+    /// Not what was asked for: planned around workers that failed or were revoked. Planned as
+    /// asked again once the available workers change and no job of the model runs (as is a
+    /// model that could not be placed at all).
+    #[serde(default)]
+    pub degraded: bool,
+}
+
+impl PlacementRecord {
+    /// Whether the coordinator should try to place the model as asked again: the placement
+    /// was made around failures, or none could be made.
+    pub fn wants_replanning(&self) -> bool {
+        self.degraded || (self.chains.is_empty() && self.unplaced_reason.is_some())
+    }
+
+    /// The (worker, layers) of every stage, chain by chain: what two placements are compared by.
+    pub fn layout(&self) -> Vec<Vec<(&str, LayerRange)>> {
+        layout_of(&self.chains)
+    }
+}
+
+/// The (worker, layers) of every stage of `chains`, chain by chain.
+pub fn layout_of(chains: &[Vec<StageRecord>]) -> Vec<Vec<(&str, LayerRange)>> {
+    chains
+        .iter()
+        .map(|c| c.iter().map(|s| (s.worker_id.as_str(), s.range)).collect())
+        .collect()
 }
 
 /// Reads the JSON record at `tree/key`.

@@ -4,11 +4,15 @@
 
 use std::time::{Duration, Instant};
 
-use tracing::warn;
+use std::collections::HashMap;
+
+use tracing::{debug, info, warn};
 
 use crate::error::CoordinatorError;
 use crate::federation::{AgentCommand, Federation};
 use crate::jobs::{JobState, LiveJob, new_session_id};
+use crate::placement::PlacementRequest;
+use crate::records::{PlacementRecord, layout_of};
 
 /// How many times one job may be moved to another chain.
 const MAX_RECOVERIES: u32 = 5;
@@ -47,7 +51,10 @@ impl Federation {
         }
         let deadline = Instant::now() + RECOVERY_TIMEOUT;
         let mut replanned = false;
+        let gate = self.placement_gate(&model);
         loop {
+            // Until the job is back in the job table on its new chain.
+            let starting = gate.read().await;
             let placement = match self.placement(&model) {
                 Ok(p) => p,
                 Err(e) => return fail(parked, e.to_string()),
@@ -76,6 +83,7 @@ impl Federation {
                     }
                 }
             }
+            drop(starting);
             if !replanned {
                 replanned = true;
                 if let Err(e) = self.replan_around_failures(&model).await {
@@ -109,7 +117,9 @@ impl Federation {
         }
     }
 
-    /// Replans `model` over the live workers unless a ready chain appeared meanwhile.
+    /// Replans `model` over the live workers unless a ready chain appeared meanwhile: as the
+    /// placement was asked for if the live workers allow it, otherwise as the planner sees
+    /// fit (the placement is then degraded, and placed as asked again once they allow it).
     pub(crate) async fn replan_around_failures(&self, model: &str) -> Result<(), CoordinatorError> {
         let _one_at_a_time = self.replan_lock.lock().await;
         let placement = self.placement(model)?;
@@ -120,8 +130,87 @@ impl Federation {
         if all_live && !placement.chains.is_empty() {
             return Ok(());
         }
-        self.set_placement(model, crate::placement::PlacementRequest::Auto)
+        let record = self.model(model)?;
+        let requested = placement.requested;
+        if requested != PlacementRequest::Auto
+            && let Ok(chains) = self.plan(&record, &requested)
+        {
+            return self
+                .write_placement(&record, chains, requested, false)
+                .map(|_| ());
+        }
+        let chains = self.plan(&record, &PlacementRequest::Auto)?;
+        self.write_placement(&record, chains, requested, true)
             .map(|_| ())
+    }
+
+    /// Places again, as they were asked for, the models whose placement was made around
+    /// failed or revoked workers (or could not be made at all), once the available workers
+    /// have changed and no job of the model runs or is starting; a placement the planner
+    /// would make the same is left as it is. Called from the coordinator's periodic tick.
+    pub async fn replan_degraded(&self) {
+        let Ok(_one_at_a_time) = self.replan_lock.try_lock() else {
+            return; // a failure is being replanned around: next tick
+        };
+        let placements = match crate::records::read_all::<PlacementRecord>(
+            self.store(),
+            crate::records::PLACEMENTS,
+        ) {
+            Ok(p) => p,
+            Err(e) => return warn!(cause = %e, "reading placements to replan"),
+        };
+        let mut available: Option<Vec<String>> = None;
+        for placement in placements.into_iter().filter(|p| p.wants_replanning()) {
+            let available = match &available {
+                Some(a) => a.clone(),
+                None => match self.candidates() {
+                    Ok(c) => {
+                        let mut ids: Vec<String> = c
+                            .into_iter()
+                            .filter(|c| c.available)
+                            .map(|c| c.worker.id)
+                            .collect();
+                        ids.sort();
+                        available.insert(ids).clone()
+                    }
+                    Err(e) => return warn!(cause = %e, "listing workers to replan"),
+                },
+            };
+            let model = placement.model.clone();
+            let attempt = (placement.version, available);
+            if self.replan_tries().get(&model) == Some(&attempt) {
+                continue;
+            }
+            let gate = self.placement_gate(&model);
+            let Ok(_no_job_starting) = gate.try_write() else {
+                continue;
+            };
+            if self.jobs().live.values().any(|j| j.record.model == model) {
+                continue; // once its jobs are done
+            }
+            self.replan_tries().insert(model.clone(), attempt);
+            let Ok(record) = self.model(&model) else {
+                continue; // removed meanwhile
+            };
+            let requested = placement.requested.clone();
+            match self.plan(&record, &requested) {
+                Ok(chains) if layout_of(&chains) == placement.layout() => {}
+                Ok(chains) => match self.write_placement(&record, chains, requested, false) {
+                    Ok(p) => info!(
+                        model = %model,
+                        version = p.version,
+                        requested = %p.requested.describe(),
+                        "placed as asked again"
+                    ),
+                    Err(e) => warn!(model = %model, cause = %e, "placing as asked again"),
+                },
+                Err(e) => debug!(model = %model, cause = %e, "still cannot place as asked"),
+            }
+        }
+    }
+
+    fn replan_tries(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, Vec<String>)>> {
+        self.replan_tries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Moves jobs that made no progress for `stall` to another chain (a stage that hangs

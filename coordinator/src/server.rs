@@ -99,5 +99,6 @@ async fn expire_leases(fed: Arc<Federation>) {
             error!(cause = %e, "expiring leases");
         }
         fed.check_stalled_jobs(now, fed.config().job_stall);
+        fed.replan_degraded().await;
     }
 }

@@ -678,6 +678,8 @@ pub fn placement_pb(
         version: p.version,
         chains,
         unplaced_reason: p.unplaced_reason.unwrap_or_default(),
+        requested: p.requested.describe(),
+        degraded: p.degraded,
     })
 }
 

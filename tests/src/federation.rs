@@ -122,6 +122,16 @@ impl TestFederation {
             .expect("add provider");
     }
 
+    /// Adds a tenant and returns its token.
+    pub async fn add_tenant(&self, name: &str) -> String {
+        pb::tenants_client::TenantsClient::new(self.operator().await)
+            .add_tenant(pb::AddTenantRequest { name: name.into() })
+            .await
+            .expect("add tenant")
+            .into_inner()
+            .token
+    }
+
     /// A join token for `provider`.
     pub async fn join_token(&self, provider: &str, ttl_seconds: u64) -> String {
         pb::providers_client::ProvidersClient::new(self.operator().await)
@@ -305,14 +315,7 @@ pub async fn fleet_in(
         .add_model(smollm2_model(dtype))
         .await
         .expect("add model");
-    let tenant = pb::tenants_client::TenantsClient::new(fed.operator().await)
-        .add_tenant(pb::AddTenantRequest {
-            name: "acme".into(),
-        })
-        .await
-        .expect("tenant")
-        .into_inner()
-        .token;
+    let tenant = fed.add_tenant("acme").await;
     (fed, workers, tenant)
 }
 

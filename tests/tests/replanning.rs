@@ -1,0 +1,171 @@
+//! Placements heal: a model planned around a failed worker is placed as the operator asked
+//! again once the worker is back (never under a running job), and a model registered before
+//! any worker could hold it is placed once workers join.
+
+use std::time::Duration;
+
+use sovra_proto::pb;
+use sovra_proto::pb::set_placement_request::How;
+use sovra_tests::federation::{
+    TestFederation, chat_request, eventually, fleet, run_job, smollm2_model, start_job,
+};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+async fn show(fed: &TestFederation) -> pb::Placement {
+    pb::placements_client::PlacementsClient::new(fed.operator().await)
+        .show_placement(pb::ShowPlacementRequest {
+            model: "smollm2".into(),
+        })
+        .await
+        .expect("show placement")
+        .into_inner()
+}
+
+fn workers_of(p: &pb::Placement) -> Vec<String> {
+    p.chains
+        .iter()
+        .flat_map(|c| &c.stages)
+        .map(|s| s.worker_id.clone())
+        .collect()
+}
+
+fn all_ready(p: &pb::Placement) -> bool {
+    !p.chains.is_empty()
+        && p.chains
+            .iter()
+            .flat_map(|c| &c.stages)
+            .all(|s| s.state == pb::AssignmentState::Ready as i32)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_planned_around_a_failed_worker_is_placed_as_asked_when_it_returns() {
+    let (fed, mut workers, tenant) = fleet(
+        &[("ovh-fr", "FR"), ("ionos-de", "DE"), ("scw-nl", "NL")],
+        "q8_0",
+    )
+    .await;
+    let asked = fed.place("smollm2", How::Stages(3)).await;
+    assert_eq!(asked.requested, "3 stages");
+    assert!(!asked.degraded);
+
+    // One worker stops; the next job replans around it (two workers cannot give three stages).
+    let away = workers.pop().unwrap();
+    let away_dir = away.data_dir.clone();
+    let identity = std::fs::read_to_string(away_dir.join("identity.json")).unwrap();
+    let away_id = workers_of(&asked)
+        .into_iter()
+        .find(|w| identity.contains(w.as_str()))
+        .expect("the stopped worker held a stage");
+    away.stop().await.unwrap();
+    let prompt = "Name three rivers of Europe.";
+    let around = run_job(
+        fed.channel(Some(&tenant)).await,
+        chat_request(prompt, 12, 0.0, 0),
+    )
+    .await
+    .expect("the job runs around the stopped worker");
+    let degraded = show(&fed).await;
+    assert!(degraded.degraded, "{degraded:?}");
+    assert_eq!(degraded.requested, "3 stages", "the request is kept");
+    assert!(!workers_of(&degraded).contains(&away_id));
+
+    // A long job runs on the degraded placement while the worker comes back.
+    let (long_id, mut long_stream) = start_job(
+        fed.channel(Some(&tenant)).await,
+        chat_request("Tell me a long story.", 100_000, 0.0, 0),
+    )
+    .await;
+    let back = fed.start_worker_in(away_dir, None, None);
+    eventually("the worker to be up again", WAIT, || async {
+        fed.workers()
+            .await
+            .iter()
+            .any(|w| w.id == away_id && w.state == "up")
+            .then_some(())
+    })
+    .await;
+    // Several of the coordinator's ticks (a quarter of the 1.5 s lease each) pass: the running
+    // job keeps its chain, and the placement stays as it is meanwhile.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let meanwhile = show(&fed).await;
+    assert_eq!(meanwhile.version, degraded.version, "{meanwhile:?}");
+    assert!(meanwhile.degraded);
+    let mut jobs = pb::jobs_client::JobsClient::new(fed.channel(Some(&tenant)).await);
+    jobs.cancel_job(pb::JobRef {
+        job_id: long_id.clone(),
+    })
+    .await
+    .expect("cancel the long job");
+    while long_stream.message().await.ok().flatten().is_some() {}
+    let audit = jobs
+        .get_job(pb::JobRef { job_id: long_id })
+        .await
+        .expect("get the long job")
+        .into_inner()
+        .audit;
+    assert!(!audit.is_empty());
+    assert!(
+        audit.iter().all(|a| a.attempt == 1),
+        "the long job never moved: {audit:?}"
+    );
+
+    // Once no job runs, the model is placed as asked again, on the returned worker too.
+    let restored = eventually("the placement as asked, ready", WAIT, || async {
+        let p = show(&fed).await;
+        (!p.degraded && all_ready(&p)).then_some(p)
+    })
+    .await;
+    assert!(restored.version > degraded.version);
+    assert_eq!(restored.chains[0].stages.len(), 3, "{restored:?}");
+    assert!(workers_of(&restored).contains(&away_id), "{restored:?}");
+    let again = run_job(
+        fed.channel(Some(&tenant)).await,
+        chat_request(prompt, 12, 0.0, 0),
+    )
+    .await
+    .expect("the job runs on the restored placement");
+    assert_eq!(again.stages.len(), 3);
+    assert!(again.stages.iter().any(|s| s.worker_id == away_id));
+    assert_eq!(
+        again.tokens, around.tokens,
+        "the same tokens on either placement"
+    );
+    back.stop().await.unwrap();
+    for w in workers {
+        w.stop().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_registered_before_its_workers_is_placed_once_they_join() {
+    let fed = TestFederation::start().await;
+    fed.add_provider("ovh-fr", "FR", &[]).await;
+    let mut models = pb::models_client::ModelsClient::new(fed.operator().await);
+    models
+        .add_model(smollm2_model("q8_0"))
+        .await
+        .expect("add model");
+    let unplaced = show(&fed).await;
+    assert!(unplaced.chains.is_empty());
+    assert!(!unplaced.unplaced_reason.is_empty());
+
+    let worker = fed.start_worker(Some(fed.join_token("ovh-fr", 600).await), None);
+    let placed = eventually("the model placed and ready", WAIT, || async {
+        let p = show(&fed).await;
+        all_ready(&p).then_some(p)
+    })
+    .await;
+    assert!(placed.version > unplaced.version);
+    assert!(placed.unplaced_reason.is_empty());
+    assert_eq!(placed.requested, "auto");
+    let tenant = fed.add_tenant("acme").await;
+    let out = run_job(
+        fed.channel(Some(&tenant)).await,
+        chat_request("What is the capital of France?", 4, 0.0, 0),
+    )
+    .await
+    .expect("the job runs");
+    assert_eq!(out.tokens.len(), 4);
+    worker.stop().await.unwrap();
+}
