@@ -137,6 +137,61 @@ fn confine(cmd: &mut Command, cores: &[usize]) {
     let _ = (cmd, cores);
 }
 
+/// The name of every demo folder starts so.
+const DEMO_PREFIX: &str = "sovra-demo-";
+/// The file in a demo's folder that names the process owning it: "PID STARTTIME". Only
+/// folders to be removed at the end have it (not those of `--keep`).
+const OWNER_FILE: &str = "demo.owner";
+
+/// When process `pid` started (field 22 of `/proc/PID/stat`), if it runs. Linux only.
+fn process_start(pid: u32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name, which ends at the last ')': state is field 3.
+    let rest = stat.get(stat.rfind(')')? + 1..)?;
+    rest.split_whitespace().nth(19).map(str::to_string)
+}
+
+/// Marks `dir` as this process's demo folder.
+fn claim(dir: &Path) {
+    if let Some(start) = process_start(std::process::id()) {
+        let _ = std::fs::write(
+            dir.join(OWNER_FILE),
+            format!("{} {start}\n", std::process::id()),
+        );
+    }
+}
+
+/// Removes the folders that demos killed outright (SIGKILL, a crash) left in `tmp`: those
+/// whose owner file names a process that no longer runs. Folders without that file (kept with
+/// `--keep`, or not a demo's) are left alone.
+fn sweep_dead_demos(tmp: &Path) {
+    if process_start(std::process::id()).is_none() {
+        return; // no /proc: nothing tells a dead demo from a running one
+    }
+    let Ok(entries) = std::fs::read_dir(tmp) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if !entry.file_name().to_string_lossy().starts_with(DEMO_PREFIX)
+            || !entry.file_type().is_ok_and(|t| t.is_dir())
+        {
+            continue;
+        }
+        let dir = entry.path();
+        let Ok(owner) = std::fs::read_to_string(dir.join(OWNER_FILE)) else {
+            continue;
+        };
+        let mut fields = owner.split_whitespace();
+        let (Some(pid), Some(start)) = (fields.next().and_then(|p| p.parse().ok()), fields.next())
+        else {
+            continue;
+        };
+        if process_start(pid).as_deref() != Some(start) {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+}
+
 /// Makes the child get SIGTERM when this process dies, however it dies (a SIGKILL included),
 /// so the demo's coordinator and workers never outlive it. The signal follows the thread that
 /// spawned the child: the demo spawns from the thread that runs its main future, which lives
@@ -236,10 +291,13 @@ async fn run_demo(args: DemoArgs) -> Result<()> {
     }
     let model_path = resolve_model(&args.model, &sovra_home(), &mut crate::progress)?;
     let model_path = std::fs::canonicalize(&model_path)?;
-    let dir = tempfile::Builder::new().prefix("sovra-demo-").tempdir()?;
+    sweep_dead_demos(&std::env::temp_dir());
+    let dir = tempfile::Builder::new().prefix(DEMO_PREFIX).tempdir()?;
     let root = if args.keep {
         dir.keep()
     } else {
+        // A demo killed outright cannot remove its folder: the next demo does, by this file.
+        claim(dir.path());
         dir.path().to_path_buf()
     };
     let mut procs = Processes(Vec::new());

@@ -88,15 +88,14 @@ fn killing_the_demo_with_sigkill_stops_its_coordinator_and_workers() {
     use std::time::{Duration, Instant};
 
     sovra_tests::smollm2_path();
+    // The demos of this test keep their folders in a temporary folder of their own.
+    let tmp = tempfile::tempdir().unwrap();
     // Once a token streams, the coordinator and the three workers are running.
-    let (mut demo, first) =
-        sovra_tests::spawn_until_first_line(Command::new(env!("CARGO_BIN_EXE_sovra")).args([
-            "demo",
-            "--json",
-            "--ignore-eos",
-            "--max-tokens",
-            "4000",
-        ]));
+    let (mut demo, first) = sovra_tests::spawn_until_first_line(
+        Command::new(env!("CARGO_BIN_EXE_sovra"))
+            .env("TMPDIR", tmp.path())
+            .args(["demo", "--json", "--ignore-eos", "--max-tokens", "4000"]),
+    );
     assert!(first.contains("\"token\""), "{first}");
     let children = children_of(demo.id());
     let roles = |word: &str| children.iter().filter(|(_, c)| c.contains(word)).count();
@@ -120,6 +119,42 @@ fn killing_the_demo_with_sigkill_stops_its_coordinator_and_workers() {
         left.is_empty(),
         "still running after the demo died: {left:?}"
     );
+
+    // Its folder is left; the next demo removes it, and only it: not a kept folder (no owner
+    // file) nor that of a demo that still runs (here: this test process as its owner).
+    let demo_dirs = || -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("sovra-demo-"))
+            .collect();
+        names.sort();
+        names
+    };
+    let dead = demo_dirs();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(tmp.path().join(&dead[0]).join("demo.owner").exists());
+    std::fs::create_dir(tmp.path().join("sovra-demo-kept")).unwrap();
+    let running = tmp.path().join("sovra-demo-running");
+    std::fs::create_dir(&running).unwrap();
+    let me = sovra_tests::proc_stat("self").unwrap();
+    std::fs::write(
+        running.join("demo.owner"),
+        format!("{} {}\n", std::process::id(), me[19]),
+    )
+    .unwrap();
+    let next = Command::new(env!("CARGO_BIN_EXE_sovra"))
+        .env("TMPDIR", tmp.path())
+        .args(["demo", "--json", "--max-tokens", "1"])
+        .output()
+        .unwrap();
+    assert!(
+        next.status.success(),
+        "{}",
+        String::from_utf8_lossy(&next.stderr)
+    );
+    assert_eq!(demo_dirs(), ["sovra-demo-kept", "sovra-demo-running"]);
 }
 
 #[test]
