@@ -767,10 +767,11 @@ impl Federation {
         };
         self.dispatch(&record, &placement, &empty);
         self.live().statuses.retain(|(model, _), _| model != name);
+        // The memory it held may let another model be placed as asked: try them all again.
         self.replan_tries
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(name);
+            .clear();
         info!(model = name, "model removed");
         Ok(record)
     }
@@ -829,12 +830,21 @@ impl Federation {
         model: &ModelRecord,
         how: &PlacementRequest,
     ) -> Result<Vec<Vec<StageRecord>>, CoordinatorError> {
-        placement::plan(
-            model,
-            &self.candidates()?,
-            how,
-            self.config.kv_reserve_tokens,
-        )
+        let mut candidates = self.candidates()?;
+        // What the other models' stages hold on each worker is not free for this one.
+        let mut committed: HashMap<String, u64> = HashMap::new();
+        for p in read_all::<PlacementRecord>(self.store(), PLACEMENTS)? {
+            if p.model == model.name {
+                continue;
+            }
+            for stage in p.chains.iter().flatten() {
+                *committed.entry(stage.worker_id.clone()).or_default() += stage.memory_bytes;
+            }
+        }
+        for c in &mut candidates {
+            c.committed_bytes = committed.get(&c.worker.id).copied().unwrap_or(0);
+        }
+        placement::plan(model, &candidates, how, self.config.kv_reserve_tokens)
     }
 
     /// Stores `chains` as the model's next placement (asked for as `requested`; `degraded`
@@ -865,6 +875,11 @@ impl Federation {
             .put(PLACEMENTS, model, encode(&placement));
         self.store.apply(batch)?;
         self.store.flush()?;
+        // The memory this placement frees or takes changes what the others can get.
+        self.replan_tries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         self.dispatch(record, &previous, &placement);
         info!(
             model,
@@ -888,6 +903,7 @@ impl Federation {
                     && !self.worker_revoked(&w.id).unwrap_or(true),
                 worker: w,
                 provider: p,
+                committed_bytes: 0,
             })
             .collect())
     }

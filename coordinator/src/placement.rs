@@ -52,6 +52,8 @@ pub struct Candidate {
     pub provider: ProviderRecord,
     /// Up, with a live stream, and its provider not revoked.
     pub available: bool,
+    /// Memory its stages of other models' placements take: not free for this one.
+    pub committed_bytes: u64,
 }
 
 /// Refuses specs that cannot describe a real model.
@@ -118,7 +120,10 @@ fn candidate(c: &Candidate) -> WorkerCandidate {
         provider: c.provider.name.clone(),
         country: c.provider.country.clone(),
         certifications: c.provider.certifications.clone(),
-        memory_bytes: c.worker.offered_memory_bytes,
+        memory_bytes: c
+            .worker
+            .offered_memory_bytes
+            .saturating_sub(c.committed_bytes),
         speed_gflops: c.worker.speed_gflops,
         available: c.available,
     }
@@ -140,12 +145,26 @@ pub fn plan(
         d if matches!(how, PlacementRequest::Auto) => format!(" under policy {d}"),
         d => format!(" (policy {d})"),
     };
+    let committed: u64 = candidates
+        .iter()
+        .filter(|c| c.available)
+        .map(|c| c.committed_bytes)
+        .sum();
+    let others = if committed > 0 {
+        format!(
+            " (memory free for it: other models' slices already hold {} on the available workers)",
+            planner::gib(committed)
+        )
+    } else {
+        String::new()
+    };
     let failed = |e: PlanError| match e {
-        PlanError::InsufficientMemory { .. } => {
-            CoordinatorError::FailedPrecondition(format!("cannot place `{}`: {e}", model.name))
-        }
+        PlanError::InsufficientMemory { .. } => CoordinatorError::FailedPrecondition(format!(
+            "cannot place `{}`: {e}{others}",
+            model.name
+        )),
         e => CoordinatorError::FailedPrecondition(format!(
-            "cannot place `{}`{scope}: {e}",
+            "cannot place `{}`{scope}: {e}{others}",
             model.name
         )),
     };

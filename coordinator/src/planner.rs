@@ -523,7 +523,7 @@ pub fn check_chain(
                 format!("{} ({has} B)", gib(has)),
             );
             return Err(invalid(format!(
-                "worker {id} needs {need} for layers {start}..{end} but has {has}"
+                "worker {id} needs {need} for layers {start}..{end} but has {has} free"
             )));
         }
     }

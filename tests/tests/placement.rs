@@ -194,3 +194,100 @@ async fn models_are_placed_across_providers_within_memory_and_policy() {
         w.stop().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_memory_is_shared_by_every_model_placed_on_it() {
+    let fed = TestFederation::start_with(FederationConfig {
+        heartbeat_interval: Duration::from_millis(200),
+        lease: Duration::from_millis(1500),
+        kv_reserve_tokens: 256,
+        ..FederationConfig::default()
+    })
+    .await;
+    fed.add_provider("ovh-fr", "FR", &[]).await;
+    let worker = fed.start_worker(Some(fed.join_token("ovh-fr", 600).await), Some(250 * MIB));
+    eventually("the worker up", WAIT, || async {
+        (fed.workers()
+            .await
+            .iter()
+            .filter(|w| w.state == "up")
+            .count()
+            == 1)
+            .then_some(())
+    })
+    .await;
+    let id = fed.workers().await[0].id.clone();
+    let mut models = pb::models_client::ModelsClient::new(fed.operator().await);
+    let placements = pb::placements_client::PlacementsClient::new(fed.operator().await);
+    let show = |name: &'static str| {
+        let placements = placements.clone();
+        async move {
+            placements
+                .clone()
+                .show_placement(pb::ShowPlacementRequest { model: name.into() })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    models
+        .add_model(add_model_request("first", &[]))
+        .await
+        .unwrap();
+    let first = show("first").await;
+    assert_eq!(first.chains.len(), 1, "{first:?}");
+    let held = first.chains[0].stages[0].memory_bytes;
+    assert!(held > 125 * MIB && held < 250 * MIB, "{held}");
+
+    // The second copy does not fit in what the first left free, planned or explicit.
+    models
+        .add_model(add_model_request("second", &[]))
+        .await
+        .unwrap();
+    let second = show("second").await;
+    assert!(second.chains.is_empty(), "{second:?}");
+    assert!(
+        second
+            .unplaced_reason
+            .contains("other models' slices already hold"),
+        "{}",
+        second.unplaced_reason
+    );
+    let explicit = placements
+        .clone()
+        .set_placement(pb::SetPlacementRequest {
+            model: "second".into(),
+            how: Some(pb::set_placement_request::How::Explicit(
+                pb::ExplicitChain {
+                    stages: vec![pb::StageAssignment {
+                        worker_id: id.clone(),
+                        start_layer: 0,
+                        end_layer: 30,
+                    }],
+                },
+            )),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(explicit.code(), Code::FailedPrecondition);
+    assert!(
+        explicit.message().contains("free") && explicit.message().contains("other models"),
+        "{}",
+        explicit.message()
+    );
+
+    // Once the first is removed, the second gets its memory (placed by the coordinator).
+    models
+        .remove_model(pb::RemoveModelRequest {
+            name: "first".into(),
+        })
+        .await
+        .unwrap();
+    let placed = eventually("the second model placed", WAIT, || async {
+        let p = show("second").await;
+        (!p.chains.is_empty()).then_some(p)
+    })
+    .await;
+    assert_eq!(placed.chains[0].stages[0].worker_id, id);
+    worker.stop().await.unwrap();
+}
