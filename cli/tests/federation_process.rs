@@ -259,6 +259,18 @@ fn operator_workflow_survives_a_coordinator_sigkill() {
     assert_eq!(url, cluster.url);
     cluster.children.insert(0, coordinator);
 
+    // A job submitted at once waits for the workers to reconnect (instead of failing or
+    // replanning the model around them).
+    let at_once = cluster.cli_as(
+        &tenant_token,
+        &["run", "-m", "smollm2", "--max-tokens", "4", "--json", "Hello"],
+    );
+    assert!(
+        at_once.status.success(),
+        "{}",
+        String::from_utf8_lossy(&at_once.stderr)
+    );
+
     // The workers reconnect by themselves.
     cluster.wait_for("both workers back up", Duration::from_secs(60), |c| {
         workers_up(c).len() == 2

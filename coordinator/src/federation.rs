@@ -169,6 +169,8 @@ pub struct Federation {
     admin_token_path: std::path::PathBuf,
     /// Set once the coordinator is stopping.
     pub(crate) stopping: std::sync::atomic::AtomicBool,
+    /// When this process opened the federation (its workers reconnect from then on).
+    pub(crate) opened_at: Instant,
 }
 
 /// Meta key of the operator token's hash.
@@ -211,6 +213,7 @@ impl Federation {
             replan_tries: Mutex::default(),
             admin_token_path: dir.admin_token(),
             stopping: std::sync::atomic::AtomicBool::new(false),
+            opened_at: Instant::now(),
         })
     }
 

@@ -451,7 +451,21 @@ impl Federation {
         model: &str,
         policy: &PolicyRecord,
     ) -> Result<(ChainStages, u64), CoordinatorError> {
-        let placement = self.placement(model)?;
+        let mut placement = self.placement(model)?;
+        // Just after the coordinator started, its workers are still reconnecting: a stage
+        // that is not connected yet is awaited (up to one lease), not replanned around.
+        let reconnecting = self.opened_at + self.config().lease;
+        while Instant::now() < reconnecting
+            && self.pick_chain(&placement, policy).is_err()
+            && placement
+                .chains
+                .iter()
+                .flatten()
+                .any(|s| !self.is_live(&s.worker_id))
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            placement = self.placement(model)?;
+        }
         let refused = match self.pick_chain(&placement, policy) {
             Ok(chain) => return Ok((chain, placement.version)),
             Err(e) => e,

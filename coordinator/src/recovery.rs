@@ -149,6 +149,9 @@ impl Federation {
     /// have changed and no job of the model runs or is starting; a placement the planner
     /// would make the same is left as it is. Called from the coordinator's periodic tick.
     pub async fn replan_degraded(&self) {
+        if std::time::Instant::now() < self.opened_at + self.config().lease {
+            return; // its workers are still reconnecting: a plan now would leave them out
+        }
         let Ok(_one_at_a_time) = self.replan_lock.try_lock() else {
             return; // a failure is being replanned around: next tick
         };
