@@ -744,13 +744,27 @@ impl Federation {
                     why = Some(v);
                     break;
                 }
-                let ready = matches!(
-                    self.stage_state(&placement.model, &w.id, placement.version),
-                    Some((AssignmentState::Ready, _))
-                );
-                if !self.is_live(&w.id) || !ready {
-                    why = Some(format!("worker {} is not ready", w.id));
+                let state = self.stage_state(&placement.model, &w.id, placement.version);
+                if !self.is_live(&w.id) {
+                    why = Some(format!("worker {} is down", w.id));
                     break;
+                }
+                match state {
+                    Some((AssignmentState::Ready, _)) => {}
+                    Some((AssignmentState::Failed, message)) => {
+                        why = Some(format!(
+                            "worker {} could not load layers {}..{}: {message}",
+                            w.id, stage.range.start, stage.range.end
+                        ));
+                        break;
+                    }
+                    _ => {
+                        why = Some(format!(
+                            "worker {} is still loading layers {}..{}",
+                            w.id, stage.range.start, stage.range.end
+                        ));
+                        break;
+                    }
                 }
                 stages.push((w.clone(), p.clone(), stage.range));
             }

@@ -119,11 +119,22 @@ impl GgufModel {
             path: path.clone(),
             source,
         })?;
+        let file_len = file
+            .metadata()
+            .map_err(|source| LoadError::Io {
+                path: path.clone(),
+                source,
+            })?
+            .len();
         let content =
             Content::read(&mut BufReader::new(file)).map_err(|e| LoadError::InvalidGguf {
                 path: path.clone(),
                 reason: e.to_string(),
             })?;
+        check_tensor_extents(&content, file_len).map_err(|reason| LoadError::InvalidGguf {
+            path: path.clone(),
+            reason,
+        })?;
         let spec = spec_from_content(&content)?;
         Ok(Self {
             path,
@@ -195,6 +206,37 @@ impl GgufModel {
         }
         Ok(info)
     }
+}
+
+/// Checks that every tensor's data lies within the file (`file_len` bytes), so a truncated
+/// file is refused when it is opened, not when a worker loads its slice.
+fn check_tensor_extents(content: &Content, file_len: u64) -> Result<(), String> {
+    let mut tensors: Vec<(&String, &candle_core::quantized::gguf_file::TensorInfo)> =
+        content.tensor_infos.iter().collect();
+    tensors.sort_by_key(|(name, info)| (info.offset, name.as_str()));
+    for (name, info) in tensors {
+        let block = info.ggml_dtype.block_size() as u128;
+        let elements = info
+            .shape
+            .dims()
+            .iter()
+            .try_fold(1u128, |n, &d| n.checked_mul(d as u128))
+            .ok_or_else(|| format!("tensor {name} has too many elements"))?;
+        if block == 0 || elements % block != 0 {
+            return Err(format!(
+                "tensor {name} has {elements} elements, not whole blocks of {block} ({:?})",
+                info.ggml_dtype
+            ));
+        }
+        let bytes = elements / block * info.ggml_dtype.type_size() as u128;
+        let end = content.tensor_data_offset as u128 + info.offset as u128 + bytes;
+        if end > file_len as u128 {
+            return Err(format!(
+                "tensor {name} ends at byte {end} but the file has {file_len} bytes (truncated?)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Names of the tensors of block `layer`, in the order the slice loads them.

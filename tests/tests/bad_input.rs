@@ -26,10 +26,28 @@ fn truncated_header_is_an_invalid_gguf() {
 }
 
 #[test]
-fn truncated_tensor_data_names_the_tensor() {
+fn truncated_tensor_data_is_refused_at_open() {
     let len = std::fs::metadata(smollm2_path()).unwrap().len() as usize;
-    let file = write_prefix(len / 2);
-    let model = GgufModel::open(file.path()).expect("the header is intact");
+    for cut in [len / 2, len - 1] {
+        let file = write_prefix(cut);
+        let err = GgufModel::open(file.path()).unwrap_err();
+        assert!(matches!(err, LoadError::InvalidGguf { .. }), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("truncated") && text.contains(&format!("the file has {cut} bytes")),
+            "{text}"
+        );
+    }
+    assert!(GgufModel::open(write_prefix(len).path()).is_ok());
+}
+
+#[test]
+fn tensor_data_cut_after_open_names_the_tensor() {
+    let len = std::fs::metadata(smollm2_path()).unwrap().len() as usize;
+    let file = write_prefix(len);
+    let model = GgufModel::open(file.path()).expect("the whole file");
+    // The file shrinks under the model (replaced while a worker loads it).
+    file.as_file().set_len(len as u64 / 2).unwrap();
     let err = LlamaSlice::load(
         &model,
         LayerRange::new(20, 30),

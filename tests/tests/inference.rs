@@ -404,6 +404,25 @@ async fn absurd_control_plane_fields_are_refused() {
         placements.set_placement(too_many).await.unwrap_err().code(),
         Code::FailedPrecondition
     );
+    // A model whose file does not match on the worker: the job says why no stage is ready.
+    let mut wrong_hash = sovra_tests::federation::smollm2_model("q8_0");
+    wrong_hash.name = "wrong-hash".into();
+    wrong_hash.file_sha256 = "0".repeat(64);
+    models.add_model(wrong_hash).await.unwrap();
+    let mut job = chat_request("Hello", 4, 0.0, 0);
+    job.model = "wrong-hash".into();
+    let err = eventually("the load to fail", Duration::from_secs(60), || {
+        let (channel, job) = (fed.channel(Some(&tenant)), job.clone());
+        async move {
+            let err = run_job(channel.await, job).await.unwrap_err();
+            err.message()
+                .contains("could not load layers")
+                .then_some(err)
+        }
+    })
+    .await;
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("sha256"), "{}", err.message());
     // Still serving.
     assert_eq!(
         run_job(
