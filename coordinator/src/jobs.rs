@@ -823,6 +823,11 @@ impl Federation {
             if let Some(e) = error {
                 failed = Some(format!("stage {worker} failed: {e}"));
             } else if job.stages.last().map(String::as_str) == Some(worker) {
+                if finish.is_some() {
+                    // The first sampling may end the job without a token to show (a stop
+                    // string): the prompt took until now all the same.
+                    job.first_token.get_or_insert_with(Instant::now);
+                }
                 if let Some((index, token_id, text)) = token {
                     if job.record.token_ids.len() >= job.spec.stop.max_tokens {
                         failed = Some(format!(
@@ -1050,7 +1055,12 @@ fn summary(job: &LiveJob, reason: String) -> JobSummary {
         generated_tokens: n,
         finish_reason: reason,
         ttft_ms: ttft * 1e3,
-        prompt_tok_s: job.record.prompt_tokens as f64 / ttft.max(1e-9),
+        // Not measured when the job ended before its first sampling (cancelled, failed).
+        prompt_tok_s: if job.first_token.is_some() && ttft > 0.0 {
+            job.record.prompt_tokens as f64 / ttft
+        } else {
+            0.0
+        },
         decode_tok_s: if n > 1 {
             (n - 1) as f64 / (last - first).as_secs_f64().max(1e-9)
         } else {

@@ -404,6 +404,26 @@ async fn absurd_control_plane_fields_are_refused() {
         placements.set_placement(too_many).await.unwrap_err().code(),
         Code::FailedPrecondition
     );
+    // A stop string in the first token: no token to show, yet the prompt's time is measured.
+    let first = run_job(
+        fed.channel(Some(&tenant)).await,
+        chat_request("What is the capital of France?", 1, 0.0, 0),
+    )
+    .await
+    .unwrap();
+    let mut stopped = chat_request("What is the capital of France?", 8, 0.0, 0);
+    stopped.sampling.as_mut().unwrap().stop = vec![first.text.trim().to_string()];
+    let out = run_job(fed.channel(Some(&tenant)).await, stopped)
+        .await
+        .unwrap();
+    assert_eq!(out.summary.finish_reason, "stop", "{:?}", out.summary);
+    assert!(out.tokens.is_empty(), "{:?}", out.tokens);
+    assert!(out.summary.ttft_ms > 1.0, "{:?}", out.summary);
+    assert!(
+        out.summary.prompt_tok_s > 0.0 && out.summary.prompt_tok_s < 1e6,
+        "{:?}",
+        out.summary
+    );
     // A model whose file does not match on the worker: the job says why no stage is ready.
     let mut wrong_hash = sovra_tests::federation::smollm2_model("q8_0");
     wrong_hash.name = "wrong-hash".into();
