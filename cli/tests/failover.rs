@@ -312,6 +312,47 @@ fn killed_stages_are_replaced_and_the_stream_continues_exactly() {
 }
 
 #[test]
+fn a_stage_stopped_with_sigterm_is_left_out_of_the_next_chain() {
+    let mut fleet = start_fleet(4);
+    let tenant = fleet.ok(&["tenant", "add", "acme"]).trim().to_string();
+    let chain = fleet.place_three_stages();
+    let reference = run_job(&fleet, &tenant, &[], |_| {}).0;
+    let victim = chain[1].clone();
+    let mut child = fleet.workers.remove(&victim);
+    let (tokens, summary, ok) = run_job(&fleet, &tenant, &[], |index| {
+        if index == 10
+            && let Some(c) = &child
+        {
+            // SIGTERM: the worker stops cleanly, telling the coordinator first.
+            let sent = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(sent.success());
+        }
+    });
+    if let Some(mut c) = child.take() {
+        assert!(c.wait().unwrap().success(), "the worker stops cleanly");
+    }
+    assert!(ok, "the job failed: {summary}");
+    assert_eq!(tokens, reference, "output differs from the fault-free run");
+    let job = summary["job_id"].as_str().unwrap();
+    let audit = fleet.json(&["job", "get", job])["audit"].clone();
+    let audit = audit.as_array().unwrap();
+    let second: Vec<&str> = audit
+        .iter()
+        .filter(|a| a["attempt"] == 2)
+        .map(|a| a["worker"].as_str().unwrap())
+        .collect();
+    assert_eq!(second.len(), 3, "{audit:?}");
+    assert!(!second.contains(&victim.as_str()), "{audit:?}");
+    assert!(
+        audit.iter().all(|a| a["attempt"].as_u64() <= Some(2)),
+        "moved once: {audit:?}"
+    );
+}
+
+#[test]
 fn a_job_with_no_capacity_left_ends_with_a_clear_error() {
     let mut fleet = start_fleet(1);
     let tenant = fleet.ok(&["tenant", "add", "acme"]).trim().to_string();
@@ -394,11 +435,30 @@ fn a_coordinator_crash_ends_running_jobs_clearly_and_the_federation_resumes() {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    for _ in 0..5 {
-        lines.next().unwrap().unwrap();
+    // Tokens for a while (the coordinator writes a running job's progress every second).
+    let mut received = Vec::new();
+    let first = Instant::now();
+    while first.elapsed() < Duration::from_millis(2500) {
+        let v: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+        assert_eq!(v["type"], "token", "{v}");
+        received.push(v["token_id"].as_u64().unwrap());
     }
     fleet.coordinator.kill().unwrap();
     fleet.coordinator.wait().unwrap();
+    // The workers stop computing the orphaned session at once (they did until its end).
+    let cpu_ticks = |fleet: &Fleet| -> u64 {
+        fleet
+            .workers
+            .values()
+            .filter_map(|c| sovra_tests::proc_stat(&c.id().to_string()))
+            .map(|s| s[11].parse::<u64>().unwrap() + s[12].parse::<u64>().unwrap())
+            .sum()
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let before = cpu_ticks(&fleet);
+    std::thread::sleep(Duration::from_secs(1));
+    let busy = cpu_ticks(&fleet) - before;
+    assert!(busy < 20, "the workers used {busy} ticks in a second");
     let output = child.wait_with_output().unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -438,6 +498,20 @@ fn a_coordinator_crash_ends_running_jobs_clearly_and_the_federation_resumes() {
         "{cut}"
     );
     assert!(cut["prompt_tokens"].as_u64() > Some(0), "{cut}");
+    // The tokens it had when the coordinator died are on record, up to the last second.
+    let kept = fleet.json(&["job", "get", cut["job_id"].as_str().unwrap()]);
+    let kept: Vec<u64> = kept["token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap())
+        .collect();
+    assert!(
+        !kept.is_empty() && received.starts_with(&kept),
+        "kept {} of {} received tokens",
+        kept.len(),
+        received.len()
+    );
     // The workers dropped the orphaned session's state.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

@@ -263,7 +263,15 @@ fn operator_workflow_survives_a_coordinator_sigkill() {
     // replanning the model around them).
     let at_once = cluster.cli_as(
         &tenant_token,
-        &["run", "-m", "smollm2", "--max-tokens", "4", "--json", "Hello"],
+        &[
+            "run",
+            "-m",
+            "smollm2",
+            "--max-tokens",
+            "4",
+            "--json",
+            "Hello",
+        ],
     );
     assert!(
         at_once.status.success(),

@@ -252,6 +252,7 @@ impl Federation {
         &self,
         worker_id: &str,
         stream: u64,
+        left: bool,
     ) -> Result<(), CoordinatorError> {
         let removed = {
             let mut live = self.live();
@@ -262,8 +263,16 @@ impl Federation {
         };
         if removed {
             self.set_worker_state(worker_id, WorkerState::Down)?;
-            self.fail_jobs_on(worker_id, "lost its connection to the coordinator");
-            info!(worker = worker_id, "worker stream closed, marked down");
+            let why = if left {
+                "is stopping"
+            } else {
+                "lost its connection to the coordinator"
+            };
+            self.fail_jobs_on(worker_id, why);
+            info!(
+                worker = worker_id,
+                left, "worker stream closed, marked down"
+            );
         }
         Ok(())
     }

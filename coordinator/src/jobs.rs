@@ -278,7 +278,13 @@ pub(crate) struct LiveJob {
     pub(crate) attempts: u32,
     /// Last sign of progress (launch or token), for the stall watchdog.
     pub(crate) progress: Instant,
+    /// When its record was last written with the tokens so far.
+    pub(crate) persisted: Instant,
 }
+
+/// How often a running job's tokens so far are written to its record, so a coordinator crash
+/// loses at most this much of what its client already received.
+const PERSIST_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The audit lines of `chain` as the job's `attempt`-th chain, taking over after `from_token`
 /// generated tokens.
@@ -435,6 +441,7 @@ impl Federation {
             spec,
             attempts: 0,
             progress: Instant::now(),
+            persisted: Instant::now(),
         };
         if let Err((session, error)) = self.launch(job, chain, version).await {
             self.finish_job(session, JobState::Failed, None, Some(error));
@@ -841,6 +848,17 @@ impl Federation {
                         job.last_token = Some(now);
                         job.record.token_ids.push(token_id);
                         job.record.text.push_str(&text);
+                        if now.duration_since(job.persisted) >= PERSIST_EVERY {
+                            job.persisted = now;
+                            // Durable within the store's background flush (half a second).
+                            if let Err(e) = self.store().apply(Batch::new().put(
+                                JOBS,
+                                &job.record.id,
+                                encode(&job.record),
+                            )) {
+                                warn!(job = %job.record.id, cause = %e, "recording the job's progress");
+                            }
+                        }
                         match job.events.try_send(JobEvent::Token {
                             index,
                             token_id,

@@ -301,6 +301,8 @@ async fn serve_agent(
     mut commands: mpsc::UnboundedReceiver<AgentCommand>,
     tx: mpsc::Sender<Result<pb::CoordinatorMessage, Status>>,
 ) {
+    // Whether the worker ended the stream itself (it is stopping).
+    let mut left = false;
     loop {
         tokio::select! {
             command = commands.recv() => match command {
@@ -320,6 +322,12 @@ async fn serve_agent(
                 }
             },
             message = inbound.message() => match message {
+                Ok(Some(pb::AgentMessage {
+                    kind: Some(pb::agent_message::Kind::Leaving(_)),
+                })) => {
+                    left = true;
+                    break;
+                }
                 Ok(Some(m)) => {
                     if !handle_agent_message(&fed, &worker, stream, m) {
                         let _ = send_bounded(&tx, Err(Status::unavailable("this agent stream is no longer current")), fed.config().lease).await;
@@ -330,7 +338,7 @@ async fn serve_agent(
             },
         }
     }
-    if let Err(e) = fed.worker_disconnected(&worker, stream) {
+    if let Err(e) = fed.worker_disconnected(&worker, stream, left) {
         tracing::error!(cause = %e, worker, "marking worker down");
     }
 }
@@ -394,7 +402,7 @@ fn handle_agent_message(
             let message: String = s.message.chars().take(1000).collect();
             fed.assignment_status(worker, &s.model, s.placement_version, state, message);
         }
-        Some(Kind::Heartbeat(_)) | Some(Kind::Hello(_)) | None => {}
+        Some(Kind::Heartbeat(_)) | Some(Kind::Hello(_)) | Some(Kind::Leaving(_)) | None => {}
     }
     true
 }

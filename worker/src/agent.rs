@@ -431,14 +431,28 @@ async fn serve(
     tokio::pin!(shutdown);
     let mut backoff = Duration::from_millis(200);
     loop {
+        let (stop, stopping) = tokio::sync::watch::channel(false);
+        let serving = session.connect_and_serve(stopping);
+        tokio::pin!(serving);
         tokio::select! {
-            _ = &mut shutdown => return Ok(()),
-            result = session.connect_and_serve() => match result {
+            _ = &mut shutdown => {
+                // Leave the coordinator first: once it has taken this worker out of service
+                // (it ends the stream then), the data plane closes. Closing it first, the
+                // peers' reports of the lost link could reach the coordinator before the end
+                // of this stream, and a job be moved onto this worker again.
+                let _ = stop.send(true);
+                let _ = tokio::time::timeout(LEAVE_TIMEOUT, &mut serving).await;
+                return Ok(());
+            }
+            result = &mut serving => match result {
                 Err(e @ WorkerError::Refused(_)) => return Err(e),
                 Err(e) => warn!(cause = %e, "agent stream lost; reconnecting"),
                 Ok(()) => warn!("agent stream closed by the coordinator; reconnecting"),
             },
         }
+        // Its sessions are over: a coordinator that lost this stream moves their jobs
+        // elsewhere, and one that crashed ended them. Computing on would only take the cores.
+        session.close_all_sessions();
         *lock_any(&session.uplink) = None;
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
@@ -447,6 +461,9 @@ async fn serve(
         backoff = (backoff * 2).min(Duration::from_secs(3));
     }
 }
+
+/// How long a stopping worker waits for the coordinator to take it out of service.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The current agent stream's sender, for events produced between reconnections.
 type Uplink = Arc<Mutex<Option<mpsc::Sender<pb::AgentMessage>>>>;
@@ -553,7 +570,21 @@ struct AgentSession<'a> {
 }
 
 impl AgentSession<'_> {
-    async fn connect_and_serve(&self) -> Result<(), WorkerError> {
+    /// Frees every open session on this worker's stages.
+    fn close_all_sessions(&self) {
+        let open: Vec<u64> = lock_any(&self.sessions).keys().copied().collect();
+        for session in open {
+            close_session(&self.sessions, &self.slices, &self.plane, session);
+        }
+    }
+
+    /// Connects the agent stream and serves it until it ends; once `stopping` turns true, ends
+    /// the stream and waits for the coordinator to end its side (it has marked the worker down
+    /// by then).
+    async fn connect_and_serve(
+        &self,
+        mut stopping: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), WorkerError> {
         let c = self.creds;
         let channel: AuthChannel = channel::connect(
             &self.config.coordinator,
@@ -612,6 +643,19 @@ impl AgentSession<'_> {
                     None => return Ok(()),
                     Some(m) => self.handle(m, &tx, &mut heartbeat),
                 },
+                Ok(()) = stopping.changed() => {
+                    *lock_any(&self.uplink) = None;
+                    let leaving = pb::AgentMessage {
+                        kind: Some(pb::agent_message::Kind::Leaving(pb::Leaving {})),
+                    };
+                    if tx.send(leaving).await.is_err() {
+                        return Ok(());
+                    }
+                    drop(tx);
+                    // Whatever else comes until the coordinator ends its side is moot now.
+                    while let Ok(Some(_)) = inbound.message().await {}
+                    return Ok(());
+                }
             }
         }
     }
@@ -630,10 +674,7 @@ impl AgentSession<'_> {
                 info!(worker = %w.worker_id, heartbeat_ms = w.heartbeat_interval_ms, "connected to the coordinator");
                 // A new stream means the coordinator already gave up (or lost) the sessions of
                 // the old one: free them.
-                let open: Vec<u64> = lock_any(&self.sessions).keys().copied().collect();
-                for session in open {
-                    close_session(&self.sessions, &self.slices, &self.plane, session);
-                }
+                self.close_all_sessions();
                 // Revocations made while it was away or before it started.
                 self.plane.revoke(&w.revoked_peers);
                 // Slices of models this worker was unassigned from while it was away.
