@@ -454,3 +454,27 @@ fn a_start_that_fails_leaves_no_folder_or_authority_behind() {
     assert!(stderr.contains(&port), "{stderr}");
     assert!(!data.join("ca.pem").exists() && !data.join("admin.token").exists());
 }
+
+#[test]
+fn a_coordinator_that_does_not_answer_is_given_up_on_with_a_message() {
+    // Accepts TCP connections (the kernel does, into the backlog) and never answers: as a
+    // coordinator that hangs.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("https://{}", silent.local_addr().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let ca = sovra_proto::ca::FederationCa::generate("test").unwrap();
+    let ca_path = dir.path().join("ca.pem");
+    std::fs::write(&ca_path, ca.cert_pem()).unwrap();
+    let started = std::time::Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_sovra"))
+        .args(["job", "list", "--coordinator", &url, "--token", "x", "--ca"])
+        .arg(&ca_path)
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no answer within 10 s"), "{stderr}");
+    assert!(took < std::time::Duration::from_secs(30), "{took:?}");
+    drop(silent);
+}

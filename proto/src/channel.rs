@@ -102,6 +102,9 @@ pub fn url_authority(url: &str) -> Result<String, ChannelError> {
     Ok(authority.to_string())
 }
 
+/// How long opening a channel may take, TLS handshake included.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Opens a TLS channel to the coordinator at `url`, trusting only `ca_pem`, presenting
 /// `identity` (certificate and key PEM) when given.
 pub async fn connect(
@@ -130,10 +133,19 @@ pub async fn connect(
         .map_err(|e| connect_err(e.to_string()))?
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(10));
-    let channel = endpoint
-        .connect()
+        .keep_alive_timeout(Duration::from_secs(10))
+        // A coordinator that stops answering mid-request is noticed by its missing pings.
+        .keep_alive_while_idle(true);
+    // The whole connection, TLS handshake included (a coordinator that accepts the TCP
+    // connection but does not answer would otherwise hold the caller forever).
+    let channel = tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect())
         .await
+        .map_err(|_| {
+            connect_err(format!(
+                "no answer within {} s (is the coordinator running and reachable?)",
+                CONNECT_TIMEOUT.as_secs()
+            ))
+        })?
         .map_err(|e| connect_err(error_chain(&e)))?;
     Ok(InterceptedService::new(channel, BearerAuth::new(token)))
 }
