@@ -286,6 +286,9 @@ async fn run_demo(args: DemoArgs) -> Result<()> {
         bail!("--stages must be 1, 2 or 3 (the demo has three workers)");
     }
     args.sampling.sampling()?;
+    if let Some(t) = args.worker_threads {
+        crate::within_cores(t, "--worker-threads").map_err(|e| anyhow!(e))?;
+    }
     if args.prompt.trim().is_empty() {
         bail!("the prompt is empty");
     }

@@ -478,3 +478,29 @@ fn a_coordinator_that_does_not_answer_is_given_up_on_with_a_message() {
     assert!(took < std::time::Duration::from_secs(30), "{took:?}");
     drop(silent);
 }
+
+#[test]
+fn more_threads_than_cores_are_refused() {
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let more = (cores + 1).to_string();
+    for args in [
+        vec![
+            "--threads",
+            &more,
+            "generate",
+            "-m",
+            "smollm2",
+            "--local",
+            "hi",
+        ],
+        vec!["demo", "--worker-threads", &more],
+    ] {
+        let out = sovra(&args);
+        assert!(!out.status.success(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!("{more} is more than the {cores} cores")),
+            "{args:?}: {stderr}"
+        );
+    }
+}
