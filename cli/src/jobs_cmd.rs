@@ -86,12 +86,12 @@ pub struct JobFailed {
 
 impl std::fmt::Display for JobFailed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let how = if self.cancelled {
-            "was cancelled"
-        } else {
-            "failed"
-        };
-        write!(f, "{} {how}: {}", self.job_id, self.message)
+        match (self.cancelled, self.message.strip_prefix("cancelled ")) {
+            // "cancelled by tenant acme": the reason says it already.
+            (true, Some(by)) => write!(f, "{} was cancelled {by}", self.job_id),
+            (true, None) => write!(f, "{} was cancelled: {}", self.job_id, self.message),
+            (false, _) => write!(f, "{} failed: {}", self.job_id, self.message),
+        }
     }
 }
 

@@ -49,14 +49,33 @@ impl CoordinatorError {
     pub fn not_found(kind: &'static str, name: &str) -> Self {
         CoordinatorError::NotFound {
             kind,
-            name: name.to_string(),
+            name: shown(name, 80),
         }
     }
 }
 
+/// `text` as it may appear in a message to a client: control characters escaped (no terminal
+/// escape sequences), cut to `max` characters.
+pub fn shown(text: &str, max: usize) -> String {
+    let mut out = String::new();
+    for (i, c) in text.chars().enumerate() {
+        if i == max {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 impl From<CoordinatorError> for tonic::Status {
     fn from(err: CoordinatorError) -> Self {
-        let message = err.to_string();
+        // Messages echo what clients sent; a status message travels in an HTTP/2 header.
+        let message = shown(&err.to_string(), 4000);
         match err {
             CoordinatorError::Unauthenticated(_) => tonic::Status::unauthenticated(message),
             CoordinatorError::PermissionDenied(_) => tonic::Status::permission_denied(message),

@@ -104,9 +104,6 @@ fn event_pb(event: JobEvent) -> Result<pb::JobEvent, Status> {
             prompt_tok_s: s.prompt_tok_s,
             decode_tok_s: s.decode_tok_s,
         }),
-        JobEvent::Cancelled(reason) if reason == "cancelled" => {
-            return Err(Status::cancelled("the job was cancelled"));
-        }
         JobEvent::Cancelled(reason) => return Err(Status::cancelled(reason)),
         JobEvent::Failed(reason) => return Err(Status::aborted(reason)),
     };

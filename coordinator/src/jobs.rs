@@ -1018,7 +1018,11 @@ impl Federation {
         }
         let session = self.jobs().by_id.get(id).copied();
         if let Some(session) = session {
-            self.finish_job(session, JobState::Cancelled, None, Some("cancelled".into()));
+            let by = match caller {
+                Caller::Operator => "cancelled by the operator".to_string(),
+                Caller::Tenant(t) => format!("cancelled by tenant {t}"),
+            };
+            self.finish_job(session, JobState::Cancelled, None, Some(by));
         }
         self.get_job(caller, id)
     }

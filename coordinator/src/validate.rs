@@ -59,7 +59,8 @@ pub fn validate_name(kind: &str, name: &str) -> Result<(), CoordinatorError> {
         Ok(())
     } else {
         Err(CoordinatorError::InvalidArgument(format!(
-            "{kind} name `{name}` must be 1-40 lowercase letters, digits or '-', starting with a letter"
+            "{kind} name `{}` must be 1-40 lowercase letters, digits or '-', starting with a letter",
+            crate::error::shown(name, 80)
         )))
     }
 }

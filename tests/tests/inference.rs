@@ -236,6 +236,7 @@ async fn cancel_frees_every_stage_and_tenants_see_only_their_jobs() {
         .unwrap()
         .into_inner();
     assert_eq!(record.state, "cancelled");
+    assert_eq!(record.error, "cancelled by tenant acme", "who cancelled it");
     assert!(record.token_ids.len() >= 5);
     let mut countries: Vec<String> = record.audit.iter().map(|a| a.country.clone()).collect();
     countries.sort();
@@ -403,6 +404,19 @@ async fn absurd_control_plane_fields_are_refused() {
     assert_eq!(
         placements.set_placement(too_many).await.unwrap_err().code(),
         Code::FailedPrecondition
+    );
+    // An absurd id is refused with a short message that echoes no control characters (a
+    // 17,000-character id broke the HTTP/2 stream as its status header).
+    let odd = format!("job-\x1b[31m{}", "9".repeat(20_000));
+    let err = pb::jobs_client::JobsClient::new(fed.channel(Some(&tenant)).await)
+        .get_job(pb::JobRef { job_id: odd })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    assert!(
+        err.message().len() < 300 && !err.message().contains('\x1b'),
+        "{}",
+        err.message()
     );
     // A stop string in the first token: no token to show, yet the prompt's time is measured.
     let first = run_job(
