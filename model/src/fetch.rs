@@ -40,6 +40,14 @@ pub enum FetchError {
     /// `-m` named neither a known model nor an existing `.gguf` file.
     #[error("`{0}` is neither a known model ({known}) nor a path to a .gguf file", known = known_names())]
     UnknownModel(String),
+    /// `-m` named a path that is not a `.gguf` file.
+    #[error("`{path}`: {why} (and not a known model: {known})", known = known_names())]
+    NotAModelFile {
+        /// The path given.
+        path: String,
+        /// What it is instead.
+        why: &'static str,
+    },
     /// A file or folder could not be read or written.
     #[error("{what}: {source}")]
     Io {
@@ -116,14 +124,26 @@ pub fn resolve_model(
         return fetch(home, model, log);
     }
     let path = PathBuf::from(arg);
-    if path.is_file()
-        && path
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
-    {
+    let gguf = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    if path.is_file() && gguf {
         return Ok(path);
     }
-    Err(FetchError::UnknownModel(arg.to_string()))
+    // Said as precisely as the path allows.
+    let why = if path.is_dir() {
+        "a folder, not a .gguf file"
+    } else if path.is_file() {
+        "not a .gguf file (the name must end in .gguf)"
+    } else if gguf || arg.contains(std::path::MAIN_SEPARATOR) {
+        "no such file"
+    } else {
+        return Err(FetchError::UnknownModel(arg.to_string()));
+    };
+    Err(FetchError::NotAModelFile {
+        path: arg.to_string(),
+        why,
+    })
 }
 
 /// Makes sure `model` is in the cache under `home` with the right hash, fetching it if needed.
@@ -301,7 +321,21 @@ mod tests {
     fn unknown_names_and_missing_files_are_refused() {
         let home = std::env::temp_dir();
         let err = resolve_model("no-such-model", &home, &mut |_| {}).unwrap_err();
+        assert!(matches!(err, FetchError::UnknownModel(_)), "{err}");
         assert!(err.to_string().contains("smollm2"), "{err}");
+        // Paths are said for what they are.
+        let dir = tempfile::tempdir().unwrap();
+        let folder = dir.path().join("model.gguf");
+        fs::create_dir(&folder).unwrap();
+        fs::File::create(dir.path().join("model.bin")).unwrap();
+        for (path, says) in [
+            (folder.clone(), "a folder, not a .gguf file"),
+            (dir.path().join("missing.gguf"), "no such file"),
+            (dir.path().join("model.bin"), "not a .gguf file"),
+        ] {
+            let err = resolve_model(path.to_str().unwrap(), &home, &mut |_| {}).unwrap_err();
+            assert!(err.to_string().contains(says), "{err}");
+        }
     }
 
     #[test]

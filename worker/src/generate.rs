@@ -60,7 +60,7 @@ pub enum GenerateError {
     #[error("the prompt is empty")]
     EmptyPrompt,
     /// The prompt alone fills the context.
-    #[error("the prompt has {prompt} tokens; the model's context holds {context}")]
+    #[error("the prompt fills the model's context, leaving no room to generate ({prompt} prompt token{s} for a context of {context})", s = if *prompt == 1 { "" } else { "s" })]
     PromptTooLong {
         /// Prompt tokens.
         prompt: usize,

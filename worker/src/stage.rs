@@ -418,10 +418,11 @@ impl StageEngine {
             };
             let context = self.slice.spec().context_length;
             if prompt.len() >= context {
-                return Err(format!(
-                    "the prompt has {} tokens; the model's context holds {context}",
-                    prompt.len()
-                ));
+                return Err(crate::generate::GenerateError::PromptTooLong {
+                    prompt: prompt.len(),
+                    context,
+                }
+                .to_string());
             }
             if let Some(&bad) = prompt
                 .iter()
