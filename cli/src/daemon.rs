@@ -86,6 +86,13 @@ pub async fn coordinator_start(args: CoordinatorStartArgs) -> Result<()> {
         args.data_dir.join("ca.pem").display(),
         args.data_dir.join("admin.token").display()
     );
+    if !fed.admin_token_file_holds_the_token()? {
+        eprintln!(
+            "warning: {} does not hold the operator token (emptied, edited or removed); to issue a new one, stop the coordinator and run `sovra coordinator reset-token --data-dir {}`",
+            fed.admin_token_path().display(),
+            args.data_dir.display()
+        );
+    }
     println!("https://{addr}");
     server::run(fed, listener, shutdown_signal()).await?;
     eprintln!("sovra coordinator stopped");
@@ -168,6 +175,36 @@ pub async fn worker_start(args: WorkerStartArgs) -> Result<()> {
     };
     agent::run(config, shutdown_signal()).await?;
     eprintln!("sovra worker stopped");
+    Ok(())
+}
+
+/// Runs `sovra coordinator reset-token`: a new operator token for a stopped coordinator's data
+/// dir (the way back in when its admin.token was lost).
+pub fn coordinator_reset_token(data_dir: &std::path::Path) -> Result<()> {
+    if !data_dir.join("ca.pem").is_file() {
+        anyhow::bail!(
+            "{} holds no coordinator (no ca.pem in it)",
+            data_dir.display()
+        );
+    }
+    let config = CoordinatorConfig {
+        data_dir: data_dir.to_path_buf(),
+        federation: FederationConfig::default(),
+    };
+    let fed = server::open(&config).map_err(|e| {
+        anyhow::anyhow!("{e} (stop the coordinator first, or use `sovra coordinator rotate-token` while it runs)")
+    })?;
+    let (token, unwritten) = fed.rotate_operator_token()?;
+    fed.store().flush()?;
+    if let Some(why) = unwritten {
+        eprintln!("warning: {why}; the new token is only here:");
+        println!("{token}");
+    } else {
+        eprintln!(
+            "new operator token written to {} (the old one no longer works)",
+            fed.admin_token_path().display()
+        );
+    }
     Ok(())
 }
 

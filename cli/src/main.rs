@@ -117,6 +117,13 @@ enum CoordinatorCommand {
         #[command(flatten)]
         conn: fed::ConnectArgs,
     },
+    /// Issue a new operator token for a stopped coordinator's data dir, written to its
+    /// admin.token (the way back in when that file was lost or emptied).
+    ResetToken {
+        /// The coordinator's data dir.
+        #[arg(long)]
+        data_dir: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -251,6 +258,9 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Model(cmd) => model_cmd::run(cmd),
         Command::Bench(args) => bench::run(args),
+        Command::Coordinator(CoordinatorCommand::ResetToken { data_dir }) => {
+            daemon::coordinator_reset_token(&data_dir).map(|()| ExitCode::SUCCESS)
+        }
         Command::Coordinator(CoordinatorCommand::RotateToken { conn }) => {
             block_on(fed::rotate_operator_token(&conn))
         }

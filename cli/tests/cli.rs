@@ -504,3 +504,103 @@ fn more_threads_than_cores_are_refused() {
         );
     }
 }
+
+#[test]
+fn a_lost_operator_token_is_named_at_start_and_reset_offline() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("coordinator");
+    let start = || {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sovra"))
+            .args([
+                "coordinator",
+                "start",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
+            .arg(&data)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut url = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut url)
+            .unwrap();
+        (child, url.trim().to_string())
+    };
+    let stop = |child: std::process::Child| -> String {
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let providers = |url: &str| {
+        Command::new(env!("CARGO_BIN_EXE_sovra"))
+            .args(["provider", "list", "--coordinator", url, "--ca"])
+            .arg(data.join("ca.pem"))
+            .arg("--token-file")
+            .arg(data.join("admin.token"))
+            .output()
+            .unwrap()
+    };
+    let (first, _) = start();
+    let old = std::fs::read_to_string(data.join("admin.token")).unwrap();
+    // Not while it runs (its database is in use).
+    let busy = sovra(&[
+        "coordinator",
+        "reset-token",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    assert!(!busy.status.success());
+    assert!(
+        String::from_utf8_lossy(&busy.stderr).contains("stop the coordinator first"),
+        "{}",
+        String::from_utf8_lossy(&busy.stderr)
+    );
+    stop(first);
+    std::fs::write(data.join("admin.token"), "").unwrap();
+    let (second, url) = start();
+    assert!(!providers(&url).status.success(), "an empty token file");
+    let said = stop(second);
+    assert!(
+        said.contains("does not hold the operator token") && said.contains("reset-token"),
+        "{said}"
+    );
+    let reset = sovra(&[
+        "coordinator",
+        "reset-token",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    assert!(
+        reset.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reset.stderr)
+    );
+    let new = std::fs::read_to_string(data.join("admin.token")).unwrap();
+    assert!(new.trim().starts_with("sovra-op-") && new != old, "{new}");
+    let (third, url) = start();
+    let listed = providers(&url);
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    let said = stop(third);
+    assert!(!said.contains("does not hold"), "{said}");
+    // A folder that holds no coordinator is refused, not made into one.
+    let empty = dir.path().join("nothing");
+    let refused = sovra(&[
+        "coordinator",
+        "reset-token",
+        "--data-dir",
+        empty.to_str().unwrap(),
+    ]);
+    assert!(!refused.status.success());
+    assert!(!empty.exists());
+}

@@ -235,6 +235,17 @@ impl Federation {
         Ok((token, unwritten))
     }
 
+    /// Whether the operator token file holds the operator token (it may have been emptied,
+    /// edited or removed since it was written).
+    pub fn admin_token_file_holds_the_token(&self) -> Result<bool, CoordinatorError> {
+        let stored: Option<String> = read(self.store(), META, OPERATOR_TOKEN_HASH)?;
+        let in_file = std::fs::read_to_string(&self.admin_token_path).unwrap_or_default();
+        Ok(
+            stored
+                .is_some_and(|s| token::constant_time_eq(&s, &token::hash_secret(in_file.trim()))),
+        )
+    }
+
     /// The file the operator token is kept in.
     pub fn admin_token_path(&self) -> &std::path::Path {
         &self.admin_token_path
