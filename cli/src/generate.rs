@@ -51,6 +51,7 @@ impl SamplingArgs {
     /// The sampling settings, checked (the token budget too).
     pub fn sampling(&self) -> Result<SamplingParams> {
         self.max_tokens()?;
+        sovra_model::stream::check_stop_strings(&self.stop).map_err(|e| anyhow::anyhow!(e))?;
         let top_k = match self.top_k {
             Some(k) => Some(
                 usize::try_from(k)

@@ -354,7 +354,14 @@ fn a_token_on_the_command_line_wins_over_the_environment() {
 
 #[test]
 fn sampling_values_out_of_range_are_refused_before_anything_runs() {
+    let long_stop = "x".repeat(300);
     for (flag, value, expected) in [
+        ("--stop", "", "stop string 1 is empty"),
+        (
+            "--stop",
+            long_stop.as_str(),
+            "stop string 1 is 300 bytes long; at most 256",
+        ),
         (
             "--temperature",
             "-1",

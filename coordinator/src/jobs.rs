@@ -1108,9 +1108,7 @@ fn validate_spec(spec: &JobSpec) -> Result<(), CoordinatorError> {
             spec.stop.max_tokens
         ));
     }
-    if spec.stop.stop.len() > 16 || spec.stop.stop.iter().any(|s| s.len() > 256) {
-        return bad("at most 16 stop strings of at most 256 bytes".into());
-    }
+    sovra_model::stream::check_stop_strings(&spec.stop.stop).or_else(bad)?;
     Sampler::new(spec.sampling).map_err(|e| CoordinatorError::InvalidArgument(e.to_string()))?;
     Ok(())
 }

@@ -32,6 +32,35 @@ impl FinishReason {
 /// Largest token budget of one generation that the commands and the coordinator accept.
 pub const MAX_TOKENS: usize = 1 << 20;
 
+/// Most stop strings a generation may have.
+pub const MAX_STOPS: usize = 16;
+/// Longest stop string, bytes.
+pub const MAX_STOP_BYTES: usize = 256;
+
+/// Refuses stop strings a generation cannot use: more than [`MAX_STOPS`], longer than
+/// [`MAX_STOP_BYTES`], or empty (it would end every generation before its first token).
+pub fn check_stop_strings(stops: &[String]) -> Result<(), String> {
+    if stops.len() > MAX_STOPS {
+        return Err(format!(
+            "{} stop strings given; at most {MAX_STOPS}",
+            stops.len()
+        ));
+    }
+    for (i, stop) in stops.iter().enumerate() {
+        if stop.is_empty() {
+            return Err(format!("stop string {} is empty", i + 1));
+        }
+        if stop.len() > MAX_STOP_BYTES {
+            return Err(format!(
+                "stop string {} is {} bytes long; at most {MAX_STOP_BYTES}",
+                i + 1,
+                stop.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// When a generation stops.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StopConditions {
@@ -147,5 +176,21 @@ impl TextStream {
             }
         }
         keep
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_strings_are_checked_one_by_one() {
+        assert!(check_stop_strings(&vec!["a".to_string(); 16]).is_ok());
+        let many = check_stop_strings(&vec!["a".to_string(); 17]).unwrap_err();
+        assert_eq!(many, "17 stop strings given; at most 16");
+        let empty = check_stop_strings(&["a".to_string(), String::new()]).unwrap_err();
+        assert_eq!(empty, "stop string 2 is empty");
+        let long = check_stop_strings(&["é".repeat(129)]).unwrap_err();
+        assert_eq!(long, "stop string 1 is 258 bytes long; at most 256");
     }
 }
