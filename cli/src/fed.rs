@@ -13,7 +13,7 @@ use sovra_model::{GgufModel, LayerRange, WeightMode};
 use sovra_proto::channel::{AuthChannel, connect};
 use sovra_proto::pb;
 
-use crate::units::{human_bytes, parse_duration, parse_path};
+use crate::units::{human_bytes, parse_path};
 
 /// How to reach the coordinator.
 #[derive(Debug, Clone, Args)]
@@ -179,7 +179,7 @@ pub enum ProviderCommand {
         /// Provider name.
         name: String,
         /// Validity (e.g. 10m, 1h).
-        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        #[arg(long, default_value = "1h", value_parser = crate::units::parse_ttl)]
         ttl: std::time::Duration,
     },
     /// Revoke a provider: its workers are refused from now on.

@@ -42,9 +42,20 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         }
     };
     if !seconds.is_finite() || seconds <= 0.0 || seconds > 1e9 {
-        return Err(format!("duration `{text}` is out of range"));
+        return Err(format!(
+            "duration `{text}` is out of range (above 0, at most 1000000000 s)"
+        ));
     }
     Ok(Duration::from_secs_f64(seconds))
+}
+
+/// Parses a join token's lifetime: a duration from 1 s to 30 days.
+pub fn parse_ttl(text: &str) -> Result<Duration, String> {
+    let ttl = parse_duration(text)?;
+    if ttl < Duration::from_secs(1) || ttl > Duration::from_secs(30 * 86400) {
+        return Err(format!("a join token lives from 1s to 30d, not `{text}`"));
+    }
+    Ok(ttl)
 }
 
 /// Parses a size: `N[B|KB|MB|GB|TB|KiB|MiB|GiB|TiB]` (a bare number is bytes).
@@ -65,7 +76,9 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
     };
     let bytes = value * scale;
     if !bytes.is_finite() || !(1.0..=1e18).contains(&bytes) {
-        return Err(format!("size `{text}` is out of range"));
+        return Err(format!(
+            "size `{text}` is out of range (1 byte to 1000000 TB)"
+        ));
     }
     Ok(bytes as u64)
 }
@@ -103,5 +116,21 @@ mod tests {
         assert_eq!(parse_bytes("1.5GB").unwrap(), 1_500_000_000);
         assert!(parse_bytes("lots").is_err());
         assert!(parse_bytes("0").is_err());
+        assert!(parse_bytes("0").unwrap_err().contains("1 byte to"));
+        assert!(
+            parse_duration("99999999999")
+                .unwrap_err()
+                .contains("at most")
+        );
+    }
+
+    #[test]
+    fn join_token_lifetimes_are_1s_to_30_days() {
+        assert_eq!(parse_ttl("30d").unwrap(), Duration::from_secs(30 * 86400));
+        assert_eq!(parse_ttl("1s").unwrap(), Duration::from_secs(1));
+        for bad in ["31d", "500ms"] {
+            let err = parse_ttl(bad).unwrap_err();
+            assert!(err.contains("from 1s to 30d"), "{bad}: {err}");
+        }
     }
 }

@@ -153,6 +153,14 @@ pub async fn credentials(
         };
         let identity: WorkerIdentity = serde_json::from_str(&read("identity.json")?)
             .map_err(|e| WorkerError::Io(format!("corrupt {}: {e}", identity_path.display())))?;
+        if config.join_token.is_some() {
+            // Not silently: a token meant for another worker (or provider) is not used here.
+            warn!(
+                worker = %identity.worker_id,
+                data_dir = %dir.display(),
+                "--join-token ignored: this data dir already holds a worker's identity (a new worker needs a data dir of its own)"
+            );
+        }
         return Ok(Credentials {
             identity,
             cert_pem: read("worker.pem")?,
