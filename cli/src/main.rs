@@ -224,6 +224,12 @@ fn main() -> ExitCode {
     }
     // Safety: no other thread exists yet; the compute pools read these when they start.
     unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        // Errors are one line: with RUST_BACKTRACE set, candle would attach a backtrace to each
+        // of its errors and print it as part of the message. Panics keep theirs.
+        // Safety: as above.
+        unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
+    }
     if !holds_weights(&cli.command) {
         keep_small_pages();
     }

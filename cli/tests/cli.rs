@@ -196,6 +196,26 @@ fn errors_are_one_line_or_one_json_object_with_nonzero_exit() {
         assert_eq!(json_lines(&out)[0]["type"], "error", "{bad:?}");
     }
 
+    // A corrupt model: one line, also with RUST_BACKTRACE set (candle errors would carry a
+    // backtrace in their message).
+    let dir = tempfile::tempdir().unwrap();
+    let corrupt = dir.path().join("corrupt.gguf");
+    let mut bytes = b"GGUF".to_vec();
+    bytes.extend([3, 0, 0, 0]);
+    bytes.extend([0xff; 64]);
+    std::fs::write(&corrupt, bytes).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sovra"))
+        .args(["model", "inspect", "-m"])
+        .arg(&corrupt)
+        .env("RUST_BACKTRACE", "1")
+        .env_remove("RUST_LIB_BACKTRACE")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("corrupt.gguf"), "{stderr}");
+
     let out = sovra(&["demo", "--stages", "4", "--json"]);
     assert!(!out.status.success());
     let lines = json_lines(&out);
