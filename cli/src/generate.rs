@@ -140,9 +140,10 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     let json = args.json;
     match run_inner(args) {
         Ok(()) => Ok(ExitCode::SUCCESS),
+        // As `run` and `demo`: the JSON line on stdout, the one-line error on stderr.
         Err(err) if json => {
             print_error_line(&err);
-            Ok(ExitCode::FAILURE)
+            Err(err)
         }
         Err(err) => Err(err),
     }

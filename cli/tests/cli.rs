@@ -182,6 +182,9 @@ fn errors_are_one_line_or_one_json_object_with_nonzero_exit() {
     assert_eq!(lines.len(), 1);
     assert_eq!(lines[0]["type"], "error");
     assert!(lines[0]["message"].as_str().unwrap().contains("empty"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("empty"), "{stderr}");
 
     for bad in [
         ["--temperature", "NaN"],
