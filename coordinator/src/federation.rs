@@ -158,6 +158,12 @@ pub struct Federation {
     pub(crate) recoveries: mpsc::UnboundedSender<(u64, String)>,
     recovery_queue: Mutex<Option<mpsc::UnboundedReceiver<(u64, String)>>>,
     pub(crate) replan_lock: tokio::sync::Mutex<()>,
+    /// Held from planning a placement to storing it, by every path that places a model: a
+    /// plan counts the memory the other models' placements take, and stores over what it
+    /// read.
+    placing: Mutex<()>,
+    /// The available workers as `replan_degraded` last saw them, and since when.
+    pub(crate) fleet_seen: Mutex<Option<(Vec<String>, Instant)>>,
     /// Per model: held (shared) by every job from choosing its chain until it is in the job
     /// table, so a placement made as asked again (`replan_degraded`) never pulls a chain from
     /// under a job that is starting.
@@ -209,6 +215,8 @@ impl Federation {
             recoveries,
             recovery_queue: Mutex::new(Some(recovery_queue)),
             replan_lock: tokio::sync::Mutex::new(()),
+            placing: Mutex::default(),
+            fleet_seen: Mutex::default(),
             placement_gates: Mutex::default(),
             replan_tries: Mutex::default(),
             admin_token_path: dir.admin_token(),
@@ -833,9 +841,42 @@ impl Federation {
         model: &str,
         how: PlacementRequest,
     ) -> Result<PlacementRecord, CoordinatorError> {
+        let _placing = self.placing();
         let record = self.model(model)?;
         let chains = self.plan(&record, &how)?;
         self.write_placement(&record, chains, how, false)
+    }
+
+    /// How long after this process started its workers may still be reconnecting: a lease,
+    /// and at least the longest pause between a worker's reconnection attempts (3 s) and a
+    /// connection's set-up.
+    pub(crate) fn reconnect_grace(&self) -> Duration {
+        self.config.lease.max(Duration::from_secs(5))
+    }
+
+    /// Records `placement` (whose layout is what was asked) as no longer degraded, in place:
+    /// same version, nothing sent to the workers.
+    pub(crate) fn mark_as_asked(
+        &self,
+        placement: &PlacementRecord,
+    ) -> Result<(), CoordinatorError> {
+        let current = self.store.get(PLACEMENTS, placement.model.as_bytes())?;
+        let updated = PlacementRecord {
+            degraded: false,
+            ..placement.clone()
+        };
+        self.store.apply(
+            Batch::new()
+                .expect(PLACEMENTS, &placement.model, current)
+                .put(PLACEMENTS, &placement.model, encode(&updated)),
+        )?;
+        info!(model = %placement.model, version = placement.version, "placement is as asked");
+        Ok(())
+    }
+
+    /// Held from planning a placement to storing it (see `placing`).
+    pub(crate) fn placing(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.placing.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Plans `model` as `how` asks over the workers available now.

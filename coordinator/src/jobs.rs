@@ -461,7 +461,7 @@ impl Federation {
         let mut placement = self.placement(model)?;
         // Just after the coordinator started, its workers are still reconnecting: a stage
         // that is not connected yet is awaited (up to one lease), not replanned around.
-        let reconnecting = self.opened_at + self.config().lease;
+        let reconnecting = self.opened_at + self.reconnect_grace();
         while Instant::now() < reconnecting
             && self.pick_chain(&placement, policy).is_err()
             && placement

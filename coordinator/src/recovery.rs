@@ -122,6 +122,7 @@ impl Federation {
     /// fit (the placement is then degraded, and placed as asked again once they allow it).
     pub(crate) async fn replan_around_failures(&self, model: &str) -> Result<(), CoordinatorError> {
         let _one_at_a_time = self.replan_lock.lock().await;
+        let _placing = self.placing();
         let placement = self.placement(model)?;
         let all_live = placement
             .chains
@@ -149,38 +150,54 @@ impl Federation {
     /// have changed and no job of the model runs or is starting; a placement the planner
     /// would make the same is left as it is. Called from the coordinator's periodic tick.
     pub async fn replan_degraded(&self) {
-        if std::time::Instant::now() < self.opened_at + self.config().lease {
+        let now = std::time::Instant::now();
+        if now < self.opened_at + self.reconnect_grace() {
             return; // its workers are still reconnecting: a plan now would leave them out
         }
         let Ok(_one_at_a_time) = self.replan_lock.try_lock() else {
             return; // a failure is being replanned around: next tick
         };
-        let placements = match crate::records::read_all::<PlacementRecord>(
+        let placements: Vec<PlacementRecord> = match crate::records::read_all::<PlacementRecord>(
             self.store(),
             crate::records::PLACEMENTS,
         ) {
-            Ok(p) => p,
+            Ok(p) => p.into_iter().filter(|p| p.wants_replanning()).collect(),
             Err(e) => return warn!(cause = %e, "reading placements to replan"),
         };
-        let mut available: Option<Vec<String>> = None;
-        for placement in placements.into_iter().filter(|p| p.wants_replanning()) {
-            let available = match &available {
-                Some(a) => a.clone(),
-                None => match self.candidates() {
-                    Ok(c) => {
-                        let mut ids: Vec<String> = c
-                            .into_iter()
-                            .filter(|c| c.available)
-                            .map(|c| c.worker.id)
-                            .collect();
-                        ids.sort();
-                        available.insert(ids).clone()
+        if placements.is_empty() {
+            return;
+        }
+        let available: Vec<String> = match self.candidates() {
+            Ok(c) => {
+                let mut ids: Vec<String> = c
+                    .into_iter()
+                    .filter(|c| c.available)
+                    .map(|c| c.worker.id)
+                    .collect();
+                ids.sort();
+                ids
+            }
+            Err(e) => return warn!(cause = %e, "listing workers to replan"),
+        };
+        // Only once the available workers have stayed the same for a lease: a worker whose
+        // connection flaps would otherwise have its models moved on and off it each time.
+        {
+            let mut seen = self.fleet_seen.lock().unwrap_or_else(|p| p.into_inner());
+            match &*seen {
+                Some((ids, since)) if *ids == available => {
+                    if now.duration_since(*since) < self.config().lease {
+                        return;
                     }
-                    Err(e) => return warn!(cause = %e, "listing workers to replan"),
-                },
-            };
+                }
+                _ => {
+                    *seen = Some((available, now));
+                    return;
+                }
+            }
+        }
+        for placement in placements {
             let model = placement.model.clone();
-            let attempt = (placement.version, available);
+            let attempt = (placement.version, available.clone());
             if self.replan_tries().get(&model) == Some(&attempt) {
                 continue;
             }
@@ -192,12 +209,22 @@ impl Federation {
                 continue; // once its jobs are done
             }
             self.replan_tries().insert(model.clone(), attempt);
+            let _placing = self.placing();
             let Ok(record) = self.model(&model) else {
                 continue; // removed meanwhile
             };
+            // Replanned meanwhile (by the operator, say): next tick, from what it is now.
+            if self.placement(&model).map(|p| p.version).ok() != Some(placement.version) {
+                continue;
+            }
             let requested = placement.requested.clone();
             match self.plan(&record, &requested) {
-                Ok(chains) if layout_of(&chains) == placement.layout() => {}
+                Ok(chains) if layout_of(&chains) == placement.layout() => {
+                    // As asked after all: no longer degraded (nothing moves).
+                    if let Err(e) = self.mark_as_asked(&placement) {
+                        warn!(model = %model, cause = %e, "recording the placement as asked");
+                    }
+                }
                 Ok(chains) => match self.write_placement(&record, chains, requested, false) {
                     Ok(p) => info!(
                         model = %model,

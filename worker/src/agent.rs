@@ -440,6 +440,7 @@ async fn serve(
     let mut backoff = Duration::from_millis(200);
     loop {
         let (stop, stopping) = tokio::sync::watch::channel(false);
+        let began = tokio::time::Instant::now();
         let serving = session.connect_and_serve(stopping);
         tokio::pin!(serving);
         tokio::select! {
@@ -461,6 +462,10 @@ async fn serve(
         // Its sessions are over: a coordinator that lost this stream moves their jobs
         // elsewhere, and one that crashed ended them. Computing on would only take the cores.
         session.close_all_sessions();
+        if began.elapsed() > Duration::from_secs(10) {
+            // It was connected: this is a new loss, retried soon.
+            backoff = Duration::from_millis(200);
+        }
         *lock_any(&session.uplink) = None;
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
@@ -471,7 +476,7 @@ async fn serve(
 }
 
 /// How long a stopping worker waits for the coordinator to take it out of service.
-const LEAVE_TIMEOUT: Duration = Duration::from_secs(2);
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The current agent stream's sender, for events produced between reconnections.
 type Uplink = Arc<Mutex<Option<mpsc::Sender<pb::AgentMessage>>>>;
