@@ -181,9 +181,10 @@ pub async fn worker_start(args: WorkerStartArgs) -> Result<()> {
 /// Runs `sovra coordinator reset-token`: a new operator token for a stopped coordinator's data
 /// dir (the way back in when its admin.token was lost).
 pub fn coordinator_reset_token(data_dir: &std::path::Path) -> Result<()> {
-    if !data_dir.join("ca.pem").is_file() {
+    // A coordinator's folder has its CA's key and its database (a worker's has neither).
+    if !data_dir.join("ca-key.pem").is_file() || !data_dir.join("db").is_dir() {
         anyhow::bail!(
-            "{} holds no coordinator (no ca.pem in it)",
+            "{} holds no coordinator (no ca-key.pem and db in it)",
             data_dir.display()
         );
     }
@@ -192,7 +193,14 @@ pub fn coordinator_reset_token(data_dir: &std::path::Path) -> Result<()> {
         federation: FederationConfig::default(),
     };
     let fed = server::open(&config).map_err(|e| {
-        anyhow::anyhow!("{e} (stop the coordinator first, or use `sovra coordinator rotate-token` while it runs)")
+        let text = e.to_string();
+        if text.contains("in use by another running coordinator") {
+            anyhow::anyhow!(
+                "{text}: stop it first, or use `sovra coordinator rotate-token` while it runs"
+            )
+        } else {
+            anyhow::anyhow!(text)
+        }
     })?;
     let (token, unwritten) = fed.rotate_operator_token()?;
     fed.store().flush()?;

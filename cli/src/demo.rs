@@ -151,13 +151,20 @@ fn process_start(pid: u32) -> Option<String> {
     rest.split_whitespace().nth(19).map(str::to_string)
 }
 
-/// Marks `dir` as this process's demo folder.
+/// This process's PID namespace (`pid:[N]`): a pid means a process only within one.
+fn pid_namespace() -> Option<String> {
+    std::fs::read_link("/proc/self/ns/pid")
+        .ok()
+        .map(|p| p.to_string_lossy().into_owned())
+}
+
+/// Marks `dir` as this process's demo folder (written whole, then renamed into place).
 fn claim(dir: &Path) {
-    if let Some(start) = process_start(std::process::id()) {
-        let _ = std::fs::write(
-            dir.join(OWNER_FILE),
-            format!("{} {start}\n", std::process::id()),
-        );
+    if let (Some(start), Some(ns)) = (process_start(std::process::id()), pid_namespace()) {
+        let partial = dir.join(format!("{OWNER_FILE}.partial"));
+        if std::fs::write(&partial, format!("{} {start} {ns}\n", std::process::id())).is_ok() {
+            let _ = std::fs::rename(&partial, dir.join(OWNER_FILE));
+        }
     }
 }
 
@@ -165,9 +172,9 @@ fn claim(dir: &Path) {
 /// whose owner file names a process that no longer runs. Folders without that file (kept with
 /// `--keep`, or not a demo's) are left alone.
 fn sweep_dead_demos(tmp: &Path) {
-    if process_start(std::process::id()).is_none() {
+    let Some(ns) = pid_namespace().filter(|_| process_start(std::process::id()).is_some()) else {
         return; // no /proc: nothing tells a dead demo from a running one
-    }
+    };
     let Ok(entries) = std::fs::read_dir(tmp) else {
         return;
     };
@@ -182,11 +189,16 @@ fn sweep_dead_demos(tmp: &Path) {
             continue;
         };
         let mut fields = owner.split_whitespace();
-        let (Some(pid), Some(start)) = (fields.next().and_then(|p| p.parse().ok()), fields.next())
-        else {
+        let (Some(pid), Some(start), Some(owner_ns)) = (
+            fields.next().and_then(|p| p.parse().ok()),
+            fields.next(),
+            fields.next(),
+        ) else {
             continue;
         };
-        if process_start(pid).as_deref() != Some(start) {
+        // A demo of another PID namespace (another container sharing this folder) cannot be
+        // seen from here: left alone.
+        if owner_ns == ns && process_start(pid).as_deref() != Some(start) {
             let _ = std::fs::remove_dir_all(&dir);
         }
     }

@@ -32,10 +32,10 @@ const MAX_THREADS: usize = 1024;
 /// meet at every op, so two on one core make each op wait for a time slice (8 threads on 2
 /// cores decoded at 0.9 tok/s instead of ~100).
 pub(crate) fn within_cores(threads: usize, flag: &str) -> Result<(), String> {
-    match sovra_worker::cpus::allowed_cores() {
-        Ok(cores) if !cores.is_empty() && threads > cores.len() => Err(format!(
-            "{flag} {threads} is more than the {} cores this process may run on",
-            cores.len()
+    // The cores it may run on and its CPU quota (a container's), whichever is fewer.
+    match std::thread::available_parallelism() {
+        Ok(cores) if threads > cores.get() => Err(format!(
+            "{flag} {threads} is more than the {cores} cores this process may run on"
         )),
         _ => Ok(()),
     }

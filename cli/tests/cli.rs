@@ -588,7 +588,7 @@ fn a_lost_operator_token_is_named_at_start_and_reset_offline() {
     ]);
     assert!(!busy.status.success());
     assert!(
-        String::from_utf8_lossy(&busy.stderr).contains("stop the coordinator first"),
+        String::from_utf8_lossy(&busy.stderr).contains("stop it first"),
         "{}",
         String::from_utf8_lossy(&busy.stderr)
     );
@@ -633,4 +633,21 @@ fn a_lost_operator_token_is_named_at_start_and_reset_offline() {
     ]);
     assert!(!refused.status.success());
     assert!(!empty.exists());
+    // Nor one with only a CA certificate, as a worker's data dir has.
+    let worker_like = dir.path().join("worker");
+    std::fs::create_dir(&worker_like).unwrap();
+    std::fs::copy(data.join("ca.pem"), worker_like.join("ca.pem")).unwrap();
+    let refused = sovra(&[
+        "coordinator",
+        "reset-token",
+        "--data-dir",
+        worker_like.to_str().unwrap(),
+    ]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("holds no coordinator"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(!worker_like.join("db").exists());
 }

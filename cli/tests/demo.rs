@@ -139,11 +139,16 @@ fn killing_the_demo_with_sigkill_stops_its_coordinator_and_workers() {
     let running = tmp.path().join("sovra-demo-running");
     std::fs::create_dir(&running).unwrap();
     let me = sovra_tests::proc_stat("self").unwrap();
+    let ns = std::fs::read_link("/proc/self/ns/pid").unwrap();
     std::fs::write(
         running.join("demo.owner"),
-        format!("{} {}\n", std::process::id(), me[19]),
+        format!("{} {} {}\n", std::process::id(), me[19], ns.display()),
     )
     .unwrap();
+    // One of another PID namespace whose pid is not running here: left alone too.
+    let elsewhere = tmp.path().join("sovra-demo-elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::fs::write(elsewhere.join("demo.owner"), "4194303 1 pid:[1]\n").unwrap();
     let next = Command::new(env!("CARGO_BIN_EXE_sovra"))
         .env("TMPDIR", tmp.path())
         .args(["demo", "--json", "--max-tokens", "1"])
@@ -154,7 +159,14 @@ fn killing_the_demo_with_sigkill_stops_its_coordinator_and_workers() {
         "{}",
         String::from_utf8_lossy(&next.stderr)
     );
-    assert_eq!(demo_dirs(), ["sovra-demo-kept", "sovra-demo-running"]);
+    assert_eq!(
+        demo_dirs(),
+        [
+            "sovra-demo-elsewhere",
+            "sovra-demo-kept",
+            "sovra-demo-running"
+        ]
+    );
 }
 
 #[test]

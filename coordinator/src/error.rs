@@ -74,8 +74,9 @@ pub fn shown(text: &str, max: usize) -> String {
 
 impl From<CoordinatorError> for tonic::Status {
     fn from(err: CoordinatorError) -> Self {
-        // Messages echo what clients sent; a status message travels in an HTTP/2 header.
-        let message = shown(&err.to_string(), 4000);
+        // Messages echo what clients sent; a status message travels in an HTTP/2 header,
+        // percent-encoded (1,000 characters stay under 12 KiB).
+        let message = shown(&err.to_string(), 1000);
         match err {
             CoordinatorError::Unauthenticated(_) => tonic::Status::unauthenticated(message),
             CoordinatorError::PermissionDenied(_) => tonic::Status::permission_denied(message),
