@@ -688,7 +688,7 @@ pub fn print_placement(p: &pb::Placement, json_mode: bool) {
         }
         if p.degraded {
             println!(
-                "{} · placement v{} · degraded: planned around unavailable workers; placed as asked ({}) again once they allow it and no job of it runs",
+                "{} · placement v{} · degraded: not as asked ({}), planned around unavailable workers or within the memory they offer; placed as asked again once they allow it and no job of it runs",
                 p.model, p.version, p.requested
             );
         } else {

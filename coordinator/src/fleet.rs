@@ -179,6 +179,7 @@ impl Federation {
         record.last_seen_unix = now_unix();
         self.store()
             .apply(Batch::new().put(WORKERS, &record.id, encode(&record)))?;
+        self.check_memory_held(&record)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let orders = self.orders_for(&record.id)?;
         let models = orders.iter().map(|o| o.model.clone()).collect();
@@ -213,6 +214,40 @@ impl Federation {
             commands: rx,
             models,
         })
+    }
+
+    /// A worker that now offers less memory than its stages hold (restarted with a lower
+    /// `--max-memory`): its models' placements are marked degraded, so they are planned as
+    /// asked again, within the memory it offers, once no job of theirs runs.
+    fn check_memory_held(&self, worker: &WorkerRecord) -> Result<(), CoordinatorError> {
+        let _placing = self.placing();
+        let placements = read_all::<PlacementRecord>(self.store(), PLACEMENTS)?;
+        let held: u64 = placements
+            .iter()
+            .flat_map(|p| p.chains.iter().flatten())
+            .filter(|s| s.worker_id == worker.id)
+            .map(|s| s.memory_bytes)
+            .sum();
+        if held <= worker.offered_memory_bytes {
+            return Ok(());
+        }
+        warn!(
+            worker = %worker.id,
+            held = %crate::planner::gib(held),
+            offered = %crate::planner::gib(worker.offered_memory_bytes),
+            "the worker offers less memory than its stages hold: their models will be placed again"
+        );
+        for p in placements {
+            if !p.degraded && p.chains.iter().flatten().any(|s| s.worker_id == worker.id) {
+                let degraded = PlacementRecord {
+                    degraded: true,
+                    ..p.clone()
+                };
+                self.store()
+                    .apply(Batch::new().put(PLACEMENTS, &p.model, encode(&degraded)))?;
+            }
+        }
+        Ok(())
     }
 
     /// Records a heartbeat; false when the stream is no longer the worker's live one.

@@ -158,15 +158,24 @@ pub fn plan(
     } else {
         String::new()
     };
-    let failed = |e: PlanError| match e {
-        PlanError::InsufficientMemory { .. } => CoordinatorError::FailedPrecondition(format!(
-            "cannot place `{}`: {e}{others}",
-            model.name
-        )),
-        e => CoordinatorError::FailedPrecondition(format!(
-            "cannot place `{}`{scope}: {e}{others}",
-            model.name
-        )),
+    let failed = |e: PlanError| {
+        // The other models' share only where memory is what stands in the way.
+        let text = e.to_string();
+        let others = if text.contains("MiB") || text.contains("GiB") || text.contains("memory") {
+            others.as_str()
+        } else {
+            ""
+        };
+        match e {
+            PlanError::InsufficientMemory { .. } => CoordinatorError::FailedPrecondition(format!(
+                "cannot place `{}`: {text}{others}",
+                model.name
+            )),
+            _ => CoordinatorError::FailedPrecondition(format!(
+                "cannot place `{}`{scope}: {text}{others}",
+                model.name
+            )),
+        }
     };
     let chains = match how {
         PlacementRequest::Auto => {

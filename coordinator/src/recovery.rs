@@ -196,6 +196,16 @@ impl Federation {
             }
         }
         for placement in placements {
+            // A stage on a worker that is down: the model's next job replans around it (a
+            // plan now would move it onto fewer workers while none of its jobs needs it).
+            if placement
+                .chains
+                .iter()
+                .flatten()
+                .any(|s| !self.is_live(&s.worker_id))
+            {
+                continue;
+            }
             let model = placement.model.clone();
             let attempt = (placement.version, available.clone());
             if self.replan_tries().get(&model) == Some(&attempt) {
@@ -234,9 +244,47 @@ impl Federation {
                     ),
                     Err(e) => warn!(model = %model, cause = %e, "placing as asked again"),
                 },
+                // A worker holds more of it than it offers now: planned as the planner sees
+                // fit meanwhile (still degraded), within the memory offered.
+                Err(e) if self.overcommitted(&placement) => {
+                    let moved = self
+                        .plan(&record, &PlacementRequest::Auto)
+                        .and_then(|chains| self.write_placement(&record, chains, requested, true));
+                    match moved {
+                        Ok(p) => {
+                            info!(model = %model, version = p.version, cause = %e, "placed within the memory its workers offer")
+                        }
+                        Err(e) => {
+                            warn!(model = %model, cause = %e, "a worker holds more than it offers, and the model cannot be placed elsewhere")
+                        }
+                    }
+                }
                 Err(e) => debug!(model = %model, cause = %e, "still cannot place as asked"),
             }
         }
+    }
+
+    /// Whether a worker of `placement` holds more, over all placements, than it offers.
+    fn overcommitted(&self, placement: &PlacementRecord) -> bool {
+        let Ok(all) =
+            crate::records::read_all::<PlacementRecord>(self.store(), crate::records::PLACEMENTS)
+        else {
+            return false;
+        };
+        let Ok(workers) = self.list_workers() else {
+            return false;
+        };
+        placement.chains.iter().flatten().any(|stage| {
+            let held: u64 = all
+                .iter()
+                .flat_map(|p| p.chains.iter().flatten())
+                .filter(|s| s.worker_id == stage.worker_id)
+                .map(|s| s.memory_bytes)
+                .sum();
+            workers
+                .iter()
+                .any(|(w, _)| w.id == stage.worker_id && held > w.offered_memory_bytes)
+        })
     }
 
     fn replan_tries(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, Vec<String>)>> {

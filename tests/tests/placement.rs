@@ -291,3 +291,95 @@ async fn a_worker_memory_is_shared_by_every_model_placed_on_it() {
     assert_eq!(placed.chains[0].stages[0].worker_id, id);
     worker.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_restarted_with_less_memory_gives_up_what_no_longer_fits() {
+    let fed = TestFederation::start_with(FederationConfig {
+        heartbeat_interval: Duration::from_millis(200),
+        lease: Duration::from_millis(1500),
+        kv_reserve_tokens: 256,
+        ..FederationConfig::default()
+    })
+    .await;
+    fed.add_provider("ovh-fr", "FR", &[]).await;
+    fed.add_provider("ionos-de", "DE", &[]).await;
+    let big = fed.start_worker(Some(fed.join_token("ovh-fr", 600).await), Some(400 * MIB));
+    eventually("the first worker up", WAIT, || async {
+        (fed.workers()
+            .await
+            .iter()
+            .filter(|w| w.state == "up")
+            .count()
+            == 1)
+            .then_some(())
+    })
+    .await;
+    let big_id = fed.workers().await[0].id.clone();
+    let small = fed.start_worker(Some(fed.join_token("ionos-de", 600).await), Some(250 * MIB));
+    eventually("both workers up", WAIT, || async {
+        (fed.workers()
+            .await
+            .iter()
+            .filter(|w| w.state == "up")
+            .count()
+            == 2)
+            .then_some(())
+    })
+    .await;
+    let placements = pb::placements_client::PlacementsClient::new(fed.operator().await);
+    pb::models_client::ModelsClient::new(fed.operator().await)
+        .add_model(add_model_request("smollm2", &[]))
+        .await
+        .unwrap();
+    // All of it on the big worker.
+    let on_big = fed
+        .place(
+            "smollm2",
+            pb::set_placement_request::How::Explicit(pb::ExplicitChain {
+                stages: vec![pb::StageAssignment {
+                    worker_id: big_id.clone(),
+                    start_layer: 0,
+                    end_layer: 30,
+                }],
+            }),
+        )
+        .await;
+    let held = on_big.chains[0].stages[0].memory_bytes;
+    assert!(held > 100 * MIB, "{held}");
+
+    // It comes back offering 100 MiB: the model leaves it for what fits.
+    let dir = big.data_dir.clone();
+    big.stop().await.unwrap();
+    let big = fed.start_worker_in(dir, None, Some(100 * MIB));
+    let moved = eventually("the model placed within the memory offered", WAIT, || {
+        let mut placements = placements.clone();
+        async move {
+            let p = placements
+                .show_placement(pb::ShowPlacementRequest {
+                    model: "smollm2".into(),
+                })
+                .await
+                .ok()?
+                .into_inner();
+            let ready = p.version > on_big.version
+                && !p.chains.is_empty()
+                && p.chains[0]
+                    .stages
+                    .iter()
+                    .all(|s| s.state == pb::AssignmentState::Ready as i32);
+            ready.then_some(p)
+        }
+    })
+    .await;
+    for s in &moved.chains[0].stages {
+        if s.worker_id == big_id {
+            assert!(s.memory_bytes <= 100 * MIB, "{moved:?}");
+        }
+    }
+    assert!(
+        moved.degraded,
+        "not the explicit placement asked for: {moved:?}"
+    );
+    big.stop().await.unwrap();
+    small.stop().await.unwrap();
+}

@@ -169,3 +169,56 @@ async fn a_model_registered_before_its_workers_is_placed_once_they_join() {
     assert_eq!(out.tokens.len(), 4);
     worker.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_degraded_model_is_not_moved_onto_fewer_workers_while_idle() {
+    let (fed, mut workers, tenant) = fleet(
+        &[("ovh-fr", "FR"), ("ionos-de", "DE"), ("scw-nl", "NL")],
+        "q8_0",
+    )
+    .await;
+    fed.place("smollm2", How::Stages(3)).await;
+    let third = workers.pop().unwrap();
+    let third_dir = third.data_dir.clone();
+    third.stop().await.unwrap();
+    run_job(
+        fed.channel(Some(&tenant)).await,
+        chat_request("Hello", 2, 0.0, 0),
+    )
+    .await
+    .expect("the job runs around the stopped worker");
+    let degraded = show(&fed).await;
+    assert!(degraded.degraded, "{degraded:?}");
+    assert_eq!(workers_of(&degraded).len(), 2, "{degraded:?}");
+
+    // A second worker stops while no job runs: the placement is left for the next job to
+    // replan (its stage shows down), not moved onto the one worker left.
+    let second = workers.pop().unwrap();
+    let second_dir = second.data_dir.clone();
+    second.stop().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let idle = show(&fed).await;
+    assert_eq!(idle.version, degraded.version, "{idle:?}");
+    assert!(
+        idle.chains[0]
+            .stages
+            .iter()
+            .any(|s| s.state == pb::AssignmentState::Down as i32),
+        "{idle:?}"
+    );
+
+    // Both come back: the model is placed as asked.
+    let back = [
+        fed.start_worker_in(second_dir, None, None),
+        fed.start_worker_in(third_dir, None, None),
+    ];
+    let restored = eventually("the placement as asked, ready", WAIT, || async {
+        let p = show(&fed).await;
+        (!p.degraded && all_ready(&p) && workers_of(&p).len() == 3).then_some(p)
+    })
+    .await;
+    assert!(restored.version > degraded.version);
+    for w in back.into_iter().chain(workers) {
+        w.stop().await.unwrap();
+    }
+}
