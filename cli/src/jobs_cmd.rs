@@ -122,15 +122,20 @@ pub async fn stream_job(
                     || s.code() == tonic::Code::Unavailable
                     || s.code() == tonic::Code::Internal =>
             {
-                return Err(anyhow!(
-                    "the connection to the coordinator was lost before {} finished: {}",
-                    if job_id.is_empty() {
-                        "the job"
-                    } else {
-                        &job_id
-                    },
+                let lost = format!(
+                    "the connection to the coordinator was lost before the job finished: {}",
                     s.message()
-                ));
+                );
+                if job_id.is_empty() {
+                    return Err(anyhow!(lost));
+                }
+                // `--json` carries the id: the job's record says how it ended.
+                return Err(JobFailed {
+                    job_id,
+                    cancelled: false,
+                    message: lost,
+                }
+                .into());
             }
             Err(s) if job_id.is_empty() => return Err(status(s)),
             Err(s) => {
@@ -143,7 +148,8 @@ pub async fn stream_job(
             }
         };
         match event.kind {
-            Some(pb::job_event::Kind::Started(s)) if !json_mode => {
+            // On stderr in either mode: `--json` keeps stdout to the lines of `generate`.
+            Some(pb::job_event::Kind::Started(s)) => {
                 let moved = !job_id.is_empty();
                 job_id = s.job_id.clone();
                 let stages: Vec<String> = s
@@ -201,7 +207,6 @@ pub async fn stream_job(
                 }
                 return Ok(());
             }
-            Some(pb::job_event::Kind::Started(s)) => job_id = s.job_id,
             None => {}
         }
     }

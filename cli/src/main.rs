@@ -35,7 +35,8 @@ pub(crate) fn within_cores(threads: usize, flag: &str) -> Result<(), String> {
     // The cores it may run on and its CPU quota (a container's), whichever is fewer.
     match std::thread::available_parallelism() {
         Ok(cores) if threads > cores.get() => Err(format!(
-            "{flag} {threads} is more than the {cores} cores this process may run on"
+            "{flag} {threads} is more than the {cores} core{} this process may run on",
+            if cores.get() == 1 { "" } else { "s" }
         )),
         _ => Ok(()),
     }
@@ -216,7 +217,8 @@ fn main() -> ExitCode {
             .unwrap_or_else(candle_core::utils::get_num_threads)
             .max(1),
     };
-    if let Some(t) = cli.threads
+    // Only where it computes (a client command ignores it, from SOVRA_THREADS say).
+    if let Some(t) = cli.threads.filter(|_| holds_weights(&cli.command))
         && let Err(e) = within_cores(t, "--threads")
     {
         eprintln!("error: {e}");
@@ -232,6 +234,22 @@ fn main() -> ExitCode {
     }
     if !holds_weights(&cli.command) {
         keep_small_pages();
+    }
+    let daemon = matches!(
+        cli.command,
+        Command::Coordinator(CoordinatorCommand::Start(_))
+            | Command::Worker {
+                command: WorkerCommand::Start(_),
+                ..
+            }
+    );
+    #[cfg(unix)]
+    if !daemon {
+        // A command whose output goes to a pipe that closes (`| head`) ends quietly, as other
+        // Unix tools do, instead of panicking on the failed write. Sockets are unaffected:
+        // their writes do not raise SIGPIPE.
+        // Safety: no other thread exists yet.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
     let worker_start = matches!(
         cli.command,

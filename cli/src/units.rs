@@ -51,9 +51,16 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 
 /// Parses a join token's lifetime: a duration from 1 s to 30 days.
 pub fn parse_ttl(text: &str) -> Result<Duration, String> {
-    let ttl = parse_duration(text)?;
+    let range = || format!("a join token lives from 1s to 30d, not `{text}`");
+    let ttl = parse_duration(text).map_err(|e| {
+        if e.contains("out of range") {
+            range()
+        } else {
+            e
+        }
+    })?;
     if ttl < Duration::from_secs(1) || ttl > Duration::from_secs(30 * 86400) {
-        return Err(format!("a join token lives from 1s to 30d, not `{text}`"));
+        return Err(range());
     }
     Ok(ttl)
 }
@@ -128,7 +135,7 @@ mod tests {
     fn join_token_lifetimes_are_1s_to_30_days() {
         assert_eq!(parse_ttl("30d").unwrap(), Duration::from_secs(30 * 86400));
         assert_eq!(parse_ttl("1s").unwrap(), Duration::from_secs(1));
-        for bad in ["31d", "500ms"] {
+        for bad in ["31d", "500ms", "0s", "99999999999h"] {
             let err = parse_ttl(bad).unwrap_err();
             assert!(err.contains("from 1s to 30d"), "{bad}: {err}");
         }

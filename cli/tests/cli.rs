@@ -651,3 +651,35 @@ fn a_lost_operator_token_is_named_at_start_and_reset_offline() {
     );
     assert!(!worker_like.join("db").exists());
 }
+
+#[cfg(unix)]
+#[test]
+fn output_to_a_closed_pipe_ends_quietly() {
+    use std::io::Read;
+    use std::os::unix::process::ExitStatusExt;
+    sovra_tests::smollm2_path();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sovra"))
+        .args([
+            "generate",
+            "--local",
+            "-m",
+            "smollm2",
+            "--ignore-eos",
+            "--max-tokens",
+            "200",
+            "hi",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read a little, then close the pipe (as `| head -c 1` does).
+    let mut first = [0u8; 1];
+    let mut stdout = child.stdout.take().unwrap();
+    stdout.read_exact(&mut first).unwrap();
+    drop(stdout);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{stderr}");
+}

@@ -462,11 +462,21 @@ fn a_coordinator_crash_ends_running_jobs_clearly_and_the_federation_resumes() {
     std::thread::sleep(Duration::from_secs(1));
     let busy = cpu_ticks(&fleet) - before;
     assert!(busy < 20, "the workers used {busy} ticks in a second");
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
     let output = child.wait_with_output().unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         stderr.contains("connection to the coordinator was lost"),
+        "{stderr}"
+    );
+    // The JSON error line names the job.
+    let error_line: Value = serde_json::from_str(rest.last().unwrap()).unwrap();
+    assert_eq!(error_line["type"], "error", "{error_line}");
+    assert!(
+        error_line["job_id"]
+            .as_str()
+            .is_some_and(|j| j.starts_with("job-")),
         "{stderr}"
     );
 

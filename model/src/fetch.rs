@@ -135,6 +135,8 @@ pub fn resolve_model(
         "a folder, not a .gguf file"
     } else if path.is_file() {
         "not a .gguf file (the name must end in .gguf)"
+    } else if path.exists() {
+        "not a regular file"
     } else if gguf || arg.contains(std::path::MAIN_SEPARATOR) {
         "no such file"
     } else {
@@ -332,6 +334,7 @@ mod tests {
             (folder.clone(), "a folder, not a .gguf file"),
             (dir.path().join("missing.gguf"), "no such file"),
             (dir.path().join("model.bin"), "not a .gguf file"),
+            (std::path::PathBuf::from("/dev/null"), "not a regular file"),
         ] {
             let err = resolve_model(path.to_str().unwrap(), &home, &mut |_| {}).unwrap_err();
             assert!(err.to_string().contains(says), "{err}");
