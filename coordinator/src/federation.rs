@@ -874,6 +874,28 @@ impl Federation {
         Ok(())
     }
 
+    /// Records, in place, why a model that has no placement still cannot be placed.
+    pub(crate) fn note_unplaced(
+        &self,
+        placement: &PlacementRecord,
+        why: &str,
+    ) -> Result<(), CoordinatorError> {
+        if !placement.chains.is_empty() || placement.unplaced_reason.as_deref() == Some(why) {
+            return Ok(());
+        }
+        let current = self.store.get(PLACEMENTS, placement.model.as_bytes())?;
+        let updated = PlacementRecord {
+            unplaced_reason: Some(why.to_string()),
+            ..placement.clone()
+        };
+        self.store.apply(
+            Batch::new()
+                .expect(PLACEMENTS, &placement.model, current)
+                .put(PLACEMENTS, &placement.model, encode(&updated)),
+        )?;
+        Ok(())
+    }
+
     /// Held from planning a placement to storing it (see `placing`).
     pub(crate) fn placing(&self) -> std::sync::MutexGuard<'_, ()> {
         self.placing.lock().unwrap_or_else(|p| p.into_inner())

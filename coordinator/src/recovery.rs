@@ -259,7 +259,13 @@ impl Federation {
                         }
                     }
                 }
-                Err(e) => debug!(model = %model, cause = %e, "still cannot place as asked"),
+                Err(e) => {
+                    debug!(model = %model, cause = %e, "still cannot place as asked");
+                    // A model not placed at all shows why as of now, not as of its last try.
+                    if let Err(e) = self.note_unplaced(&placement, &e.to_string()) {
+                        warn!(model = %model, cause = %e, "recording why the model is not placed");
+                    }
+                }
             }
         }
     }

@@ -222,3 +222,28 @@ async fn a_degraded_model_is_not_moved_onto_fewer_workers_while_idle() {
         w.stop().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unplaced_model_says_why_as_of_now() {
+    let fed = TestFederation::start().await;
+    fed.add_provider("ovh-fr", "FR", &[]).await;
+    pb::models_client::ModelsClient::new(fed.operator().await)
+        .add_model(smollm2_model("q8_0"))
+        .await
+        .expect("add model");
+    let before = show(&fed).await.unplaced_reason;
+    assert!(!before.is_empty());
+    // A worker joins that is too small to hold the model: the reason is now its memory.
+    let small = fed.start_worker(
+        Some(fed.join_token("ovh-fr", 600).await),
+        Some(20 * (1 << 20)),
+    );
+    let now = eventually("the reason to change", WAIT, || async {
+        let p = show(&fed).await;
+        assert!(p.chains.is_empty(), "{p:?}");
+        (p.unplaced_reason != before).then_some(p.unplaced_reason)
+    })
+    .await;
+    assert!(now.contains("MiB"), "{before} → {now}");
+    small.stop().await.unwrap();
+}
