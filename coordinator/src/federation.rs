@@ -860,17 +860,22 @@ impl Federation {
         &self,
         placement: &PlacementRecord,
     ) -> Result<(), CoordinatorError> {
-        let current = self.store.get(PLACEMENTS, placement.model.as_bytes())?;
-        let updated = PlacementRecord {
+        self.update_placement_in_place(&PlacementRecord {
             degraded: false,
             ..placement.clone()
-        };
-        self.store.apply(
-            Batch::new()
-                .expect(PLACEMENTS, &placement.model, current)
-                .put(PLACEMENTS, &placement.model, encode(&updated)),
-        )?;
+        })?;
         info!(model = %placement.model, version = placement.version, "placement is as asked");
+        Ok(())
+    }
+
+    /// Stores `updated` over the model's placement without a new version: nothing is sent to
+    /// the workers (only its flags or reason change). Callers hold `placing`.
+    pub(crate) fn update_placement_in_place(
+        &self,
+        updated: &PlacementRecord,
+    ) -> Result<(), CoordinatorError> {
+        self.store
+            .apply(Batch::new().put(PLACEMENTS, &updated.model, encode(updated)))?;
         Ok(())
     }
 
@@ -883,17 +888,10 @@ impl Federation {
         if !placement.chains.is_empty() || placement.unplaced_reason.as_deref() == Some(why) {
             return Ok(());
         }
-        let current = self.store.get(PLACEMENTS, placement.model.as_bytes())?;
-        let updated = PlacementRecord {
+        self.update_placement_in_place(&PlacementRecord {
             unplaced_reason: Some(why.to_string()),
             ..placement.clone()
-        };
-        self.store.apply(
-            Batch::new()
-                .expect(PLACEMENTS, &placement.model, current)
-                .put(PLACEMENTS, &placement.model, encode(&updated)),
-        )?;
-        Ok(())
+        })
     }
 
     /// Held from planning a placement to storing it (see `placing`).

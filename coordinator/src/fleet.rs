@@ -239,12 +239,10 @@ impl Federation {
         );
         for p in placements {
             if !p.degraded && p.chains.iter().flatten().any(|s| s.worker_id == worker.id) {
-                let degraded = PlacementRecord {
+                self.update_placement_in_place(&PlacementRecord {
                     degraded: true,
-                    ..p.clone()
-                };
-                self.store()
-                    .apply(Batch::new().put(PLACEMENTS, &p.model, encode(&degraded)))?;
+                    ..p
+                })?;
             }
         }
         Ok(())

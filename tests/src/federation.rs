@@ -145,6 +145,21 @@ impl TestFederation {
             .token
     }
 
+    /// Waits until `count` workers are up.
+    pub async fn wait_for_workers_up(&self, count: usize) {
+        eventually("the workers up", Duration::from_secs(60), || async {
+            (self
+                .workers()
+                .await
+                .iter()
+                .filter(|w| w.state == "up")
+                .count()
+                == count)
+                .then_some(())
+        })
+        .await;
+    }
+
     /// Every worker.
     pub async fn workers(&self) -> Vec<pb::Worker> {
         pb::workers_client::WorkersClient::new(self.operator().await)
@@ -300,17 +315,7 @@ pub async fn fleet_in(
         fed.add_provider(name, country, &["ISO27001"]).await;
         workers.push(fed.start_worker(Some(fed.join_token(name, 600).await), None));
     }
-    let want = providers.len();
-    eventually("the fleet to be up", Duration::from_secs(60), || async {
-        (fed.workers()
-            .await
-            .iter()
-            .filter(|w| w.state == "up")
-            .count()
-            == want)
-            .then_some(())
-    })
-    .await;
+    fed.wait_for_workers_up(providers.len()).await;
     pb::models_client::ModelsClient::new(fed.operator().await)
         .add_model(smollm2_model(dtype))
         .await

@@ -31,6 +31,16 @@ fn add_model_request(name: &str, countries: &[&str]) -> pb::AddModelRequest {
     }
 }
 
+/// A short lease and a small KV reserve, so a slice's memory is mostly its weights.
+fn small_kv_config() -> FederationConfig {
+    FederationConfig {
+        heartbeat_interval: Duration::from_millis(200),
+        lease: Duration::from_millis(1500),
+        kv_reserve_tokens: 256,
+        ..FederationConfig::default()
+    }
+}
+
 fn covered(chain: &pb::PlacementChain, layers: u32) -> bool {
     let mut next = 0;
     for s in &chain.stages {
@@ -197,25 +207,10 @@ async fn models_are_placed_across_providers_within_memory_and_policy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_memory_is_shared_by_every_model_placed_on_it() {
-    let fed = TestFederation::start_with(FederationConfig {
-        heartbeat_interval: Duration::from_millis(200),
-        lease: Duration::from_millis(1500),
-        kv_reserve_tokens: 256,
-        ..FederationConfig::default()
-    })
-    .await;
+    let fed = TestFederation::start_with(small_kv_config()).await;
     fed.add_provider("ovh-fr", "FR", &[]).await;
     let worker = fed.start_worker(Some(fed.join_token("ovh-fr", 600).await), Some(250 * MIB));
-    eventually("the worker up", WAIT, || async {
-        (fed.workers()
-            .await
-            .iter()
-            .filter(|w| w.state == "up")
-            .count()
-            == 1)
-            .then_some(())
-    })
-    .await;
+    fed.wait_for_workers_up(1).await;
     let id = fed.workers().await[0].id.clone();
     let mut models = pb::models_client::ModelsClient::new(fed.operator().await);
     let placements = pb::placements_client::PlacementsClient::new(fed.operator().await);
@@ -294,38 +289,14 @@ async fn a_worker_memory_is_shared_by_every_model_placed_on_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_restarted_with_less_memory_gives_up_what_no_longer_fits() {
-    let fed = TestFederation::start_with(FederationConfig {
-        heartbeat_interval: Duration::from_millis(200),
-        lease: Duration::from_millis(1500),
-        kv_reserve_tokens: 256,
-        ..FederationConfig::default()
-    })
-    .await;
+    let fed = TestFederation::start_with(small_kv_config()).await;
     fed.add_provider("ovh-fr", "FR", &[]).await;
     fed.add_provider("ionos-de", "DE", &[]).await;
     let big = fed.start_worker(Some(fed.join_token("ovh-fr", 600).await), Some(400 * MIB));
-    eventually("the first worker up", WAIT, || async {
-        (fed.workers()
-            .await
-            .iter()
-            .filter(|w| w.state == "up")
-            .count()
-            == 1)
-            .then_some(())
-    })
-    .await;
+    fed.wait_for_workers_up(1).await;
     let big_id = fed.workers().await[0].id.clone();
     let small = fed.start_worker(Some(fed.join_token("ionos-de", 600).await), Some(250 * MIB));
-    eventually("both workers up", WAIT, || async {
-        (fed.workers()
-            .await
-            .iter()
-            .filter(|w| w.state == "up")
-            .count()
-            == 2)
-            .then_some(())
-    })
-    .await;
+    fed.wait_for_workers_up(2).await;
     let placements = pb::placements_client::PlacementsClient::new(fed.operator().await);
     pb::models_client::ModelsClient::new(fed.operator().await)
         .add_model(add_model_request("smollm2", &[]))
