@@ -448,6 +448,10 @@ fn a_coordinator_crash_ends_running_jobs_clearly_and_the_federation_resumes() {
     }
     fleet.coordinator.kill().unwrap();
     fleet.coordinator.wait().unwrap();
+    let killed_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     // The workers stop computing the orphaned session at once (they did until its end).
     let cpu_ticks = |fleet: &Fleet| -> u64 {
         fleet
@@ -511,8 +515,14 @@ fn a_coordinator_crash_ends_running_jobs_clearly_and_the_federation_resumes() {
         "{cut}"
     );
     assert!(cut["prompt_tokens"].as_u64() > Some(0), "{cut}");
-    // The tokens it had when the coordinator died are on record, up to the last second.
+    // The tokens it had when the coordinator died are on record, up to the last second, and
+    // it ended then (not at the restart, which came seconds later).
     let kept = fleet.json(&["job", "get", cut["job_id"].as_str().unwrap()]);
+    let ended = kept["finished_unix"].as_u64().unwrap();
+    assert!(
+        ended > 0 && ended <= killed_unix,
+        "ended {ended}, the coordinator was killed at {killed_unix}"
+    );
     let kept: Vec<u64> = kept["token_ids"]
         .as_array()
         .unwrap()

@@ -133,6 +133,9 @@ pub struct JobRecord {
     pub created_ns: u64,
     /// End time, Unix seconds.
     pub finished_unix: u64,
+    /// When its progress was last written while it ran, Unix seconds (0: never).
+    #[serde(default)]
+    pub progress_unix: u64,
 }
 
 impl JobRecord {
@@ -419,6 +422,7 @@ impl Federation {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos() as u64),
             finished_unix: 0,
+            progress_unix: 0,
         };
         self.store()
             .apply(record.index(Batch::new().put(JOBS, &job_id, encode(&record))))?;
@@ -850,6 +854,7 @@ impl Federation {
                         job.record.text.push_str(&text);
                         if now.duration_since(job.persisted) >= PERSIST_EVERY {
                             job.persisted = now;
+                            job.record.progress_unix = now_unix();
                             // Durable within the store's background flush (half a second).
                             if let Err(e) = self.store().apply(Batch::new().put(
                                 JOBS,
@@ -1045,7 +1050,9 @@ pub fn abandon_running_jobs(store: &dyn crate::store::Store) -> Result<(), Coord
             job.state = JobState::Failed;
             job.error =
                 Some("the coordinator restarted while the job ran; its stream was cut".into());
-            job.finished_unix = now_unix();
+            // It ended when that coordinator did: about when its progress was last written
+            // (within a second), not now.
+            job.finished_unix = job.progress_unix.max(job.created_unix);
             warn!(job = %job.id, "job abandoned by a coordinator restart");
             batch = batch.put(JOBS, &job.id, encode(&job));
         }

@@ -29,6 +29,7 @@ fn record(i: usize, tenant: &str, ns: u64) -> JobRecord {
         created_unix: ns / 1_000_000_000,
         created_ns: ns,
         finished_unix: ns / 1_000_000_000 + 1,
+        progress_unix: 0,
     }
 }
 
