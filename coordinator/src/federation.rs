@@ -374,9 +374,11 @@ impl Federation {
         }
     }
 
-    /// Every provider with its worker count.
+    /// Every provider with the number of its workers that are not revoked.
     pub fn list_providers(&self) -> Result<Vec<(ProviderRecord, usize)>, CoordinatorError> {
-        let workers: Vec<WorkerRecord> = read_all(self.store(), WORKERS)?;
+        let mut workers: Vec<WorkerRecord> = read_all(self.store(), WORKERS)?;
+        let revoked = self.revoked_workers()?;
+        workers.retain(|w| !revoked.contains(&w.id));
         Ok(read_all::<ProviderRecord>(self.store(), PROVIDERS)?
             .into_iter()
             .map(|p| {
