@@ -170,7 +170,7 @@ pub struct Federation {
     placement_gates: Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>,
     /// Per degraded model: the placement version and the available workers of the last try to
     /// place it as asked again (tried again only once either changes).
-    pub(crate) replan_tries: Mutex<HashMap<String, (u64, Vec<String>)>>,
+    replan_tries: Mutex<HashMap<String, (u64, Vec<String>)>>,
     /// Where the operator token is kept for the operator (`admin.token`).
     admin_token_path: std::path::PathBuf,
     /// Set once the coordinator is stopping.
@@ -792,10 +792,7 @@ impl Federation {
         self.dispatch(&record, &placement, &empty);
         self.live().statuses.retain(|(model, _), _| model != name);
         // The memory it held may let another model be placed as asked: try them all again.
-        self.replan_tries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        self.replan_tries().clear();
         info!(model = name, "model removed");
         Ok(record)
     }
@@ -896,6 +893,13 @@ impl Federation {
         })
     }
 
+    /// The last tries to place degraded models as asked (see `replan_tries`).
+    pub(crate) fn replan_tries(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, (u64, Vec<String>)>> {
+        self.replan_tries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Held from planning a placement to storing it (see `placing`).
     pub(crate) fn placing(&self) -> std::sync::MutexGuard<'_, ()> {
         self.placing.lock().unwrap_or_else(|p| p.into_inner())
@@ -909,15 +913,8 @@ impl Federation {
     ) -> Result<Vec<Vec<StageRecord>>, CoordinatorError> {
         let mut candidates = self.candidates()?;
         // What the other models' stages hold on each worker is not free for this one.
-        let mut committed: HashMap<String, u64> = HashMap::new();
-        for p in read_all::<PlacementRecord>(self.store(), PLACEMENTS)? {
-            if p.model == model.name {
-                continue;
-            }
-            for stage in p.chains.iter().flatten() {
-                *committed.entry(stage.worker_id.clone()).or_default() += stage.memory_bytes;
-            }
-        }
+        let placements = read_all::<PlacementRecord>(self.store(), PLACEMENTS)?;
+        let committed = memory_held(placements.iter().filter(|p| p.model != model.name));
         for c in &mut candidates {
             c.committed_bytes = committed.get(&c.worker.id).copied().unwrap_or(0);
         }
@@ -953,10 +950,7 @@ impl Federation {
         self.store.apply(batch)?;
         self.store.flush()?;
         // The memory this placement frees or takes changes what the others can get.
-        self.replan_tries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        self.replan_tries().clear();
         self.dispatch(record, &previous, &placement);
         info!(
             model,

@@ -222,12 +222,10 @@ impl Federation {
     fn check_memory_held(&self, worker: &WorkerRecord) -> Result<(), CoordinatorError> {
         let _placing = self.placing();
         let placements = read_all::<PlacementRecord>(self.store(), PLACEMENTS)?;
-        let held: u64 = placements
-            .iter()
-            .flat_map(|p| p.chains.iter().flatten())
-            .filter(|s| s.worker_id == worker.id)
-            .map(|s| s.memory_bytes)
-            .sum();
+        let held = memory_held(&placements)
+            .get(&worker.id)
+            .copied()
+            .unwrap_or(0);
         if held <= worker.offered_memory_bytes {
             return Ok(());
         }

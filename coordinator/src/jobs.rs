@@ -464,7 +464,7 @@ impl Federation {
     ) -> Result<(ChainStages, u64), CoordinatorError> {
         let mut placement = self.placement(model)?;
         // Just after the coordinator started, its workers are still reconnecting: a stage
-        // that is not connected yet is awaited (up to one lease), not replanned around.
+        // that is not connected yet is awaited (see `reconnect_grace`), not replanned around.
         let reconnecting = self.opened_at + self.reconnect_grace();
         while Instant::now() < reconnecting
             && self.pick_chain(&placement, policy).is_err()

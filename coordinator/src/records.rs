@@ -210,6 +210,20 @@ impl PlacementRecord {
     }
 }
 
+/// The memory the stages of `placements` hold on each worker, by worker id.
+pub fn memory_held<'a>(
+    placements: impl IntoIterator<Item = &'a PlacementRecord>,
+) -> std::collections::HashMap<String, u64> {
+    let mut held = std::collections::HashMap::new();
+    for stage in placements
+        .into_iter()
+        .flat_map(|p| p.chains.iter().flatten())
+    {
+        *held.entry(stage.worker_id.clone()).or_default() += stage.memory_bytes;
+    }
+    held
+}
+
 /// The (worker, layers) of every stage of `chains`, chain by chain.
 pub fn layout_of(chains: &[Vec<StageRecord>]) -> Vec<Vec<(&str, LayerRange)>> {
     chains

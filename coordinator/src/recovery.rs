@@ -4,15 +4,13 @@
 
 use std::time::{Duration, Instant};
 
-use std::collections::HashMap;
-
 use tracing::{debug, info, warn};
 
 use crate::error::CoordinatorError;
 use crate::federation::{AgentCommand, Federation};
 use crate::jobs::{JobState, LiveJob, new_session_id};
 use crate::placement::PlacementRequest;
-use crate::records::{PlacementRecord, layout_of};
+use crate::records::{PlacementRecord, layout_of, memory_held};
 
 /// How many times one job may be moved to another chain.
 const MAX_RECOVERIES: u32 = 5;
@@ -280,21 +278,13 @@ impl Federation {
         let Ok(workers) = self.list_workers() else {
             return false;
         };
+        let held = memory_held(&all);
         placement.chains.iter().flatten().any(|stage| {
-            let held: u64 = all
-                .iter()
-                .flat_map(|p| p.chains.iter().flatten())
-                .filter(|s| s.worker_id == stage.worker_id)
-                .map(|s| s.memory_bytes)
-                .sum();
-            workers
-                .iter()
-                .any(|(w, _)| w.id == stage.worker_id && held > w.offered_memory_bytes)
+            workers.iter().any(|(w, _)| {
+                w.id == stage.worker_id
+                    && held.get(&w.id).copied().unwrap_or(0) > w.offered_memory_bytes
+            })
         })
-    }
-
-    fn replan_tries(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, Vec<String>)>> {
-        self.replan_tries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Moves jobs that made no progress for `stall` to another chain (a stage that hangs
