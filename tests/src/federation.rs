@@ -145,6 +145,17 @@ impl TestFederation {
             .token
     }
 
+    /// The placement of `model`.
+    pub async fn placement(&self, model: &str) -> pb::Placement {
+        pb::placements_client::PlacementsClient::new(self.operator().await)
+            .show_placement(pb::ShowPlacementRequest {
+                model: model.into(),
+            })
+            .await
+            .expect("show placement")
+            .into_inner()
+    }
+
     /// Waits until `count` workers are up.
     pub async fn wait_for_workers_up(&self, count: usize) {
         eventually("the workers up", Duration::from_secs(60), || async {

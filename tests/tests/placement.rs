@@ -297,7 +297,6 @@ async fn a_worker_restarted_with_less_memory_gives_up_what_no_longer_fits() {
     let big_id = fed.workers().await[0].id.clone();
     let small = fed.start_worker(Some(fed.join_token("ionos-de", 600).await), Some(250 * MIB));
     fed.wait_for_workers_up(2).await;
-    let placements = pb::placements_client::PlacementsClient::new(fed.operator().await);
     pb::models_client::ModelsClient::new(fed.operator().await)
         .add_model(add_model_request("smollm2", &[]))
         .await
@@ -323,15 +322,9 @@ async fn a_worker_restarted_with_less_memory_gives_up_what_no_longer_fits() {
     big.stop().await.unwrap();
     let big = fed.start_worker_in(dir, None, Some(100 * MIB));
     let moved = eventually("the model placed within the memory offered", WAIT, || {
-        let mut placements = placements.clone();
+        let fed = &fed;
         async move {
-            let p = placements
-                .show_placement(pb::ShowPlacementRequest {
-                    model: "smollm2".into(),
-                })
-                .await
-                .ok()?
-                .into_inner();
+            let p = fed.placement("smollm2").await;
             let ready = p.version > on_big.version
                 && !p.chains.is_empty()
                 && p.chains[0]

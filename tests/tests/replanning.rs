@@ -13,13 +13,7 @@ use sovra_tests::federation::{
 const WAIT: Duration = Duration::from_secs(60);
 
 async fn show(fed: &TestFederation) -> pb::Placement {
-    pb::placements_client::PlacementsClient::new(fed.operator().await)
-        .show_placement(pb::ShowPlacementRequest {
-            model: "smollm2".into(),
-        })
-        .await
-        .expect("show placement")
-        .into_inner()
+    fed.placement("smollm2").await
 }
 
 fn workers_of(p: &pb::Placement) -> Vec<String> {
