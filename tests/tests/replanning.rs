@@ -241,3 +241,97 @@ async fn an_unplaced_model_says_why_as_of_now() {
     assert!(now.contains("MiB"), "{before} → {now}");
     small.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_placed_again_on_the_same_layers_keeps_its_weights() {
+    let (fed, workers, tenant) = fleet(
+        &[("ovh-fr", "FR"), ("ionos-de", "DE"), ("scw-nl", "NL")],
+        "q8_0",
+    )
+    .await;
+    let first = fed.place("smollm2", How::Stages(3)).await;
+    let stages: Vec<pb::PlacementStage> = first.chains[0].stages.clone();
+    assert_eq!(stages.len(), 3, "{first:?}");
+    for s in &stages {
+        let layers = format!("{}..{}", s.start_layer, s.end_layer);
+        assert_eq!(s.message, format!("layers {layers} loaded"), "{first:?}");
+    }
+    let prompt = "Name three rivers of Europe.";
+    let before = run_job(
+        fed.channel(Some(&tenant)).await,
+        chat_request(prompt, 12, 0.0, 0),
+    )
+    .await
+    .expect("a job on the first placement");
+
+    // The same chain asked for again, the last two stages' boundary moved by one layer: the
+    // head keeps what it holds, the other two read their new layers.
+    let explicit = |ranges: Vec<(String, u32, u32)>| {
+        How::Explicit(pb::ExplicitChain {
+            stages: ranges
+                .into_iter()
+                .map(|(worker_id, start_layer, end_layer)| pb::StageAssignment {
+                    worker_id,
+                    start_layer,
+                    end_layer,
+                })
+                .collect(),
+        })
+    };
+    let (head, middle, tail) = (&stages[0], &stages[1], &stages[2]);
+    let moved = explicit(vec![
+        (head.worker_id.clone(), head.start_layer, head.end_layer),
+        (
+            middle.worker_id.clone(),
+            middle.start_layer,
+            middle.end_layer + 1,
+        ),
+        (tail.worker_id.clone(), tail.start_layer + 1, tail.end_layer),
+    ]);
+    let second = fed.place("smollm2", moved.clone()).await;
+    let messages: Vec<&str> = second.chains[0]
+        .stages
+        .iter()
+        .map(|s| s.message.as_str())
+        .collect();
+    assert_eq!(
+        messages,
+        [
+            format!(
+                "layers {}..{} kept from placement version {}",
+                head.start_layer, head.end_layer, first.version
+            ),
+            format!(
+                "layers {}..{} loaded",
+                middle.start_layer,
+                middle.end_layer + 1
+            ),
+            format!("layers {}..{} loaded", tail.start_layer + 1, tail.end_layer),
+        ],
+        "{second:?}"
+    );
+
+    // Set again exactly as it is: every stage keeps its weights, under the new version.
+    let third = fed.place("smollm2", moved).await;
+    assert!(third.version > second.version);
+    for s in &third.chains[0].stages {
+        assert_eq!(
+            s.message,
+            format!(
+                "layers {}..{} kept from placement version {}",
+                s.start_layer, s.end_layer, second.version
+            ),
+            "{third:?}"
+        );
+    }
+    let after = run_job(
+        fed.channel(Some(&tenant)).await,
+        chat_request(prompt, 12, 0.0, 0),
+    )
+    .await
+    .expect("a job on the placement set again");
+    assert_eq!(after.tokens, before.tokens);
+    for w in workers {
+        w.stop().await.unwrap();
+    }
+}

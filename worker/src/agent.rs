@@ -122,12 +122,26 @@ pub struct LoadedSlice {
     pub range: LayerRange,
     /// The slice.
     pub slice: Arc<LlamaSlice>,
+    /// The tokenizer of its model.
+    pub tokenizer: Arc<ModelTokenizer>,
+    /// The sha256 of the model file its weights were read from.
+    pub file_sha256: String,
     /// Orders for its engine.
     pub engine: mpsc::UnboundedSender<EngineInput>,
     /// The bytes of frames its engine's input channel may hold.
     pub budget: InputBudget,
     /// Its engine's counters.
     pub stats: Arc<EngineStats>,
+}
+
+impl LoadedSlice {
+    /// Whether it holds what `a` orders: the same weights (file, weight mode) of the same
+    /// layers, so they need not be read again.
+    fn holds(&self, a: &pb::Assignment) -> bool {
+        self.file_sha256 == a.file_sha256
+            && a.dtype.parse::<WeightMode>().ok() == Some(self.slice.mode())
+            && (self.range.start, self.range.end) == (a.start_layer as usize, a.end_layer as usize)
+    }
 }
 
 /// Slices held, by model name.
@@ -873,19 +887,33 @@ async fn load_assignment(a: pb::Assignment, loader: Loader, tx: mpsc::Sender<pb:
     let _ = tx
         .send(report(pb::AssignmentState::Loading, String::new()))
         .await;
-    let order = a.clone();
-    let models_dir = loader.models_dir.clone();
-    let loaded =
-        tokio::task::spawn_blocking(move || load_slice(&order, models_dir.as_deref())).await;
+    // The same layers of the same weights, held for an earlier order (a placement set again,
+    // or planned again with this stage unchanged): a new engine on them, nothing read again.
+    let held = lock(&loader.slices)
+        .get(&a.model)
+        .filter(|held| held.holds(&a))
+        .map(|held| (held.slice.clone(), held.tokenizer.clone(), held.version));
+    let kept_from = held.as_ref().map(|(_, _, version)| *version);
+    let loaded = match held {
+        Some((slice, tokenizer, _)) => Ok(Ok((slice, tokenizer))),
+        None => {
+            let order = a.clone();
+            let models_dir = loader.models_dir.clone();
+            tokio::task::spawn_blocking(move || {
+                load_slice(&order, models_dir.as_deref())
+                    .map(|(slice, tokenizer)| (Arc::new(slice), Arc::new(tokenizer)))
+            })
+            .await
+        }
+    };
     let outcome = match loaded {
         Ok(Ok((slice, tokenizer))) => {
             let range = slice.range();
-            let slice = Arc::new(slice);
             let stats = Arc::new(EngineStats::default());
             let (engine, inputs) = mpsc::unbounded_channel();
             let engine_core = StageEngine::new(
                 slice.clone(),
-                Arc::new(tokenizer),
+                tokenizer.clone(),
                 loader.outputs.clone(),
                 stats.clone(),
             )
@@ -904,6 +932,8 @@ async fn load_assignment(a: pb::Assignment, loader: Loader, tx: mpsc::Sender<pb:
                     version: a.placement_version,
                     range,
                     slice,
+                    tokenizer,
+                    file_sha256: a.file_sha256.clone(),
                     engine,
                     budget: InputBudget::new(INPUT_BUDGET_BYTES),
                     stats,
@@ -919,8 +949,12 @@ async fn load_assignment(a: pb::Assignment, loader: Loader, tx: mpsc::Sender<pb:
                 loader.outputs.clone(),
                 tx.clone(),
             ));
-            info!(model = %a.model, layers = %range, version = a.placement_version, "slice ready");
-            report(pb::AssignmentState::Ready, format!("layers {range} loaded"))
+            info!(model = %a.model, layers = %range, version = a.placement_version, kept_from, "slice ready");
+            let how = match kept_from {
+                Some(version) => format!("kept from placement version {version}"),
+                None => "loaded".to_string(),
+            };
+            report(pb::AssignmentState::Ready, format!("layers {range} {how}"))
         }
         Ok(Err(reason)) => {
             warn!(model = %a.model, %reason, "assignment failed");

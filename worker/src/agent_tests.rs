@@ -4,7 +4,7 @@ use sovra_model::{GgufModel, WeightMode};
 use super::*;
 
 /// A slice table holding version `version` of model `m`.
-fn table(slice: &Arc<LlamaSlice>, version: u64) -> SliceTable {
+fn table(slice: &Arc<LlamaSlice>, tokenizer: &Arc<ModelTokenizer>, version: u64) -> SliceTable {
     let (engine, _) = mpsc::unbounded_channel();
     let slices: SliceTable = Arc::default();
     lock(&slices).insert(
@@ -13,6 +13,8 @@ fn table(slice: &Arc<LlamaSlice>, version: u64) -> SliceTable {
             version,
             range: slice.range(),
             slice: slice.clone(),
+            tokenizer: tokenizer.clone(),
+            file_sha256: String::new(),
             engine,
             budget: InputBudget::new(INPUT_BUDGET_BYTES),
             stats: Arc::default(),
@@ -36,6 +38,7 @@ async fn an_engine_that_panics_is_forgotten_its_sessions_fail_and_its_assignment
         )
         .unwrap(),
     );
+    let tokenizer = Arc::new(ModelTokenizer::from_gguf(model.metadata()).unwrap());
     let (tx, mut reports) = mpsc::channel(4);
     let (outputs, mut failed) = mpsc::unbounded_channel();
     let sessions: SessionTable = Arc::default();
@@ -54,7 +57,7 @@ async fn an_engine_that_panics_is_forgotten_its_sessions_fail_and_its_assignment
 
     // The engine of version 3 panics: the slice goes, its sessions fail, the coordinator hears
     // why.
-    let slices = table(&slice, 3);
+    let slices = table(&slice, &tokenizer, 3);
     watch(tokio::spawn(async { panic!("engine bug") }), 3, &slices).await;
     match reports.try_recv().unwrap().kind {
         Some(pb::agent_message::Kind::Status(s)) => {
@@ -76,43 +79,46 @@ async fn an_engine_that_panics_is_forgotten_its_sessions_fail_and_its_assignment
     assert_eq!(lost, [(1, why.clone()), (2, why)]);
 
     // An engine that ends because its slice was replaced says nothing and leaves the table alone.
-    let slices = table(&slice, 3);
+    let slices = table(&slice, &tokenizer, 3);
     watch(tokio::spawn(async {}), 3, &slices).await;
     assert!(reports.try_recv().is_err());
     assert!(lock(&slices).get("m").is_some());
 
     // A panicked engine of an older version reports, but leaves the newer slice and the
     // sessions (which may run on the newer engine) in place.
-    let slices = table(&slice, 4);
+    let slices = table(&slice, &tokenizer, 4);
     watch(tokio::spawn(async { panic!("old engine bug") }), 3, &slices).await;
     assert!(reports.try_recv().is_ok());
     assert_eq!(lock(&slices).get("m").map(|l| l.version), Some(4));
     assert!(failed.try_recv().is_err());
 }
 
-#[tokio::test]
-async fn a_load_whose_order_was_withdrawn_or_replaced_meanwhile_is_dropped() {
-    use pb::AssignmentState::{Loading, Ready};
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("m.gguf");
+/// A tiny model written to `dir`, and an order for layers `0..end_layer` of it.
+fn tiny_model(dir: &Path) -> impl Fn(u64, &str, u32) -> pb::Assignment {
+    let path = dir.join("m.gguf");
     SyntheticLlama::tiny().write_file(&path).unwrap();
     let hash = sha256_file(&path).unwrap();
-    let order = |version| pb::Assignment {
+    move |version, dtype, end_layer| pb::Assignment {
         model: "m".into(),
         placement_version: version,
         file_sha256: hash.clone(),
         file_name: "m.gguf".into(),
         file_path: path.display().to_string(),
-        dtype: "f32".into(),
+        dtype: dtype.into(),
         start_layer: 0,
-        end_layer: 2,
+        end_layer,
         chain: 0,
         stage: 0,
-    };
-    let slices: SliceTable = Arc::default();
-    let wanted: Wanted = Arc::default();
-    let (outputs, _engine_outputs) = mpsc::unbounded_channel();
-    let loader = || Loader {
+    }
+}
+
+/// A loader into `slices`, under the orders of `wanted`.
+fn loader(
+    slices: &SliceTable,
+    wanted: &Wanted,
+    outputs: &mpsc::UnboundedSender<EngineOutput>,
+) -> Loader {
+    Loader {
         models_dir: None,
         batch_wait: Duration::ZERO,
         slices: slices.clone(),
@@ -120,7 +126,19 @@ async fn a_load_whose_order_was_withdrawn_or_replaced_meanwhile_is_dropped() {
         sessions: Arc::default(),
         outputs: outputs.clone(),
         net: tokio::runtime::Handle::current(),
-    };
+    }
+}
+
+#[tokio::test]
+async fn a_load_whose_order_was_withdrawn_or_replaced_meanwhile_is_dropped() {
+    use pb::AssignmentState::{Loading, Ready};
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let order = |version| model(version, "f32", 2);
+    let slices: SliceTable = Arc::default();
+    let wanted: Wanted = Arc::default();
+    let (outputs, _engine_outputs) = mpsc::unbounded_channel();
+    let loader = || loader(&slices, &wanted, &outputs);
     let (tx, mut reports) = mpsc::channel(16);
 
     // Unassigned while it loaded: nothing stays.
@@ -147,6 +165,70 @@ async fn a_load_whose_order_was_withdrawn_or_replaced_meanwhile_is_dropped() {
             (5, Ready as i32)
         ]
     );
+}
+
+#[tokio::test]
+async fn an_order_for_layers_already_held_keeps_them_without_reading_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let order = tiny_model(dir.path());
+    let slices: SliceTable = Arc::default();
+    let wanted: Wanted = Arc::default();
+    let (outputs, _engine_outputs) = mpsc::unbounded_channel();
+    let (tx, mut reports) = mpsc::channel(16);
+    let load = |a: pb::Assignment| {
+        lock_any(&wanted).insert("m".into(), a.placement_version);
+        load_assignment(a, loader(&slices, &wanted, &outputs), tx.clone())
+    };
+    let mut ready = || -> String {
+        std::iter::from_fn(|| reports.try_recv().ok())
+            .filter_map(|m| match m.kind {
+                Some(pb::agent_message::Kind::Status(s))
+                    if s.state == pb::AssignmentState::Ready as i32 =>
+                {
+                    Some(s.message)
+                }
+                _ => None,
+            })
+            .last()
+            .expect("a ready report")
+    };
+    let held = || {
+        lock(&slices)
+            .get("m")
+            .map(|l| (l.version, l.slice.clone()))
+            .unwrap()
+    };
+
+    load(order(1, "f32", 2)).await;
+    assert_eq!(ready(), "layers 0..2 loaded");
+    let (_, first) = held();
+
+    // The file is gone, yet an order for the same layers in the same mode is met at once,
+    // with the weights already held, under the new version.
+    std::fs::remove_file(dir.path().join("m.gguf")).unwrap();
+    load(order(2, "f32", 2)).await;
+    assert_eq!(ready(), "layers 0..2 kept from placement version 1");
+    let (version, second) = held();
+    assert_eq!(version, 2);
+    assert!(Arc::ptr_eq(&first, &second));
+
+    // Other layers or another weight mode are read from the file: now missing, so they fail
+    // and what is held stays.
+    for (dtype, end) in [("f32", 3), ("q8_0", 2)] {
+        load(order(3, dtype, end)).await;
+        let failure = std::iter::from_fn(|| reports.try_recv().ok())
+            .find_map(|m| match m.kind {
+                Some(pb::agent_message::Kind::Status(s))
+                    if s.state == pb::AssignmentState::Failed as i32 =>
+                {
+                    Some(s.message)
+                }
+                _ => None,
+            })
+            .expect("a failure report");
+        assert!(failure.contains("not found"), "{failure}");
+        assert_eq!(held().0, 2);
+    }
 }
 
 #[test]
