@@ -677,7 +677,7 @@ pub fn print_placement(p: &pb::Placement, json_mode: bool) {
             json!({"bottleneck_ms": c.bottleneck_ms, "stages": c.stages.iter().map(|s| json!({"worker": s.worker_id, "provider": s.provider, "country": s.country, "layers": format!("{}..{}", s.start_layer, s.end_layer), "start_layer": s.start_layer, "end_layer": s.end_layer, "memory_bytes": s.memory_bytes, "state": state_name(s.state), "message": s.message})).collect::<Vec<_>>()})
         })
         .collect();
-    let doc = json!({"model": p.model, "version": p.version, "requested": p.requested, "degraded": p.degraded, "chains": chains, "unplaced_reason": if p.unplaced_reason.is_empty() { Value::Null } else { json!(p.unplaced_reason) }});
+    let doc = json!({"model": p.model, "version": p.version, "requested": p.requested, "degraded": p.degraded, "not_as_asked": if p.not_as_asked.is_empty() { Value::Null } else { json!(p.not_as_asked) }, "chains": chains, "unplaced_reason": if p.unplaced_reason.is_empty() { Value::Null } else { json!(p.unplaced_reason) }});
     emit(json_mode, doc, || {
         if p.chains.is_empty() {
             println!("{} is not placed: {}", p.model, p.unplaced_reason);
@@ -691,6 +691,9 @@ pub fn print_placement(p: &pb::Placement, json_mode: bool) {
                 "{} · placement v{} · degraded: not as asked ({}), planned around unavailable workers or within the memory they offer; placed as asked again once they allow it and no job of it runs",
                 p.model, p.version, p.requested
             );
+            if !p.not_as_asked.is_empty() {
+                println!("not as asked yet: {}", p.not_as_asked);
+            }
         } else {
             println!("{} · placement v{} · {}", p.model, p.version, p.requested);
         }

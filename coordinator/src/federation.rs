@@ -719,6 +719,7 @@ impl Federation {
                     unplaced_reason: Some(e.to_string()),
                     requested: PlacementRequest::Auto,
                     degraded: false,
+                    not_as_asked: None,
                 };
                 // Only while the model is still the one just added (not removed meanwhile).
                 self.store.apply(
@@ -861,6 +862,7 @@ impl Federation {
     ) -> Result<(), CoordinatorError> {
         self.update_placement_in_place(&PlacementRecord {
             degraded: false,
+            not_as_asked: None,
             ..placement.clone()
         })?;
         info!(model = %placement.model, version = placement.version, "placement is as asked");
@@ -890,6 +892,28 @@ impl Federation {
         self.update_placement_in_place(&PlacementRecord {
             unplaced_reason: Some(why.to_string()),
             ..placement.clone()
+        })
+    }
+
+    /// Records, in place, what keeps the degraded placement `version` of `model` from being
+    /// placed as asked (nothing when it was replanned or healed meanwhile). Callers hold
+    /// `placing`.
+    pub(crate) fn note_not_as_asked(
+        &self,
+        model: &str,
+        version: u64,
+        why: &str,
+    ) -> Result<(), CoordinatorError> {
+        let current = self.placement(model)?;
+        if current.version != version
+            || !current.degraded
+            || current.not_as_asked.as_deref() == Some(why)
+        {
+            return Ok(());
+        }
+        self.update_placement_in_place(&PlacementRecord {
+            not_as_asked: Some(why.to_string()),
+            ..current
         })
     }
 
@@ -939,6 +963,7 @@ impl Federation {
             unplaced_reason: None,
             requested,
             degraded,
+            not_as_asked: None,
         };
         let batch = Batch::new()
             .expect(

@@ -195,6 +195,10 @@ pub struct PlacementRecord {
     /// model that could not be placed at all).
     #[serde(default)]
     pub degraded: bool,
+    /// While degraded: what keeps it from being placed as asked, as of the coordinator's last
+    /// look (none before its first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_as_asked: Option<String>,
 }
 
 impl PlacementRecord {

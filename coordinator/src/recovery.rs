@@ -202,6 +202,10 @@ impl Federation {
                 .flatten()
                 .any(|s| !self.is_live(&s.worker_id))
             {
+                self.explain_not_as_asked(
+                    &placement,
+                    "a stage's worker is down: the model's next job places it again",
+                );
                 continue;
             }
             let model = placement.model.clone();
@@ -214,7 +218,9 @@ impl Federation {
                 continue;
             };
             if self.jobs().live.values().any(|j| j.record.model == model) {
-                continue; // once its jobs are done
+                // Once its jobs are done: moving its stages would move them.
+                self.explain_not_as_asked(&placement, "waiting for its running jobs to end");
+                continue;
             }
             self.replan_tries().insert(model.clone(), attempt);
             let _placing = self.placing();
@@ -259,12 +265,30 @@ impl Federation {
                 }
                 Err(e) => {
                     debug!(model = %model, cause = %e, "still cannot place as asked");
-                    // A model not placed at all shows why as of now, not as of its last try.
-                    if let Err(e) = self.note_unplaced(&placement, &e.to_string()) {
-                        warn!(model = %model, cause = %e, "recording why the model is not placed");
+                    // A model not placed at all shows why as of now, not as of its last try;
+                    // a degraded one, what keeps it from being placed as asked.
+                    let noted = if placement.degraded {
+                        self.note_not_as_asked(&model, placement.version, &e.to_string())
+                    } else {
+                        self.note_unplaced(&placement, &e.to_string())
+                    };
+                    if let Err(e) = noted {
+                        warn!(model = %model, cause = %e, "recording why the model is not placed as asked");
                     }
                 }
             }
+        }
+    }
+
+    /// Records what keeps the degraded `placement` from being placed as asked (see
+    /// `note_not_as_asked`); a model that is not degraded has nothing to explain.
+    fn explain_not_as_asked(&self, placement: &PlacementRecord, why: &str) {
+        if !placement.degraded {
+            return;
+        }
+        let _placing = self.placing();
+        if let Err(e) = self.note_not_as_asked(&placement.model, placement.version, why) {
+            warn!(model = %placement.model, cause = %e, "recording why the model is not placed as asked");
         }
     }
 

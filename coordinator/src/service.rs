@@ -688,6 +688,7 @@ pub fn placement_pb(
         unplaced_reason: p.unplaced_reason.unwrap_or_default(),
         requested: p.requested.describe(),
         degraded: p.degraded,
+        not_as_asked: p.not_as_asked.unwrap_or_default(),
     })
 }
 

@@ -82,6 +82,12 @@ async fn a_model_planned_around_a_failed_worker_is_placed_as_asked_when_it_retur
     // Several of the coordinator's ticks (a quarter of the 1.5 s lease each) pass: the running
     // job keeps its chain, and the placement stays as it is meanwhile.
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let waiting = eventually("the placement to say what it waits for", WAIT, || async {
+        let p = show(&fed).await;
+        (!p.not_as_asked.is_empty()).then_some(p)
+    })
+    .await;
+    assert_eq!(waiting.not_as_asked, "waiting for its running jobs to end");
     let meanwhile = show(&fed).await;
     assert_eq!(meanwhile.version, degraded.version, "{meanwhile:?}");
     assert!(meanwhile.degraded);
@@ -333,5 +339,66 @@ async fn a_stage_placed_again_on_the_same_layers_keeps_its_weights() {
     assert_eq!(after.tokens, before.tokens);
     for w in workers {
         w.stop().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_degraded_placement_says_what_keeps_it_from_being_as_asked() {
+    let (fed, workers, tenant) = fleet(
+        &[("ovh-fr", "FR"), ("ionos-de", "DE"), ("scw-nl", "NL")],
+        "q8_0",
+    )
+    .await;
+    let planned = fed.place("smollm2", How::Stages(3)).await;
+    let stages = &planned.chains[0].stages;
+    let asked = fed
+        .place(
+            "smollm2",
+            How::Explicit(pb::ExplicitChain {
+                stages: stages
+                    .iter()
+                    .map(|s| pb::StageAssignment {
+                        worker_id: s.worker_id.clone(),
+                        start_layer: s.start_layer,
+                        end_layer: s.end_layer,
+                    })
+                    .collect(),
+            }),
+        )
+        .await;
+    assert!(asked.requested.starts_with("explicit"), "{asked:?}");
+    assert!(!asked.degraded && asked.not_as_asked.is_empty());
+
+    // The operator revokes the tail's worker: the next job runs around it, and the placement,
+    // now degraded, says that the explicit chain names a worker that cannot be used.
+    let victim = stages[2].worker_id.clone();
+    pb::workers_client::WorkersClient::new(fed.operator().await)
+        .revoke_worker(pb::RevokeWorkerRequest {
+            worker_id: victim.clone(),
+        })
+        .await
+        .expect("revoke the tail's worker");
+    run_job(
+        fed.channel(Some(&tenant)).await,
+        chat_request("Name three rivers of Europe.", 4, 0.0, 0),
+    )
+    .await
+    .expect("the job runs around the revoked worker");
+    let explained = eventually("the reason it is not as asked", WAIT, || async {
+        let p = show(&fed).await;
+        (p.degraded && !p.not_as_asked.is_empty()).then_some(p)
+    })
+    .await;
+    assert!(!workers_of(&explained).contains(&victim), "{explained:?}");
+    assert!(
+        explained.not_as_asked.contains(&victim)
+            && explained.not_as_asked.contains("down or revoked"),
+        "{explained:?}"
+    );
+    for w in workers {
+        // The revoked worker ended on its refusal.
+        if let Err(e) = w.stop().await {
+            assert!(e.to_string().contains("is revoked"), "{e}");
+        }
     }
 }
