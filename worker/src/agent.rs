@@ -128,6 +128,8 @@ pub struct LoadedSlice {
     pub file_sha256: String,
     /// Orders for its engine.
     pub engine: mpsc::UnboundedSender<EngineInput>,
+    /// Its engine's number, unique in this process (see `watch_engine`).
+    pub engine_id: u64,
     /// The bytes of frames its engine's input channel may hold.
     pub budget: InputBudget,
     /// Its engine's counters.
@@ -573,12 +575,18 @@ fn lock_any<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Frees a session on the engine it was opened on (which, once the model's slice was replaced,
+/// is no longer the slice table's).
 fn close_session(sessions: &SessionTable, slices: &SliceTable, plane: &DataPlane, session: u64) {
-    plane.remove_route(session);
-    if let Some(model) = lock_any(sessions).remove(&session)
-        && let Some(loaded) = lock(slices).get(&model)
-    {
-        let _ = loaded.engine.send(EngineInput::Close(session));
+    let route = plane.remove_route(session);
+    let model = lock_any(sessions).remove(&session);
+    let engine = match (route, model) {
+        (Some(route), _) => Some(route.engine),
+        (None, Some(model)) => lock(slices).get(&model).map(|l| l.engine.clone()),
+        (None, None) => None,
+    };
+    if let Some(engine) = engine {
+        let _ = engine.send(EngineInput::Close(session));
     }
 }
 
@@ -735,9 +743,8 @@ impl AgentSession<'_> {
             }
             Some(Kind::OpenSession(o)) => self.open_session(o, tx.clone()),
             Some(Kind::StartSession(s)) => {
-                let model = lock_any(&self.sessions).get(&s.session).cloned();
-                if let Some(loaded) = model.and_then(|m| lock(&self.slices).get(&m).cloned()) {
-                    let _ = loaded.engine.send(EngineInput::Start(s.session));
+                if let Some(engine) = self.plane.engine_of(s.session) {
+                    let _ = engine.send(EngineInput::Start(s.session));
                 }
             }
             Some(Kind::CloseSession(c)) => {
@@ -888,26 +895,35 @@ async fn load_assignment(a: pb::Assignment, loader: Loader, tx: mpsc::Sender<pb:
         .send(report(pb::AssignmentState::Loading, String::new()))
         .await;
     // The same layers of the same weights, held for an earlier order (a placement set again,
-    // or planned again with this stage unchanged): a new engine on them, nothing read again.
-    let held = lock(&loader.slices)
-        .get(&a.model)
-        .filter(|held| held.holds(&a))
-        .map(|held| (held.slice.clone(), held.tokenizer.clone(), held.version));
-    let kept_from = held.as_ref().map(|(_, _, version)| *version);
-    let loaded = match held {
-        Some((slice, tokenizer, _)) => Ok(Ok((slice, tokenizer))),
-        None => {
-            let order = a.clone();
-            let models_dir = loader.models_dir.clone();
-            tokio::task::spawn_blocking(move || {
-                load_slice(&order, models_dir.as_deref())
-                    .map(|(slice, tokenizer)| (Arc::new(slice), Arc::new(tokenizer)))
-            })
-            .await
+    // or planned again with this stage unchanged): kept as they are, with their engine and its
+    // sessions, under the new version; nothing is read again.
+    let kept = {
+        let mut slices = lock(&loader.slices);
+        match slices.get_mut(&a.model) {
+            Some(held) if held.holds(&a) => {
+                if lock_any(&loader.wanted).get(&a.model) != Some(&a.placement_version) {
+                    return; // replaced or withdrawn meanwhile: the newer order decides
+                }
+                let from = held.version;
+                held.version = a.placement_version;
+                Some((from, held.range))
+            }
+            _ => None,
         }
     };
+    if let Some((from, range)) = kept {
+        info!(model = %a.model, layers = %range, version = a.placement_version, kept_from = from, "slice kept");
+        let message = format!("layers {range} kept from placement version {from}");
+        let _ = tx.send(report(pb::AssignmentState::Ready, message)).await;
+        return;
+    }
+    let order = a.clone();
+    let models_dir = loader.models_dir.clone();
+    let loaded =
+        tokio::task::spawn_blocking(move || load_slice(&order, models_dir.as_deref())).await;
     let outcome = match loaded {
         Ok(Ok((slice, tokenizer))) => {
+            let (slice, tokenizer) = (Arc::new(slice), Arc::new(tokenizer));
             let range = slice.range();
             let stats = Arc::new(EngineStats::default());
             let (engine, inputs) = mpsc::unbounded_channel();
@@ -919,6 +935,8 @@ async fn load_assignment(a: pb::Assignment, loader: Loader, tx: mpsc::Sender<pb:
             )
             .with_batch_wait(loader.batch_wait);
             let task = loader.net.spawn(engine_core.run(inputs));
+            static ENGINES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let engine_id = ENGINES.fetch_add(1, Ordering::Relaxed);
             let mut slices = lock(&loader.slices);
             // Only the newest order is kept: loads of several placement versions may finish
             // out of order, and the model may have been unassigned meanwhile.
@@ -935,6 +953,7 @@ async fn load_assignment(a: pb::Assignment, loader: Loader, tx: mpsc::Sender<pb:
                     tokenizer,
                     file_sha256: a.file_sha256.clone(),
                     engine,
+                    engine_id,
                     budget: InputBudget::new(INPUT_BUDGET_BYTES),
                     stats,
                 },
@@ -943,18 +962,17 @@ async fn load_assignment(a: pb::Assignment, loader: Loader, tx: mpsc::Sender<pb:
             tokio::spawn(watch_engine(
                 task,
                 a.model.clone(),
-                a.placement_version,
+                Started {
+                    engine_id,
+                    version: a.placement_version,
+                },
                 loader.slices.clone(),
                 loader.sessions.clone(),
                 loader.outputs.clone(),
                 tx.clone(),
             ));
-            info!(model = %a.model, layers = %range, version = a.placement_version, kept_from, "slice ready");
-            let how = match kept_from {
-                Some(version) => format!("kept from placement version {version}"),
-                None => "loaded".to_string(),
-            };
-            report(pb::AssignmentState::Ready, format!("layers {range} {how}"))
+            info!(model = %a.model, layers = %range, version = a.placement_version, "slice ready");
+            report(pb::AssignmentState::Ready, format!("layers {range} loaded"))
         }
         Ok(Err(reason)) => {
             warn!(model = %a.model, %reason, "assignment failed");
@@ -965,17 +983,25 @@ async fn load_assignment(a: pb::Assignment, loader: Loader, tx: mpsc::Sender<pb:
     let _ = tx.send(outcome).await;
 }
 
+/// An engine as its watcher knows it: its number and the placement version it was started for.
+#[derive(Debug, Clone, Copy)]
+struct Started {
+    engine_id: u64,
+    version: u64,
+}
+
 /// Waits for a slice's engine task. If it ended by a panic (a bug in the engine itself: a
 /// forward's panic only fails its batch), its sessions are gone: the slice is forgotten, so a new
 /// session on it is refused, its open sessions fail at once (the coordinator moves their jobs to
 /// another chain, as for any stage failure, without waiting for its stall watchdog), and its
-/// assignment is reported failed, so the coordinator stops choosing chains through it. An engine
-/// that ends because its slice was replaced says nothing; one of a version already replaced only
-/// reports.
+/// assignment is reported failed (under the version the slice holds now: it may have been kept
+/// for newer orders), so the coordinator stops choosing chains through it. An engine that ends
+/// because its slice was replaced says nothing; one already replaced only reports, under the
+/// version it was started for.
 async fn watch_engine(
     task: tokio::task::JoinHandle<()>,
     model: String,
-    version: u64,
+    Started { engine_id, version }: Started,
     slices: SliceTable,
     sessions: SessionTable,
     outputs: mpsc::UnboundedSender<EngineOutput>,
@@ -990,16 +1016,16 @@ async fn watch_engine(
         "the stage engine stopped: {}",
         crate::stage::panic_message(&*payload)
     );
-    warn!(%model, version, %reason, "slice failed");
     let current = {
         let mut slices = lock(&slices);
-        let current = slices.get(&model).is_some_and(|l| l.version == version);
-        if current {
-            slices.remove(&model);
+        match slices.get(&model) {
+            Some(l) if l.engine_id == engine_id => slices.remove(&model).map(|l| l.version),
+            _ => None,
         }
-        current
     };
-    if current {
+    let version = current.unwrap_or(version);
+    warn!(%model, version, %reason, "slice failed");
+    if current.is_some() {
         let lost: Vec<u64> = lock_any(&sessions)
             .iter()
             .filter(|(_, m)| **m == model)

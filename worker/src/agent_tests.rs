@@ -3,7 +3,7 @@ use sovra_model::{GgufModel, WeightMode};
 
 use super::*;
 
-/// A slice table holding version `version` of model `m`.
+/// A slice table holding version `version` of model `m`, run by engine number 7.
 fn table(slice: &Arc<LlamaSlice>, tokenizer: &Arc<ModelTokenizer>, version: u64) -> SliceTable {
     let (engine, _) = mpsc::unbounded_channel();
     let slices: SliceTable = Arc::default();
@@ -16,6 +16,7 @@ fn table(slice: &Arc<LlamaSlice>, tokenizer: &Arc<ModelTokenizer>, version: u64)
             tokenizer: tokenizer.clone(),
             file_sha256: String::new(),
             engine,
+            engine_id: 7,
             budget: InputBudget::new(INPUT_BUDGET_BYTES),
             stats: Arc::default(),
         },
@@ -43,11 +44,11 @@ async fn an_engine_that_panics_is_forgotten_its_sessions_fail_and_its_assignment
     let (outputs, mut failed) = mpsc::unbounded_channel();
     let sessions: SessionTable = Arc::default();
     lock_any(&sessions).extend([(1, "m".to_string()), (2, "m".into()), (3, "other".into())]);
-    let watch = |task, version, slices: &SliceTable| {
+    let watch = |task, engine_id, version, slices: &SliceTable| {
         watch_engine(
             task,
             "m".into(),
-            version,
+            Started { engine_id, version },
             slices.clone(),
             sessions.clone(),
             outputs.clone(),
@@ -58,7 +59,7 @@ async fn an_engine_that_panics_is_forgotten_its_sessions_fail_and_its_assignment
     // The engine of version 3 panics: the slice goes, its sessions fail, the coordinator hears
     // why.
     let slices = table(&slice, &tokenizer, 3);
-    watch(tokio::spawn(async { panic!("engine bug") }), 3, &slices).await;
+    watch(tokio::spawn(async { panic!("engine bug") }), 7, 3, &slices).await;
     match reports.try_recv().unwrap().kind {
         Some(pb::agent_message::Kind::Status(s)) => {
             assert_eq!((s.model.as_str(), s.placement_version), ("m", 3));
@@ -80,17 +81,41 @@ async fn an_engine_that_panics_is_forgotten_its_sessions_fail_and_its_assignment
 
     // An engine that ends because its slice was replaced says nothing and leaves the table alone.
     let slices = table(&slice, &tokenizer, 3);
-    watch(tokio::spawn(async {}), 3, &slices).await;
+    watch(tokio::spawn(async {}), 7, 3, &slices).await;
     assert!(reports.try_recv().is_err());
     assert!(lock(&slices).get("m").is_some());
 
-    // A panicked engine of an older version reports, but leaves the newer slice and the
-    // sessions (which may run on the newer engine) in place.
+    // A panicked engine already replaced (number 6, of version 3) reports under its own
+    // version, but leaves the newer slice and the sessions (which may run on the newer engine)
+    // in place.
     let slices = table(&slice, &tokenizer, 4);
-    watch(tokio::spawn(async { panic!("old engine bug") }), 3, &slices).await;
-    assert!(reports.try_recv().is_ok());
+    watch(
+        tokio::spawn(async { panic!("old engine bug") }),
+        6,
+        3,
+        &slices,
+    )
+    .await;
+    let version = |m: pb::AgentMessage| match m.kind {
+        Some(pb::agent_message::Kind::Status(s)) => s.placement_version,
+        other => panic!("expected a status, got {other:?}"),
+    };
+    assert_eq!(version(reports.try_recv().unwrap()), 3);
     assert_eq!(lock(&slices).get("m").map(|l| l.version), Some(4));
     assert!(failed.try_recv().is_err());
+
+    // The engine started for version 3 and kept for version 4 panics: its slice goes, its
+    // sessions fail, and the failure is reported under the version it holds now.
+    watch(
+        tokio::spawn(async { panic!("kept engine bug") }),
+        7,
+        3,
+        &slices,
+    )
+    .await;
+    assert_eq!(version(reports.try_recv().unwrap()), 4);
+    assert!(lock(&slices).get("m").is_none());
+    assert_eq!(std::iter::from_fn(|| failed.try_recv().ok()).count(), 2);
 }
 
 /// A tiny model written to `dir`, and an order for layers `0..end_layer` of it.
@@ -195,22 +220,23 @@ async fn an_order_for_layers_already_held_keeps_them_without_reading_the_file() 
     let held = || {
         lock(&slices)
             .get("m")
-            .map(|l| (l.version, l.slice.clone()))
+            .map(|l| (l.version, l.slice.clone(), l.engine.clone()))
             .unwrap()
     };
 
     load(order(1, "f32", 2)).await;
     assert_eq!(ready(), "layers 0..2 loaded");
-    let (_, first) = held();
+    let (_, first, first_engine) = held();
 
-    // The file is gone, yet an order for the same layers in the same mode is met at once,
-    // with the weights already held, under the new version.
+    // The file is gone, yet an order for the same layers in the same mode is met at once:
+    // the weights and the engine (with its sessions) are kept, under the new version.
     std::fs::remove_file(dir.path().join("m.gguf")).unwrap();
     load(order(2, "f32", 2)).await;
     assert_eq!(ready(), "layers 0..2 kept from placement version 1");
-    let (version, second) = held();
+    let (version, second, second_engine) = held();
     assert_eq!(version, 2);
     assert!(Arc::ptr_eq(&first, &second));
+    assert!(first_engine.same_channel(&second_engine));
 
     // Other layers or another weight mode are read from the file: now missing, so they fail
     // and what is held stays.
@@ -247,4 +273,81 @@ fn a_data_dir_serves_one_worker_process_at_a_time() {
     }
     drop(first);
     lock_data_dir(&data).expect("the data dir is free once the first worker is gone");
+}
+
+#[tokio::test]
+async fn a_session_is_started_and_freed_on_the_engine_it_was_opened_on() {
+    let ca = sovra_proto::ca::FederationCa::generate("test federation").unwrap();
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let (failures, _failed) = mpsc::unbounded_channel();
+    let plane = DataPlane::start(
+        socket,
+        &crate::quic::tests::identity(&ca, "w-a", "prov-a"),
+        failures,
+    )
+    .unwrap();
+    // Session 1 was opened on the engine of an earlier slice of "m"; the table now holds a
+    // newer one.
+    let (old_engine, mut old_inputs) = mpsc::unbounded_channel();
+    let (new_engine, mut new_inputs) = mpsc::unbounded_channel();
+    plane.add_route(
+        1,
+        Route {
+            model: Arc::from("m"),
+            engine: old_engine,
+            budget: InputBudget::new(INPUT_BUDGET_BYTES),
+            prev: None,
+            tail: None,
+        },
+    );
+    let sessions: SessionTable = Arc::default();
+    lock_any(&sessions).insert(1, "m".into());
+    let slices: SliceTable = Arc::default();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    SyntheticLlama::tiny().write_file(&path).unwrap();
+    let model = GgufModel::open(&path).unwrap();
+    lock(&slices).insert(
+        "m".into(),
+        LoadedSlice {
+            version: 2,
+            range: LayerRange::new(0, 2),
+            slice: Arc::new(
+                LlamaSlice::load(
+                    &model,
+                    LayerRange::new(0, 2),
+                    WeightMode::F32,
+                    &candle_core::Device::Cpu,
+                )
+                .unwrap(),
+            ),
+            tokenizer: Arc::new(ModelTokenizer::from_gguf(model.metadata()).unwrap()),
+            file_sha256: String::new(),
+            engine: new_engine,
+            engine_id: 2,
+            budget: InputBudget::new(INPUT_BUDGET_BYTES),
+            stats: Arc::default(),
+        },
+    );
+
+    plane
+        .engine_of(1)
+        .unwrap()
+        .send(EngineInput::Start(1))
+        .unwrap();
+    close_session(&sessions, &slices, &plane, 1);
+    let old: Vec<String> = std::iter::from_fn(|| old_inputs.try_recv().ok())
+        .map(|input| match input {
+            EngineInput::Start(s) => format!("start {s}"),
+            EngineInput::Close(s) => format!("close {s}"),
+            _ => "other".into(),
+        })
+        .collect();
+    assert_eq!(old, ["start 1", "close 1"]);
+    assert!(
+        new_inputs.try_recv().is_err(),
+        "the newer engine got orders"
+    );
+    assert!(plane.engine_of(1).is_none());
+    assert!(lock_any(&sessions).is_empty());
 }

@@ -156,9 +156,14 @@ impl DataPlane {
         lock(&self.routes).insert(session, route);
     }
 
-    /// Stops routing a session's frames.
-    pub fn remove_route(&self, session: u64) {
-        lock(&self.routes).remove(&session);
+    /// Stops routing a session's frames; returns its route, if it had one.
+    pub fn remove_route(&self, session: u64) -> Option<Route> {
+        lock(&self.routes).remove(&session)
+    }
+
+    /// The engine a session was opened on.
+    pub fn engine_of(&self, session: u64) -> Option<mpsc::UnboundedSender<EngineInput>> {
+        lock(&self.routes).get(&session).map(|r| r.engine.clone())
     }
 
     /// Closes the endpoint and forgets every route and link (the worker is stopping), then
