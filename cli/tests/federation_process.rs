@@ -298,7 +298,8 @@ fn operator_workflow_survives_a_coordinator_sigkill() {
             .collect()
     };
     assert_eq!(strip_state(&placement["chains"]), strip_state(&before[3]));
-    // Reconnected workers receive their assignments again and report ready.
+    // Reconnected workers receive their assignments again and report ready, with the slices
+    // they held (nothing read again).
     cluster.wait_for(
         "the slices to be ready again",
         Duration::from_secs(60),
@@ -311,6 +312,14 @@ fn operator_workflow_survives_a_coordinator_sigkill() {
                 .all(|s| s["state"] == "ready")
         },
     );
+    let placement = cluster.json(&["placement", "show", "smollm2"]);
+    for stage in placement["chains"][0]["stages"].as_array().unwrap() {
+        let message = stage["message"].as_str().unwrap();
+        assert!(
+            message.ends_with("loaded (kept over the reconnection)"),
+            "{placement}"
+        );
+    }
     // The tenant's token still authenticates after the restart.
     let out = cluster.cli_as(&tenant_token, &["model", "list"]);
     assert!(

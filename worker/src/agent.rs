@@ -913,7 +913,13 @@ async fn load_assignment(a: pb::Assignment, loader: Loader, tx: mpsc::Sender<pb:
     };
     if let Some((from, range)) = kept {
         info!(model = %a.model, layers = %range, version = a.placement_version, kept_from = from, "slice kept");
-        let message = format!("layers {range} kept from placement version {from}");
+        // The same version again: its order was sent again as this worker or the coordinator
+        // reconnected.
+        let message = if from == a.placement_version {
+            format!("layers {range} loaded (kept over the reconnection)")
+        } else {
+            format!("layers {range} kept from placement version {from}")
+        };
         let _ = tx.send(report(pb::AssignmentState::Ready, message)).await;
         return;
     }
