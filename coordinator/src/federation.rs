@@ -935,10 +935,26 @@ impl Federation {
         model: &ModelRecord,
         how: &PlacementRequest,
     ) -> Result<Vec<Vec<StageRecord>>, CoordinatorError> {
+        self.plan_holding(model, how, false)
+    }
+
+    /// As `plan`; with `beside_itself`, the memory the model's own current stages hold is not
+    /// free either (a plan made while its jobs still run on them: they keep their slices until
+    /// those jobs end).
+    pub(crate) fn plan_holding(
+        &self,
+        model: &ModelRecord,
+        how: &PlacementRequest,
+        beside_itself: bool,
+    ) -> Result<Vec<Vec<StageRecord>>, CoordinatorError> {
         let mut candidates = self.candidates()?;
         // What the other models' stages hold on each worker is not free for this one.
         let placements = read_all::<PlacementRecord>(self.store(), PLACEMENTS)?;
-        let committed = memory_held(placements.iter().filter(|p| p.model != model.name));
+        let committed = memory_held(
+            placements
+                .iter()
+                .filter(|p| beside_itself || p.model != model.name),
+        );
         for c in &mut candidates {
             c.committed_bytes = committed.get(&c.worker.id).copied().unwrap_or(0);
         }

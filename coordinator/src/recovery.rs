@@ -10,7 +10,7 @@ use crate::error::CoordinatorError;
 use crate::federation::{AgentCommand, Federation};
 use crate::jobs::{JobState, LiveJob, new_session_id};
 use crate::placement::PlacementRequest;
-use crate::records::{PlacementRecord, layout_of, memory_held};
+use crate::records::{ModelRecord, PlacementRecord, layout_of, memory_held};
 
 /// How many times one job may be moved to another chain.
 const MAX_RECOVERIES: u32 = 5;
@@ -217,12 +217,7 @@ impl Federation {
             let Ok(_no_job_starting) = gate.try_write() else {
                 continue;
             };
-            if self.jobs().live.values().any(|j| j.record.model == model) {
-                // Once its jobs are done: moving its stages would move them.
-                self.explain_not_as_asked(&placement, "waiting for its running jobs to end");
-                continue;
-            }
-            self.replan_tries().insert(model.clone(), attempt);
+            let running = self.jobs().live.values().any(|j| j.record.model == model);
             let _placing = self.placing();
             let Ok(record) = self.model(&model) else {
                 continue; // removed meanwhile
@@ -232,22 +227,13 @@ impl Federation {
                 continue;
             }
             let requested = placement.requested.clone();
+            if running {
+                self.place_beside_running_jobs(&record, &placement);
+                continue; // no try recorded: once they end, it is tried as below
+            }
+            self.replan_tries().insert(model.clone(), attempt);
             match self.plan(&record, &requested) {
-                Ok(chains) if layout_of(&chains) == placement.layout() => {
-                    // As asked after all: no longer degraded (nothing moves).
-                    if let Err(e) = self.mark_as_asked(&placement) {
-                        warn!(model = %model, cause = %e, "recording the placement as asked");
-                    }
-                }
-                Ok(chains) => match self.write_placement(&record, chains, requested, false) {
-                    Ok(p) => info!(
-                        model = %model,
-                        version = p.version,
-                        requested = %p.requested.describe(),
-                        "placed as asked again"
-                    ),
-                    Err(e) => warn!(model = %model, cause = %e, "placing as asked again"),
-                },
+                Ok(chains) => self.adopt_as_asked(&record, &placement, chains, ""),
                 // A worker holds more of it than it offers now: planned as the planner sees
                 // fit meanwhile (still degraded), within the memory offered.
                 Err(e) if self.overcommitted(&placement) => {
@@ -277,6 +263,57 @@ impl Federation {
                     }
                 }
             }
+        }
+    }
+
+    /// Places the degraded `placement` of `record` as asked while jobs of it run, if the plan
+    /// fits in what the workers have besides what its current stages hold: the running jobs go
+    /// on on the stages they hold (a worker keeps a replaced slice until its last session ends,
+    /// and a stage given the same layers keeps its slice), and the next jobs run on the new
+    /// placement. Otherwise it waits for them to end. Callers hold the model's gate and
+    /// `placing`.
+    fn place_beside_running_jobs(&self, record: &ModelRecord, placement: &PlacementRecord) {
+        let model = &record.name;
+        let requested = placement.requested.clone();
+        match self.plan_holding(record, &requested, true) {
+            Ok(chains) => {
+                self.adopt_as_asked(record, placement, chains, ", beside its running jobs")
+            }
+            Err(e) => {
+                debug!(model = %model, cause = %e, "cannot place as asked beside its running jobs");
+                let why = "waiting for its running jobs to end: as asked, it does not fit beside the stages they run on";
+                if let Err(e) = self.note_not_as_asked(model, placement.version, why) {
+                    warn!(model = %model, cause = %e, "recording why the model is not placed as asked");
+                }
+            }
+        }
+    }
+
+    /// Makes `chains`, planned as `placement` asks, the model's placement: a new version,
+    /// unless they are its layout already (then it is only no longer degraded: nothing moves).
+    /// Callers hold `placing`.
+    fn adopt_as_asked(
+        &self,
+        record: &ModelRecord,
+        placement: &PlacementRecord,
+        chains: Vec<Vec<crate::records::StageRecord>>,
+        how: &str,
+    ) {
+        let model = &record.name;
+        if layout_of(&chains) == placement.layout() {
+            if let Err(e) = self.mark_as_asked(placement) {
+                warn!(model = %model, cause = %e, "recording the placement as asked");
+            }
+            return;
+        }
+        match self.write_placement(record, chains, placement.requested.clone(), false) {
+            Ok(p) => info!(
+                model = %model,
+                version = p.version,
+                requested = %p.requested.describe(),
+                "placed as asked again{how}"
+            ),
+            Err(e) => warn!(model = %model, cause = %e, "placing as asked again"),
         }
     }
 

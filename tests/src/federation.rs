@@ -28,6 +28,8 @@ pub struct TestFederation {
     pub fed: Arc<Federation>,
     /// Batch wait of the workers started from now on.
     pub worker_batch_wait: Duration,
+    /// The memory the workers of `fleet_in` offer (None: what the machine has).
+    pub worker_max_memory: Option<u64>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<()>>,
 }
@@ -93,6 +95,7 @@ impl TestFederation {
             operator_token,
             fed,
             worker_batch_wait: Duration::ZERO,
+            worker_max_memory: None,
             stop: Some(stop),
             server: Some(server),
         }
@@ -324,7 +327,8 @@ pub async fn fleet_in(
     let mut workers = Vec::new();
     for (name, country) in providers {
         fed.add_provider(name, country, &["ISO27001"]).await;
-        workers.push(fed.start_worker(Some(fed.join_token(name, 600).await), None));
+        workers
+            .push(fed.start_worker(Some(fed.join_token(name, 600).await), fed.worker_max_memory));
     }
     fed.wait_for_workers_up(providers.len()).await;
     pb::models_client::ModelsClient::new(fed.operator().await)

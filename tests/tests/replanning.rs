@@ -1,13 +1,15 @@
 //! Placements heal: a model planned around a failed worker is placed as the operator asked
-//! again once the worker is back (never under a running job), and a model registered before
-//! any worker could hold it is placed once workers join.
+//! again once the worker is back (beside its running jobs, which go on on the stages they
+//! hold, or once they end where the new placement does not fit beside them), and a model
+//! registered before any worker could hold it is placed once workers join.
 
 use std::time::Duration;
 
 use sovra_proto::pb;
 use sovra_proto::pb::set_placement_request::How;
 use sovra_tests::federation::{
-    TestFederation, chat_request, eventually, fleet, run_job, smollm2_model, start_job,
+    JobOutput, TestFederation, TestWorker, chat_request, eventually, fleet, fleet_in, run_job,
+    smollm2_model, start_job,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -22,6 +24,64 @@ fn workers_of(p: &pb::Placement) -> Vec<String> {
         .flat_map(|c| &c.stages)
         .map(|s| s.worker_id.clone())
         .collect()
+}
+
+/// Reads a running job's stream until `tokens` holds `count` tokens.
+async fn read_tokens(
+    stream: &mut tonic::Streaming<pb::JobEvent>,
+    tokens: &mut Vec<u32>,
+    count: usize,
+) {
+    while let Some(event) = stream.message().await.expect("the job's stream") {
+        match event.kind {
+            Some(pb::job_event::Kind::Token(t)) => {
+                tokens.push(t.token_id);
+                if tokens.len() >= count {
+                    return;
+                }
+            }
+            Some(pb::job_event::Kind::Summary(s)) => panic!("the job ended: {s:?}"),
+            _ => {}
+        }
+    }
+    panic!("the job's stream ended");
+}
+
+/// The worker `stop_one` stopped.
+struct Away {
+    dir: std::path::PathBuf,
+    id: String,
+}
+
+/// Stops the last of `workers`, which holds a stage of `asked` (a 3-stage placement), and
+/// runs a greedy job of `prompt`, which replans the model around it (two workers cannot give
+/// three stages): degraded, the request kept. Returns that worker and the job's output.
+async fn stop_one(
+    fed: &TestFederation,
+    workers: &mut Vec<TestWorker>,
+    asked: &pb::Placement,
+    tenant: &str,
+    prompt: &str,
+) -> (Away, JobOutput) {
+    let away = workers.pop().unwrap();
+    let dir = away.data_dir.clone();
+    let identity = std::fs::read_to_string(dir.join("identity.json")).unwrap();
+    let id = workers_of(asked)
+        .into_iter()
+        .find(|w| identity.contains(w.as_str()))
+        .expect("the stopped worker held a stage");
+    away.stop().await.unwrap();
+    let around = run_job(
+        fed.channel(Some(tenant)).await,
+        chat_request(prompt, 12, 0.0, 0),
+    )
+    .await
+    .expect("the job runs around the stopped worker");
+    let degraded = show(fed).await;
+    assert!(degraded.degraded, "{degraded:?}");
+    assert_eq!(degraded.requested, "3 stages", "the request is kept");
+    assert!(!workers_of(&degraded).contains(&id));
+    (Away { dir, id }, around)
 }
 
 fn all_ready(p: &pb::Placement) -> bool {
@@ -43,26 +103,10 @@ async fn a_model_planned_around_a_failed_worker_is_placed_as_asked_when_it_retur
     assert_eq!(asked.requested, "3 stages");
     assert!(!asked.degraded);
 
-    // One worker stops; the next job replans around it (two workers cannot give three stages).
-    let away = workers.pop().unwrap();
-    let away_dir = away.data_dir.clone();
-    let identity = std::fs::read_to_string(away_dir.join("identity.json")).unwrap();
-    let away_id = workers_of(&asked)
-        .into_iter()
-        .find(|w| identity.contains(w.as_str()))
-        .expect("the stopped worker held a stage");
-    away.stop().await.unwrap();
     let prompt = "Name three rivers of Europe.";
-    let around = run_job(
-        fed.channel(Some(&tenant)).await,
-        chat_request(prompt, 12, 0.0, 0),
-    )
-    .await
-    .expect("the job runs around the stopped worker");
+    let (away, around) = stop_one(&fed, &mut workers, &asked, &tenant, prompt).await;
+    let (away_dir, away_id) = (away.dir, away.id);
     let degraded = show(&fed).await;
-    assert!(degraded.degraded, "{degraded:?}");
-    assert_eq!(degraded.requested, "3 stages", "the request is kept");
-    assert!(!workers_of(&degraded).contains(&away_id));
 
     // A long job runs on the degraded placement while the worker comes back.
     let (long_id, mut long_stream) = start_job(
@@ -79,25 +123,31 @@ async fn a_model_planned_around_a_failed_worker_is_placed_as_asked_when_it_retur
             .then_some(())
     })
     .await;
-    // Several of the coordinator's ticks (a quarter of the 1.5 s lease each) pass: the running
-    // job keeps its chain, and the placement stays as it is meanwhile.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let waiting = eventually("the placement to say what it waits for", WAIT, || async {
+    // Once the fleet has stayed the same for a lease, the model is placed as asked again, on
+    // the returned worker too, while the long job goes on on the stages it holds.
+    let restored = eventually("the placement as asked, ready", WAIT, || async {
         let p = show(&fed).await;
-        (!p.not_as_asked.is_empty()).then_some(p)
+        (!p.degraded && all_ready(&p)).then_some(p)
     })
     .await;
-    assert_eq!(waiting.not_as_asked, "waiting for its running jobs to end");
-    let meanwhile = show(&fed).await;
-    assert_eq!(meanwhile.version, degraded.version, "{meanwhile:?}");
-    assert!(meanwhile.degraded);
+    assert!(restored.version > degraded.version);
+    assert_eq!(restored.chains[0].stages.len(), 3, "{restored:?}");
+    assert!(workers_of(&restored).contains(&away_id), "{restored:?}");
+    let mut long_tokens = Vec::new();
+    read_tokens(&mut long_stream, &mut long_tokens, 1).await;
+    let at_heal = long_tokens.len();
+    read_tokens(&mut long_stream, &mut long_tokens, at_heal + 20).await;
     let mut jobs = pb::jobs_client::JobsClient::new(fed.channel(Some(&tenant)).await);
     jobs.cancel_job(pb::JobRef {
         job_id: long_id.clone(),
     })
     .await
     .expect("cancel the long job");
-    while long_stream.message().await.ok().flatten().is_some() {}
+    while let Some(event) = long_stream.message().await.ok().flatten() {
+        if let Some(pb::job_event::Kind::Token(t)) = event.kind {
+            long_tokens.push(t.token_id);
+        }
+    }
     let audit = jobs
         .get_job(pb::JobRef { job_id: long_id })
         .await
@@ -109,16 +159,16 @@ async fn a_model_planned_around_a_failed_worker_is_placed_as_asked_when_it_retur
         audit.iter().all(|a| a.attempt == 1),
         "the long job never moved: {audit:?}"
     );
-
-    // Once no job runs, the model is placed as asked again, on the returned worker too.
-    let restored = eventually("the placement as asked, ready", WAIT, || async {
-        let p = show(&fed).await;
-        (!p.degraded && all_ready(&p)).then_some(p)
-    })
-    .await;
-    assert!(restored.version > degraded.version);
-    assert_eq!(restored.chains[0].stages.len(), 3, "{restored:?}");
-    assert!(workers_of(&restored).contains(&away_id), "{restored:?}");
+    assert!(!audit.iter().any(|a| a.worker_id == away_id));
+    // Its tokens, before and after the placement changed under it, are those the same job
+    // gives on the restored placement.
+    let reference = run_job(
+        fed.channel(Some(&tenant)).await,
+        chat_request("Tell me a long story.", long_tokens.len() as u32, 0.0, 0),
+    )
+    .await
+    .expect("the long job's reference");
+    assert_eq!(reference.tokens, long_tokens);
     let again = run_job(
         fed.channel(Some(&tenant)).await,
         chat_request(prompt, 12, 0.0, 0),
@@ -400,5 +450,58 @@ async fn a_degraded_placement_says_what_keeps_it_from_being_as_asked() {
         if let Err(e) = w.stop().await {
             assert!(e.to_string().contains("is revoked"), "{e}");
         }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_placement_that_does_not_fit_beside_its_running_jobs_waits_for_them() {
+    // Each worker offers 220 MB: SmolLM2 (q8_0) fits on two stages (211 and 151 MB) and on
+    // three (161, 131 and 70 MB), but three do not fit beside two.
+    let mut fed = TestFederation::start().await;
+    fed.worker_max_memory = Some(220_000_000);
+    let (fed, mut workers, tenant) = fleet_in(
+        fed,
+        &[("ovh-fr", "FR"), ("ionos-de", "DE"), ("scw-nl", "NL")],
+        "q8_0",
+    )
+    .await;
+    let asked = fed.place("smollm2", How::Stages(3)).await;
+    let (away, _) = stop_one(&fed, &mut workers, &asked, &tenant, "Hello").await;
+    let degraded = show(&fed).await;
+    let (long_id, mut long_stream) = start_job(
+        fed.channel(Some(&tenant)).await,
+        chat_request("Tell me a long story.", 100_000, 0.0, 0),
+    )
+    .await;
+    let back = fed.start_worker_in(away.dir, None, Some(220_000_000));
+    // Before the worker is back, the placement says that the workers left cannot give three
+    // stages; once it is back, that it waits for the job.
+    let why = "waiting for its running jobs to end: as asked, it does not fit beside the stages they run on";
+    let waiting = eventually("the placement to say what it waits for", WAIT, || async {
+        let p = show(&fed).await;
+        (p.not_as_asked == why).then_some(p)
+    })
+    .await;
+    assert_eq!(waiting.version, degraded.version);
+    assert!(waiting.degraded);
+    let mut tokens = Vec::new();
+    read_tokens(&mut long_stream, &mut tokens, 10).await;
+    pb::jobs_client::JobsClient::new(fed.channel(Some(&tenant)).await)
+        .cancel_job(pb::JobRef { job_id: long_id })
+        .await
+        .expect("cancel the long job");
+    while long_stream.message().await.ok().flatten().is_some() {}
+
+    // Once it ended, the model is placed as asked.
+    let restored = eventually("the placement as asked, ready", WAIT, || async {
+        let p = show(&fed).await;
+        (!p.degraded && all_ready(&p)).then_some(p)
+    })
+    .await;
+    assert_eq!(restored.chains[0].stages.len(), 3, "{restored:?}");
+    assert!(workers_of(&restored).contains(&away.id), "{restored:?}");
+    back.stop().await.unwrap();
+    for w in workers {
+        w.stop().await.unwrap();
     }
 }
