@@ -122,8 +122,6 @@ pub struct LoadedSlice {
     pub range: LayerRange,
     /// The slice.
     pub slice: Arc<LlamaSlice>,
-    /// The tokenizer of its model.
-    pub tokenizer: Arc<ModelTokenizer>,
     /// The sha256 of the model file its weights were read from.
     pub file_sha256: String,
     /// Orders for its engine.
@@ -132,8 +130,6 @@ pub struct LoadedSlice {
     pub engine_id: u64,
     /// The bytes of frames its engine's input channel may hold.
     pub budget: InputBudget,
-    /// Its engine's counters.
-    pub stats: Arc<EngineStats>,
 }
 
 impl LoadedSlice {
@@ -385,6 +381,7 @@ pub async fn run(
         slices: Arc::default(),
         wanted: Arc::default(),
         sessions: Arc::default(),
+        engines: Arc::default(),
         plane: plane.clone(),
         outputs: outputs_tx,
         uplink: Arc::default(),
@@ -496,8 +493,11 @@ const LEAVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The current agent stream's sender, for events produced between reconnections.
 type Uplink = Arc<Mutex<Option<mpsc::Sender<pb::AgentMessage>>>>;
-/// Open sessions: session id → model name.
-type SessionTable = Arc<Mutex<HashMap<u64, String>>>;
+/// Open sessions: session id → (model name, number of the engine it was opened on).
+type SessionTable = Arc<Mutex<HashMap<u64, (String, u64)>>>;
+/// The counters of every running engine, by number: those of slices replaced while sessions
+/// still ran on them included, until they end.
+type Engines = Arc<Mutex<HashMap<u64, Arc<EngineStats>>>>;
 /// The slices the coordinator wants loaded: model name → placement version of its newest
 /// order. A load that finishes after its order was replaced or withdrawn is dropped.
 type Wanted = Arc<Mutex<HashMap<String, u64>>>;
@@ -582,7 +582,7 @@ fn close_session(sessions: &SessionTable, slices: &SliceTable, plane: &DataPlane
     let model = lock_any(sessions).remove(&session);
     let engine = match (route, model) {
         (Some(route), _) => Some(route.engine),
-        (None, Some(model)) => lock(slices).get(&model).map(|l| l.engine.clone()),
+        (None, Some((model, _))) => lock(slices).get(&model).map(|l| l.engine.clone()),
         (None, None) => None,
     };
     if let Some(engine) = engine {
@@ -598,6 +598,7 @@ struct AgentSession<'a> {
     slices: SliceTable,
     wanted: Wanted,
     sessions: SessionTable,
+    engines: Engines,
     plane: Arc<DataPlane>,
     outputs: mpsc::UnboundedSender<EngineOutput>,
     uplink: Uplink,
@@ -730,7 +731,9 @@ impl AgentSession<'_> {
                     slices: self.slices.clone(),
                     wanted: self.wanted.clone(),
                     sessions: self.sessions.clone(),
+                    engines: self.engines.clone(),
                     outputs: self.outputs.clone(),
+                    uplink: self.uplink.clone(),
                     net: self.net.clone(),
                 };
                 tokio::spawn(load_assignment(a, loader, tx.clone()));
@@ -757,14 +760,16 @@ impl AgentSession<'_> {
 }
 
 impl AgentSession<'_> {
+    /// Open sessions and the bytes of their KV caches, over every running engine.
     fn load(&self) -> (u32, u64) {
-        let slices = lock(&self.slices);
-        slices.values().fold((0, 0), |(s, kv), l| {
-            (
-                s + l.stats.sessions.load(Ordering::Relaxed) as u32,
-                kv + l.stats.kv_bytes.load(Ordering::Relaxed),
-            )
-        })
+        lock_any(&self.engines)
+            .values()
+            .fold((0, 0), |(s, kv), stats| {
+                (
+                    s + stats.sessions.load(Ordering::Relaxed) as u32,
+                    kv + stats.kv_bytes.load(Ordering::Relaxed),
+                )
+            })
     }
 
     /// Prepares this worker's stage of a session and answers the coordinator.
@@ -832,7 +837,7 @@ impl AgentSession<'_> {
                 .then(|| order.tail.worker_id.clone()),
         };
         self.plane.add_route(o.session, route);
-        lock_any(&self.sessions).insert(o.session, o.model.clone());
+        lock_any(&self.sessions).insert(o.session, (o.model.clone(), loaded.engine_id));
         let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
         let _ = loaded
             .engine
@@ -872,13 +877,17 @@ fn refusal(status: tonic::Status) -> WorkerError {
 }
 
 /// What loading a slice needs.
+#[derive(Clone)]
 struct Loader {
     models_dir: Option<PathBuf>,
     batch_wait: Duration,
     slices: SliceTable,
     wanted: Wanted,
     sessions: SessionTable,
+    engines: Engines,
     outputs: mpsc::UnboundedSender<EngineOutput>,
+    /// The agent stream to report an engine's failure on (the one current then).
+    uplink: Uplink,
     net: tokio::runtime::Handle,
 }
 
@@ -923,19 +932,22 @@ async fn load_assignment(a: pb::Assignment, loader: Loader, tx: mpsc::Sender<pb:
         let _ = tx.send(report(pb::AssignmentState::Ready, message)).await;
         return;
     }
+    if lock_any(&loader.wanted).get(&a.model) != Some(&a.placement_version) {
+        return; // replaced or withdrawn before it started: nothing to read
+    }
     let order = a.clone();
     let models_dir = loader.models_dir.clone();
     let loaded =
         tokio::task::spawn_blocking(move || load_slice(&order, models_dir.as_deref())).await;
     let outcome = match loaded {
         Ok(Ok((slice, tokenizer))) => {
-            let (slice, tokenizer) = (Arc::new(slice), Arc::new(tokenizer));
+            let slice = Arc::new(slice);
             let range = slice.range();
             let stats = Arc::new(EngineStats::default());
             let (engine, inputs) = mpsc::unbounded_channel();
             let engine_core = StageEngine::new(
                 slice.clone(),
-                tokenizer.clone(),
+                Arc::new(tokenizer),
                 loader.outputs.clone(),
                 stats.clone(),
             )
@@ -956,26 +968,21 @@ async fn load_assignment(a: pb::Assignment, loader: Loader, tx: mpsc::Sender<pb:
                     version: a.placement_version,
                     range,
                     slice,
-                    tokenizer,
                     file_sha256: a.file_sha256.clone(),
                     engine,
                     engine_id,
                     budget: InputBudget::new(INPUT_BUDGET_BYTES),
-                    stats,
                 },
             );
             drop(slices);
+            lock_any(&loader.engines).insert(engine_id, stats);
+            let model = a.model.clone();
+            let version = a.placement_version;
             tokio::spawn(watch_engine(
                 task,
-                a.model.clone(),
-                Started {
-                    engine_id,
-                    version: a.placement_version,
-                },
-                loader.slices.clone(),
-                loader.sessions.clone(),
-                loader.outputs.clone(),
-                tx.clone(),
+                model,
+                Started { engine_id, version },
+                loader.clone(),
             ));
             info!(model = %a.model, layers = %range, version = a.placement_version, "slice ready");
             report(pb::AssignmentState::Ready, format!("layers {range} loaded"))
@@ -1008,12 +1015,11 @@ async fn watch_engine(
     task: tokio::task::JoinHandle<()>,
     model: String,
     Started { engine_id, version }: Started,
-    slices: SliceTable,
-    sessions: SessionTable,
-    outputs: mpsc::UnboundedSender<EngineOutput>,
-    tx: mpsc::Sender<pb::AgentMessage>,
+    loader: Loader,
 ) {
-    let Err(error) = task.await else { return };
+    let ended = task.await;
+    lock_any(&loader.engines).remove(&engine_id);
+    let Err(error) = ended else { return };
     if !error.is_panic() {
         return;
     }
@@ -1023,7 +1029,7 @@ async fn watch_engine(
         crate::stage::panic_message(&*payload)
     );
     let current = {
-        let mut slices = lock(&slices);
+        let mut slices = lock(&loader.slices);
         match slices.get(&model) {
             Some(l) if l.engine_id == engine_id => slices.remove(&model).map(|l| l.version),
             _ => None,
@@ -1031,18 +1037,18 @@ async fn watch_engine(
     };
     let version = current.unwrap_or(version);
     warn!(%model, version, %reason, "slice failed");
-    if current.is_some() {
-        let lost: Vec<u64> = lock_any(&sessions)
-            .iter()
-            .filter(|(_, m)| **m == model)
-            .map(|(id, _)| *id)
-            .collect();
-        for session in lost {
-            let _ = outputs.send(EngineOutput::Failed {
-                session,
-                error: reason.clone(),
-            });
-        }
+    // Its own sessions, not those of another engine of the model (a newer slice's, or an
+    // older one's still serving the sessions opened on it).
+    let lost: Vec<u64> = lock_any(&loader.sessions)
+        .iter()
+        .filter(|(_, (_, engine))| *engine == engine_id)
+        .map(|(id, _)| *id)
+        .collect();
+    for session in lost {
+        let _ = loader.outputs.send(EngineOutput::Failed {
+            session,
+            error: reason.clone(),
+        });
     }
     let status = pb::AssignmentStatus {
         model,
@@ -1050,11 +1056,15 @@ async fn watch_engine(
         state: pb::AssignmentState::Failed as i32,
         message: reason,
     };
-    let _ = tx
-        .send(pb::AgentMessage {
-            kind: Some(pb::agent_message::Kind::Status(status)),
-        })
-        .await;
+    // On the agent stream current now: the slice may have been kept over a reconnection.
+    let uplink = lock_any(&loader.uplink).clone();
+    if let Some(tx) = uplink {
+        let _ = tx
+            .send(pb::AgentMessage {
+                kind: Some(pb::agent_message::Kind::Status(status)),
+            })
+            .await;
+    }
 }
 
 /// Finds the model file (registered path, then the models dir), checks its hash, loads the slice.

@@ -4,7 +4,7 @@ use sovra_model::{GgufModel, WeightMode};
 use super::*;
 
 /// A slice table holding version `version` of model `m`, run by engine number 7.
-fn table(slice: &Arc<LlamaSlice>, tokenizer: &Arc<ModelTokenizer>, version: u64) -> SliceTable {
+fn table(slice: &Arc<LlamaSlice>, version: u64) -> SliceTable {
     let (engine, _) = mpsc::unbounded_channel();
     let slices: SliceTable = Arc::default();
     lock(&slices).insert(
@@ -13,12 +13,10 @@ fn table(slice: &Arc<LlamaSlice>, tokenizer: &Arc<ModelTokenizer>, version: u64)
             version,
             range: slice.range(),
             slice: slice.clone(),
-            tokenizer: tokenizer.clone(),
             file_sha256: String::new(),
             engine,
             engine_id: 7,
             budget: InputBudget::new(INPUT_BUDGET_BYTES),
-            stats: Arc::default(),
         },
     );
     slices
@@ -39,56 +37,71 @@ async fn an_engine_that_panics_is_forgotten_its_sessions_fail_and_its_assignment
         )
         .unwrap(),
     );
-    let tokenizer = Arc::new(ModelTokenizer::from_gguf(model.metadata()).unwrap());
+    // Reports go on the agent stream current when the engine fails.
     let (tx, mut reports) = mpsc::channel(4);
+    let uplink: Uplink = Arc::new(Mutex::new(Some(tx)));
     let (outputs, mut failed) = mpsc::unbounded_channel();
+    // Sessions 1 and 2 run on engine 7, 3 on engine 6 (of "m" too, an older slice), 4 on
+    // engine 9 of another model.
     let sessions: SessionTable = Arc::default();
-    lock_any(&sessions).extend([(1, "m".to_string()), (2, "m".into()), (3, "other".into())]);
+    lock_any(&sessions).extend([
+        (1, ("m".to_string(), 7)),
+        (2, ("m".into(), 7)),
+        (3, ("m".into(), 6)),
+        (4, ("other".into(), 9)),
+    ]);
+    let engines: Engines = Arc::default();
     let watch = |task, engine_id, version, slices: &SliceTable| {
-        watch_engine(
-            task,
-            "m".into(),
-            Started { engine_id, version },
-            slices.clone(),
-            sessions.clone(),
-            outputs.clone(),
-            tx.clone(),
-        )
+        lock_any(&engines).insert(engine_id, Arc::default());
+        let loader = Loader {
+            slices: slices.clone(),
+            sessions: sessions.clone(),
+            engines: engines.clone(),
+            outputs: outputs.clone(),
+            uplink: uplink.clone(),
+            ..loader(slices, &Arc::default(), &outputs)
+        };
+        watch_engine(task, "m".into(), Started { engine_id, version }, loader)
+    };
+    let mut failures = || {
+        let mut lost: Vec<(u64, String)> = std::iter::from_fn(|| failed.try_recv().ok())
+            .map(|output| match output {
+                EngineOutput::Failed { session, error } => (session, error),
+                other => panic!("expected failures, got {other:?}"),
+            })
+            .collect();
+        lost.sort();
+        lost
+    };
+    let mut version = || match reports.try_recv().map(|m| m.kind) {
+        Ok(Some(pb::agent_message::Kind::Status(s))) => {
+            assert_eq!(s.state, pb::AssignmentState::Failed as i32);
+            Some((s.placement_version, s.message))
+        }
+        Ok(other) => panic!("expected a status, got {other:?}"),
+        Err(_) => None,
     };
 
     // The engine of version 3 panics: the slice goes, its sessions fail, the coordinator hears
-    // why.
-    let slices = table(&slice, &tokenizer, 3);
+    // why, and the engine's counters no longer count.
+    let slices = table(&slice, 3);
     watch(tokio::spawn(async { panic!("engine bug") }), 7, 3, &slices).await;
-    match reports.try_recv().unwrap().kind {
-        Some(pb::agent_message::Kind::Status(s)) => {
-            assert_eq!((s.model.as_str(), s.placement_version), ("m", 3));
-            assert_eq!(s.state, pb::AssignmentState::Failed as i32);
-            assert_eq!(s.message, "the stage engine stopped: engine bug");
-        }
-        other => panic!("expected a status, got {other:?}"),
-    }
-    assert!(lock(&slices).get("m").is_none());
-    let mut lost: Vec<(u64, String)> = std::iter::from_fn(|| failed.try_recv().ok())
-        .map(|output| match output {
-            EngineOutput::Failed { session, error } => (session, error),
-            other => panic!("expected failures, got {other:?}"),
-        })
-        .collect();
-    lost.sort();
     let why = "the stage engine stopped: engine bug".to_string();
-    assert_eq!(lost, [(1, why.clone()), (2, why)]);
+    assert_eq!(version(), Some((3, why.clone())));
+    assert!(lock(&slices).get("m").is_none());
+    assert_eq!(failures(), [(1, why.clone()), (2, why)]);
+    assert!(lock_any(&engines).is_empty());
 
     // An engine that ends because its slice was replaced says nothing and leaves the table alone.
-    let slices = table(&slice, &tokenizer, 3);
+    let slices = table(&slice, 3);
     watch(tokio::spawn(async {}), 7, 3, &slices).await;
-    assert!(reports.try_recv().is_err());
+    assert_eq!(version(), None);
     assert!(lock(&slices).get("m").is_some());
+    assert!(lock_any(&engines).is_empty());
 
-    // A panicked engine already replaced (number 6, of version 3) reports under its own
-    // version, but leaves the newer slice and the sessions (which may run on the newer engine)
-    // in place.
-    let slices = table(&slice, &tokenizer, 4);
+    // A panicked engine already replaced (number 6, of version 3) fails its own sessions and
+    // reports under its own version, but leaves the newer slice and its sessions in place.
+    let slices = table(&slice, 4);
     watch(
         tokio::spawn(async { panic!("old engine bug") }),
         6,
@@ -96,13 +109,12 @@ async fn an_engine_that_panics_is_forgotten_its_sessions_fail_and_its_assignment
         &slices,
     )
     .await;
-    let version = |m: pb::AgentMessage| match m.kind {
-        Some(pb::agent_message::Kind::Status(s)) => s.placement_version,
-        other => panic!("expected a status, got {other:?}"),
-    };
-    assert_eq!(version(reports.try_recv().unwrap()), 3);
+    assert_eq!(version().map(|(v, _)| v), Some(3));
     assert_eq!(lock(&slices).get("m").map(|l| l.version), Some(4));
-    assert!(failed.try_recv().is_err());
+    assert_eq!(
+        failures(),
+        [(3, "the stage engine stopped: old engine bug".to_string())]
+    );
 
     // The engine started for version 3 and kept for version 4 panics: its slice goes, its
     // sessions fail, and the failure is reported under the version it holds now.
@@ -113,9 +125,15 @@ async fn an_engine_that_panics_is_forgotten_its_sessions_fail_and_its_assignment
         &slices,
     )
     .await;
-    assert_eq!(version(reports.try_recv().unwrap()), 4);
+    assert_eq!(version().map(|(v, _)| v), Some(4));
     assert!(lock(&slices).get("m").is_none());
-    assert_eq!(std::iter::from_fn(|| failed.try_recv().ok()).count(), 2);
+    assert_eq!(failures().len(), 2);
+
+    // With no agent stream at the time, the report is not sent anywhere stale.
+    *lock_any(&uplink) = None;
+    let slices = table(&slice, 5);
+    watch(tokio::spawn(async { panic!("offline bug") }), 7, 5, &slices).await;
+    assert!(lock(&slices).get("m").is_none());
 }
 
 /// A tiny model written to `dir`, and an order for layers `0..end_layer` of it.
@@ -149,7 +167,9 @@ fn loader(
         slices: slices.clone(),
         wanted: wanted.clone(),
         sessions: Arc::default(),
+        engines: Arc::default(),
         outputs: outputs.clone(),
+        uplink: Arc::default(),
         net: tokio::runtime::Handle::current(),
     }
 }
@@ -301,7 +321,7 @@ async fn a_session_is_started_and_freed_on_the_engine_it_was_opened_on() {
         },
     );
     let sessions: SessionTable = Arc::default();
-    lock_any(&sessions).insert(1, "m".into());
+    lock_any(&sessions).insert(1, ("m".into(), 1));
     let slices: SliceTable = Arc::default();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.gguf");
@@ -321,12 +341,10 @@ async fn a_session_is_started_and_freed_on_the_engine_it_was_opened_on() {
                 )
                 .unwrap(),
             ),
-            tokenizer: Arc::new(ModelTokenizer::from_gguf(model.metadata()).unwrap()),
             file_sha256: String::new(),
             engine: new_engine,
             engine_id: 2,
             budget: InputBudget::new(INPUT_BUDGET_BYTES),
-            stats: Arc::default(),
         },
     );
 
