@@ -419,7 +419,7 @@ pub async fn worker_list(conn: &ConnectArgs) -> Result<()> {
         .iter()
         .map(|w| {
             let d = w.device.clone().unwrap_or_default();
-            json!({"id": w.id, "provider": w.provider, "country": w.country, "state": w.state, "device": d.kind, "device_name": d.name, "device_memory_bytes": d.memory_bytes, "offered_memory_bytes": w.offered_memory_bytes, "speed_gflops": w.speed_gflops, "advertise_addr": w.advertise_addr, "last_seen_unix": w.last_seen_unix, "open_sessions": w.open_sessions, "kv_cache_bytes": w.kv_cache_bytes})
+            json!({"id": w.id, "provider": w.provider, "country": w.country, "state": w.state, "device": d.kind, "device_name": d.name, "device_memory_bytes": d.memory_bytes, "offered_memory_bytes": w.offered_memory_bytes, "held_memory_bytes": w.held_memory_bytes, "speed_gflops": w.speed_gflops, "advertise_addr": w.advertise_addr, "last_seen_unix": w.last_seen_unix, "open_sessions": w.open_sessions, "kv_cache_bytes": w.kv_cache_bytes})
         })
         .collect();
     emit(conn.json, Value::Array(docs), || {
@@ -438,6 +438,7 @@ pub async fn worker_list(conn: &ConnectArgs) -> Result<()> {
                     w.state.clone(),
                     kind,
                     human_bytes(w.offered_memory_bytes),
+                    human_bytes(w.held_memory_bytes),
                     format!("{:.1}", w.speed_gflops),
                     w.advertise_addr.clone(),
                 ]
@@ -445,7 +446,8 @@ pub async fn worker_list(conn: &ConnectArgs) -> Result<()> {
             .collect();
         table(
             &[
-                "worker", "provider", "country", "state", "device", "memory", "gflop/s", "address",
+                "worker", "provider", "country", "state", "device", "memory", "held", "gflop/s",
+                "address",
             ],
             &rows,
         );
@@ -688,7 +690,7 @@ pub fn print_placement(p: &pb::Placement, json_mode: bool) {
         }
         if p.degraded {
             println!(
-                "{} · placement v{} · degraded: not as asked ({}), planned around unavailable workers or within the memory they offer; placed as asked again once they allow it and no job of it runs",
+                "{} · placement v{} · degraded: not as asked ({}), planned around unavailable workers or within the memory they offer; placed as asked again once they allow it (beside its running jobs if it fits, else once they end)",
                 p.model, p.version, p.requested
             );
             if !p.not_as_asked.is_empty() {

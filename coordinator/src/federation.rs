@@ -19,6 +19,18 @@ use crate::records::*;
 use crate::store::{Batch, Store};
 use crate::validate::{clean_country, clean_list, clean_policy, host_of, validate_name};
 
+/// A try to place a degraded model as asked: its placement version, the available workers,
+/// and whether jobs of it ran (tried again only once one of them changes).
+pub(crate) type ReplanTry = (u64, Vec<String>, bool);
+
+/// A stage of a replaced placement, kept while jobs run on it.
+#[derive(Debug, Clone)]
+struct Retired {
+    model: String,
+    version: u64,
+    stage: StageRecord,
+}
+
 /// Settings of a coordinator.
 #[derive(Debug, Clone)]
 pub struct FederationConfig {
@@ -170,7 +182,10 @@ pub struct Federation {
     placement_gates: Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>,
     /// Per degraded model: the placement version and the available workers of the last try to
     /// place it as asked again (tried again only once either changes).
-    replan_tries: Mutex<HashMap<String, (u64, Vec<String>)>>,
+    replan_tries: Mutex<HashMap<String, ReplanTry>>,
+    /// Stages of replaced placements that running jobs still run on: their workers keep those
+    /// slices until the jobs end (see `retired_held`).
+    retired: Mutex<Vec<Retired>>,
     /// Where the operator token is kept for the operator (`admin.token`).
     admin_token_path: std::path::PathBuf,
     /// Set once the coordinator is stopping.
@@ -219,6 +234,7 @@ impl Federation {
             fleet_seen: Mutex::default(),
             placement_gates: Mutex::default(),
             replan_tries: Mutex::default(),
+            retired: Mutex::default(),
             admin_token_path: dir.admin_token(),
             stopping: std::sync::atomic::AtomicBool::new(false),
             opened_at: Instant::now(),
@@ -918,9 +934,7 @@ impl Federation {
     }
 
     /// The last tries to place degraded models as asked (see `replan_tries`).
-    pub(crate) fn replan_tries(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<String, (u64, Vec<String>)>> {
+    pub(crate) fn replan_tries(&self) -> std::sync::MutexGuard<'_, HashMap<String, ReplanTry>> {
         self.replan_tries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -950,11 +964,14 @@ impl Federation {
         let mut candidates = self.candidates()?;
         // What the other models' stages hold on each worker is not free for this one.
         let placements = read_all::<PlacementRecord>(self.store(), PLACEMENTS)?;
-        let committed = memory_held(
+        let mut committed = memory_held(
             placements
                 .iter()
                 .filter(|p| beside_itself || p.model != model.name),
         );
+        for (worker, bytes) in self.retired_held(&placements) {
+            *committed.entry(worker).or_default() += bytes;
+        }
         for c in &mut candidates {
             c.committed_bytes = committed.get(&c.worker.id).copied().unwrap_or(0);
         }
@@ -990,6 +1007,7 @@ impl Federation {
             .put(PLACEMENTS, model, encode(&placement));
         self.store.apply(batch)?;
         self.store.flush()?;
+        self.retire(&previous, &placement);
         // The memory this placement frees or takes changes what the others can get.
         self.replan_tries().clear();
         self.dispatch(record, &previous, &placement);
@@ -1018,6 +1036,73 @@ impl Federation {
                 committed_bytes: 0,
             })
             .collect())
+    }
+
+    /// Keeps the stages of `old` that `new` does not have, while jobs run on them.
+    fn retire(&self, old: &PlacementRecord, new: &PlacementRecord) {
+        let kept = new.layout();
+        let gone = old.chains.iter().flatten().filter(|s| {
+            !kept
+                .iter()
+                .flatten()
+                .any(|(w, r)| *w == s.worker_id && *r == s.range)
+        });
+        let gone: Vec<Retired> = gone
+            .map(|stage| Retired {
+                model: old.model.clone(),
+                version: old.version,
+                stage: stage.clone(),
+            })
+            .collect();
+        if !gone.is_empty() {
+            self.retired
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(gone);
+        }
+    }
+
+    /// Per worker, the memory of the stages of replaced placements that running jobs still
+    /// run on (a stage that `placements` hold again on the same worker, the same layers, is
+    /// one slice: not counted twice). Stages no job runs on any more are forgotten.
+    pub(crate) fn retired_held(&self, placements: &[PlacementRecord]) -> HashMap<String, u64> {
+        let jobs = self.jobs();
+        let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        retired.retain(|r| {
+            jobs.live.values().any(|j| {
+                j.record.model == r.model
+                    && j.version == r.version
+                    && j.stages.contains(&r.stage.worker_id)
+            })
+        });
+        drop(jobs);
+        let mut held: HashMap<String, u64> = HashMap::new();
+        let mut counted = std::collections::HashSet::new();
+        for r in retired.iter() {
+            let (worker, range) = (&r.stage.worker_id, r.stage.range);
+            let current = placements.iter().any(|p| {
+                p.model == r.model
+                    && p.chains
+                        .iter()
+                        .flatten()
+                        .any(|s| s.worker_id == *worker && s.range == range)
+            });
+            if !current && counted.insert((&r.model, worker, range.start, range.end)) {
+                *held.entry(worker.clone()).or_default() += r.stage.memory_bytes;
+            }
+        }
+        held
+    }
+
+    /// Per worker, the memory every stage held on it takes: the current placements' and
+    /// those of replaced placements that running jobs still run on.
+    pub fn memory_in_use(&self) -> Result<HashMap<String, u64>, CoordinatorError> {
+        let placements = read_all::<PlacementRecord>(self.store(), PLACEMENTS)?;
+        let mut held = memory_held(&placements);
+        for (worker, bytes) in self.retired_held(&placements) {
+            *held.entry(worker).or_default() += bytes;
+        }
+        Ok(held)
     }
 
     /// Sends assignments of `new` and unassignments for workers only in `old`.

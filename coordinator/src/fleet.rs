@@ -218,7 +218,7 @@ impl Federation {
 
     /// A worker that now offers less memory than its stages hold (restarted with a lower
     /// `--max-memory`): its models' placements are marked degraded, so they are planned as
-    /// asked again, within the memory it offers, once no job of theirs runs.
+    /// asked again, within the memory it offers (see `replan_degraded`).
     fn check_memory_held(&self, worker: &WorkerRecord) -> Result<(), CoordinatorError> {
         let _placing = self.placing();
         let placements = read_all::<PlacementRecord>(self.store(), PLACEMENTS)?;

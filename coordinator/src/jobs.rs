@@ -273,6 +273,8 @@ pub struct SessionOpen {
 pub(crate) struct LiveJob {
     pub(crate) record: JobRecord,
     pub(crate) stages: Vec<String>,
+    /// The placement version of the chain it runs on.
+    pub(crate) version: u64,
     pub(crate) events: mpsc::Sender<JobEvent>,
     pub(crate) started: Option<Instant>,
     pub(crate) first_token: Option<Instant>,
@@ -438,6 +440,7 @@ impl Federation {
         let job = LiveJob {
             record,
             stages: vec![],
+            version: 0,
             events: tx,
             started: None,
             first_token: None,
@@ -532,6 +535,7 @@ impl Federation {
         let session = new_session_id();
         let worker_ids: Vec<String> = chain.iter().map(|(w, _, _)| w.id.clone()).collect();
         job.stages = worker_ids.clone();
+        job.version = version;
         let attempt = job
             .record
             .audit

@@ -145,8 +145,10 @@ impl Federation {
 
     /// Places again, as they were asked for, the models whose placement was made around
     /// failed or revoked workers (or could not be made at all), once the available workers
-    /// have changed and no job of the model runs or is starting; a placement the planner
-    /// would make the same is left as it is. Called from the coordinator's periodic tick.
+    /// have changed and stayed the same for a lease, and no job of the model is starting:
+    /// beside its running jobs if the plan fits beside the stages they run on, else once
+    /// they end; a placement the planner would make the same is left as it is. Called from
+    /// the coordinator's periodic tick.
     pub async fn replan_degraded(&self) {
         let now = std::time::Instant::now();
         if now < self.opened_at + self.reconnect_grace() {
@@ -196,28 +198,29 @@ impl Federation {
         for placement in placements {
             // A stage on a worker that is down: the model's next job replans around it (a
             // plan now would move it onto fewer workers while none of its jobs needs it).
-            if placement
+            if let Some(down) = placement
                 .chains
                 .iter()
                 .flatten()
-                .any(|s| !self.is_live(&s.worker_id))
+                .find(|s| !self.is_live(&s.worker_id))
             {
-                self.explain_not_as_asked(
-                    &placement,
-                    "a stage's worker is down: the model's next job places it again",
+                let why = format!(
+                    "worker {} holds a stage and is down: placed as asked once it is back, or around it when a job finds no ready chain",
+                    down.worker_id
                 );
+                self.explain_not_as_asked(&placement, &why);
                 continue;
             }
             let model = placement.model.clone();
-            let attempt = (placement.version, available.clone());
-            if self.replan_tries().get(&model) == Some(&attempt) {
-                continue;
-            }
             let gate = self.placement_gate(&model);
             let Ok(_no_job_starting) = gate.try_write() else {
                 continue;
             };
             let running = self.jobs().live.values().any(|j| j.record.model == model);
+            let attempt = (placement.version, available.clone(), running);
+            if self.replan_tries().get(&model) == Some(&attempt) {
+                continue;
+            }
             let _placing = self.placing();
             let Ok(record) = self.model(&model) else {
                 continue; // removed meanwhile
@@ -227,11 +230,11 @@ impl Federation {
                 continue;
             }
             let requested = placement.requested.clone();
+            self.replan_tries().insert(model.clone(), attempt);
             if running {
                 self.place_beside_running_jobs(&record, &placement);
-                continue; // no try recorded: once they end, it is tried as below
+                continue; // once they end, it is tried again as below
             }
-            self.replan_tries().insert(model.clone(), attempt);
             match self.plan(&record, &requested) {
                 Ok(chains) => self.adopt_as_asked(&record, &placement, chains, ""),
                 // A worker holds more of it than it offers now: planned as the planner sees
@@ -281,8 +284,12 @@ impl Federation {
             }
             Err(e) => {
                 debug!(model = %model, cause = %e, "cannot place as asked beside its running jobs");
-                let why = "waiting for its running jobs to end: as asked, it does not fit beside the stages they run on";
-                if let Err(e) = self.note_not_as_asked(model, placement.version, why) {
+                // Whether it is the running jobs that stand in the way.
+                let why = match self.plan(record, &requested) {
+                    Ok(_) => "waiting for its running jobs to end: as asked, it does not fit beside the stages they run on".to_string(),
+                    Err(e) => e.to_string(),
+                };
+                if let Err(e) = self.note_not_as_asked(model, placement.version, &why) {
                     warn!(model = %model, cause = %e, "recording why the model is not placed as asked");
                 }
             }

@@ -270,11 +270,15 @@ impl pb::workers_server::Workers for ControlPlane {
         request: Request<pb::ListWorkersRequest>,
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
         operator(&self.fed, &request)?;
+        let held = self.fed.memory_in_use()?;
         let workers = self
             .fed
             .list_workers()?
             .into_iter()
-            .map(|(w, p)| worker_pb(&self.fed, w, &p))
+            .map(|(w, p)| pb::Worker {
+                held_memory_bytes: held.get(&w.id).copied().unwrap_or(0),
+                ..worker_pb(&self.fed, w, &p)
+            })
             .collect();
         Ok(Response::new(pb::ListWorkersResponse { workers }))
     }
@@ -508,6 +512,7 @@ fn worker_pb(fed: &Federation, w: WorkerRecord, p: &ProviderRecord) -> pb::Worke
         advertise_addr: w.advertise_addr,
         last_seen_unix: w.last_seen_unix,
         joined_unix: w.joined_unix,
+        held_memory_bytes: 0,
     }
 }
 

@@ -3,6 +3,7 @@
 //! hold, or once they end where the new placement does not fit beside them), and a model
 //! registered before any worker could hold it is placed once workers join.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use sovra_proto::pb;
@@ -84,6 +85,36 @@ async fn stop_one(
     (Away { dir, id }, around)
 }
 
+/// Per worker, the memory of the stages of `placements`, a stage that several of them hold
+/// (same worker, same layers) counted once.
+fn stage_memory(placements: &[&pb::Placement]) -> HashMap<String, u64> {
+    let mut seen = std::collections::HashSet::new();
+    let mut held = HashMap::new();
+    for s in placements
+        .iter()
+        .flat_map(|p| p.chains.iter().flat_map(|c| &c.stages))
+    {
+        if seen.insert((s.worker_id.clone(), s.start_layer, s.end_layer)) {
+            *held.entry(s.worker_id.clone()).or_default() += s.memory_bytes;
+        }
+    }
+    held
+}
+
+/// Per worker holding any, the memory `worker list` says its stages take.
+async fn held_memory(fed: &TestFederation) -> HashMap<String, u64> {
+    pb::workers_client::WorkersClient::new(fed.operator().await)
+        .list_workers(pb::ListWorkersRequest {})
+        .await
+        .expect("list workers")
+        .into_inner()
+        .workers
+        .into_iter()
+        .filter(|w| w.held_memory_bytes > 0)
+        .map(|w| (w.id, w.held_memory_bytes))
+        .collect()
+}
+
 fn all_ready(p: &pb::Placement) -> bool {
     !p.chains.is_empty()
         && p.chains
@@ -133,10 +164,14 @@ async fn a_model_planned_around_a_failed_worker_is_placed_as_asked_when_it_retur
     assert!(restored.version > degraded.version);
     assert_eq!(restored.chains[0].stages.len(), 3, "{restored:?}");
     assert!(workers_of(&restored).contains(&away_id), "{restored:?}");
+    // The long job's stream goes on (20 tokens more than it had given so far at least), and
+    // the stages it runs on still count on their workers, beside the new ones.
     let mut long_tokens = Vec::new();
-    read_tokens(&mut long_stream, &mut long_tokens, 1).await;
-    let at_heal = long_tokens.len();
-    read_tokens(&mut long_stream, &mut long_tokens, at_heal + 20).await;
+    read_tokens(&mut long_stream, &mut long_tokens, 20).await;
+    let only_new = stage_memory(&[&restored]);
+    let with_old = stage_memory(&[&restored, &degraded]);
+    assert_ne!(only_new, with_old, "the heal moved no stage");
+    assert_eq!(held_memory(&fed).await, with_old);
     let mut jobs = pb::jobs_client::JobsClient::new(fed.channel(Some(&tenant)).await);
     jobs.cancel_job(pb::JobRef {
         job_id: long_id.clone(),
@@ -169,6 +204,8 @@ async fn a_model_planned_around_a_failed_worker_is_placed_as_asked_when_it_retur
     .await
     .expect("the long job's reference");
     assert_eq!(reference.tokens, long_tokens);
+    // Once it ended, only the new stages count.
+    assert_eq!(held_memory(&fed).await, only_new);
     let again = run_job(
         fed.channel(Some(&tenant)).await,
         chat_request(prompt, 12, 0.0, 0),
@@ -475,7 +512,7 @@ async fn a_placement_that_does_not_fit_beside_its_running_jobs_waits_for_them() 
     .await;
     let back = fed.start_worker_in(away.dir, None, Some(220_000_000));
     // Before the worker is back, the placement says that the workers left cannot give three
-    // stages; once it is back, that it waits for the job.
+    // stages; once it is back, that it waits for the job (it would fit without it).
     let why = "waiting for its running jobs to end: as asked, it does not fit beside the stages they run on";
     let waiting = eventually("the placement to say what it waits for", WAIT, || async {
         let p = show(&fed).await;
