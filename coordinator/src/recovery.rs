@@ -10,7 +10,7 @@ use crate::error::CoordinatorError;
 use crate::federation::{AgentCommand, Federation};
 use crate::jobs::{JobState, LiveJob, new_session_id};
 use crate::placement::PlacementRequest;
-use crate::records::{ModelRecord, PlacementRecord, layout_of, memory_held};
+use crate::records::{ModelRecord, PlacementRecord, StageRecord, layout_of, memory_held};
 
 /// How many times one job may be moved to another chain.
 const MAX_RECOVERIES: u32 = 5;
@@ -278,21 +278,61 @@ impl Federation {
     fn place_beside_running_jobs(&self, record: &ModelRecord, placement: &PlacementRecord) {
         let model = &record.name;
         let requested = placement.requested.clone();
-        match self.plan_holding(record, &requested, true) {
+        // The plan as if the current stages were free: where it fits beside them (a stage it
+        // leaves as it is counted once), it is the one; else the best plan that fits beside
+        // them all.
+        let chains = match self.plan(record, &requested) {
+            Err(e) => {
+                // Not the running jobs: it cannot be placed as asked at all now.
+                debug!(model = %model, cause = %e, "still cannot place as asked");
+                return self.record_not_as_asked(placement, &e.to_string());
+            }
+            Ok(chains) if self.fits_beside(placement, &chains) => Ok(chains),
+            Ok(_) => self.plan_holding(record, &requested, true),
+        };
+        match chains {
             Ok(chains) => {
                 self.adopt_as_asked(record, placement, chains, ", beside its running jobs")
             }
             Err(e) => {
                 debug!(model = %model, cause = %e, "cannot place as asked beside its running jobs");
-                // Whether it is the running jobs that stand in the way.
-                let why = match self.plan(record, &requested) {
-                    Ok(_) => "waiting for its running jobs to end: as asked, it does not fit beside the stages they run on".to_string(),
-                    Err(e) => e.to_string(),
-                };
-                if let Err(e) = self.note_not_as_asked(model, placement.version, &why) {
-                    warn!(model = %model, cause = %e, "recording why the model is not placed as asked");
-                }
+                self.record_not_as_asked(
+                    placement,
+                    "waiting for its running jobs to end: as asked, it does not fit beside the stages they run on",
+                );
             }
+        }
+    }
+
+    /// Whether `chains` fit in what their workers offer, beside every stage held now (those of
+    /// `placement` included, each counted once where `chains` give its worker the same layers).
+    fn fits_beside(&self, placement: &PlacementRecord, chains: &[Vec<StageRecord>]) -> bool {
+        let (Ok(held), Ok(workers)) = (self.memory_in_use(), self.list_workers()) else {
+            return false;
+        };
+        let mut need = held;
+        for stage in chains.iter().flatten() {
+            let kept = placement
+                .chains
+                .iter()
+                .flatten()
+                .any(|s| s.worker_id == stage.worker_id && s.range == stage.range);
+            if !kept {
+                *need.entry(stage.worker_id.clone()).or_default() += stage.memory_bytes;
+            }
+        }
+        chains.iter().flatten().all(|stage| {
+            workers.iter().any(|(w, _)| {
+                w.id == stage.worker_id
+                    && need.get(&w.id).copied().unwrap_or(0) <= w.offered_memory_bytes
+            })
+        })
+    }
+
+    /// `note_not_as_asked` for `placement`, a failure only logged. Callers hold `placing`.
+    fn record_not_as_asked(&self, placement: &PlacementRecord, why: &str) {
+        if let Err(e) = self.note_not_as_asked(&placement.model, placement.version, why) {
+            warn!(model = %placement.model, cause = %e, "recording why the model is not placed as asked");
         }
     }
 
@@ -303,7 +343,7 @@ impl Federation {
         &self,
         record: &ModelRecord,
         placement: &PlacementRecord,
-        chains: Vec<Vec<crate::records::StageRecord>>,
+        chains: Vec<Vec<StageRecord>>,
         how: &str,
     ) {
         let model = &record.name;
@@ -331,9 +371,7 @@ impl Federation {
             return;
         }
         let _placing = self.placing();
-        if let Err(e) = self.note_not_as_asked(&placement.model, placement.version, why) {
-            warn!(model = %placement.model, cause = %e, "recording why the model is not placed as asked");
-        }
+        self.record_not_as_asked(placement, why);
     }
 
     /// Whether a worker of `placement` holds more, over all placements, than it offers.
