@@ -690,11 +690,15 @@ pub fn print_placement(p: &pb::Placement, json_mode: bool) {
         }
         if p.degraded {
             println!(
-                "{} · placement v{} · degraded: not as asked ({}), planned around unavailable workers or within the memory they offer; placed as asked again once they allow it (beside its running jobs if it fits, else once they end)",
+                "{} · placement v{} · degraded: not as asked ({})",
                 p.model, p.version, p.requested
             );
-            if !p.not_as_asked.is_empty() {
-                println!("not as asked yet: {}", p.not_as_asked);
+            if p.not_as_asked.is_empty() {
+                println!(
+                    "planned around unavailable workers or within the memory they offer; placed as asked again once they allow it"
+                );
+            } else {
+                println!("why: {}", p.not_as_asked);
             }
         } else {
             println!("{} · placement v{} · {}", p.model, p.version, p.requested);

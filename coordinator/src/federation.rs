@@ -860,7 +860,88 @@ impl Federation {
         let _placing = self.placing();
         let record = self.model(model)?;
         let chains = self.plan(&record, &how)?;
-        self.write_placement(&record, chains, how, false)
+        // Its running jobs keep the stages they run on until they end.
+        self.check_beside_running_jobs(&self.placement(model)?, &chains)?;
+        self.write_placement(&record, chains, how, false, None)
+    }
+
+    /// Whether `chains`, a new placement of `current`'s model, fit in what their workers offer
+    /// beside every stage held now: other models', those of replaced placements that running
+    /// jobs still run on, and those of `current` that jobs of it run on (each counted once
+    /// where `chains` give its worker the same layers). The error names the first worker that
+    /// would hold more than it offers.
+    pub(crate) fn check_beside_running_jobs(
+        &self,
+        current: &PlacementRecord,
+        chains: &[Vec<StageRecord>],
+    ) -> Result<(), CoordinatorError> {
+        let placements = read_all::<PlacementRecord>(self.store(), PLACEMENTS)?;
+        let mut need = memory_held(placements.iter().filter(|p| p.model != current.model));
+        for (worker, bytes) in self.retired_held(&placements) {
+            *need.entry(worker).or_default() += bytes;
+        }
+        let runs_on: Vec<String> = self
+            .jobs()
+            .live
+            .values()
+            .filter(|j| j.record.model == current.model && j.version == current.version)
+            .flat_map(|j| j.stages.iter().cloned())
+            .collect();
+        if runs_on.is_empty() {
+            return Ok(()); // as planned
+        }
+        let in_use: Vec<&StageRecord> = current
+            .chains
+            .iter()
+            .flatten()
+            .filter(|s| runs_on.contains(&s.worker_id))
+            .collect();
+        for s in &in_use {
+            *need.entry(s.worker_id.clone()).or_default() += s.memory_bytes;
+        }
+        for stage in chains.iter().flatten() {
+            let kept = in_use
+                .iter()
+                .any(|s| s.worker_id == stage.worker_id && s.range == stage.range);
+            if !kept {
+                *need.entry(stage.worker_id.clone()).or_default() += stage.memory_bytes;
+            }
+        }
+        let workers = self.list_workers()?;
+        for stage in chains.iter().flatten() {
+            let (id, held) = (
+                &stage.worker_id,
+                need.get(&stage.worker_id).copied().unwrap_or(0),
+            );
+            let offered = workers
+                .iter()
+                .find(|(w, _)| w.id == *id)
+                .map_or(0, |(w, _)| w.offered_memory_bytes);
+            if held > offered {
+                return Err(CoordinatorError::FailedPrecondition(format!(
+                    "cannot place `{}` so while jobs of it run: worker {id} would hold {} with them (the stages they run on stay until they end), more than the {} it offers; cancel them or try again once they end",
+                    current.model,
+                    crate::planner::gib(held),
+                    crate::planner::gib(offered),
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// A worker that is neither up nor revoked (it has connected before): a plan made now
+    /// leaves it out, and may differ once it is back.
+    pub(crate) fn a_worker_down(&self) -> Option<String> {
+        let workers = self.list_workers().ok()?;
+        workers
+            .into_iter()
+            .find(|(w, p)| {
+                w.state != crate::records::WorkerState::Joined
+                    && !p.revoked
+                    && !self.worker_revoked(&w.id).unwrap_or(true)
+                    && !self.is_live(&w.id)
+            })
+            .map(|(w, _)| w.id)
     }
 
     /// How long after this process started its workers may still be reconnecting: a lease,
@@ -986,6 +1067,7 @@ impl Federation {
         chains: Vec<Vec<StageRecord>>,
         requested: PlacementRequest,
         degraded: bool,
+        not_as_asked: Option<String>,
     ) -> Result<PlacementRecord, CoordinatorError> {
         let model = record.name.as_str();
         let previous = self.placement(model)?;
@@ -996,7 +1078,7 @@ impl Federation {
             unplaced_reason: None,
             requested,
             degraded,
-            not_as_asked: None,
+            not_as_asked: not_as_asked.filter(|_| degraded),
         };
         let batch = Batch::new()
             .expect(

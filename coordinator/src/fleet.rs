@@ -262,7 +262,13 @@ impl Federation {
         }
     }
 
-    /// Sessions and KV bytes a live worker reported last.
+    /// When a live worker's last heartbeat came, seconds since the Unix epoch.
+    pub fn last_heartbeat_unix(&self, worker_id: &str) -> Option<u64> {
+        let ago = self.live().workers.get(worker_id)?.last_heartbeat.elapsed();
+        Some(now_unix().saturating_sub(ago.as_secs()))
+    }
+
+    /// Sessions and KV cache bytes of a live worker, as its last heartbeat said.
     pub fn worker_load(&self, worker_id: &str) -> Option<(u32, u64)> {
         self.live()
             .workers

@@ -152,7 +152,7 @@ pub fn plan(
         .sum();
     let others = if committed > 0 {
         format!(
-            " (memory free for it: other models' slices already hold {} on the available workers)",
+            " (memory free for it: the stages already placed there hold {} on the available workers)",
             planner::gib(committed)
         )
     } else {

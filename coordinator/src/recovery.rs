@@ -130,16 +130,33 @@ impl Federation {
             return Ok(());
         }
         let record = self.model(model)?;
-        let requested = placement.requested;
+        let requested = placement.requested.clone();
         if requested != PlacementRequest::Auto
             && let Ok(chains) = self.plan(&record, &requested)
         {
             return self
-                .write_placement(&record, chains, requested, false)
+                .write_placement(&record, chains, requested, false, None)
                 .map(|_| ());
         }
         let chains = self.plan(&record, &PlacementRequest::Auto)?;
-        self.write_placement(&record, chains, requested, true)
+        let mut around: Vec<String> = placement
+            .chains
+            .iter()
+            .flatten()
+            .filter(|s| !self.is_live(&s.worker_id))
+            .map(|s| {
+                let revoked = self.worker_revoked(&s.worker_id).unwrap_or(false);
+                format!(
+                    "{} ({})",
+                    s.worker_id,
+                    if revoked { "revoked" } else { "down" }
+                )
+            })
+            .collect();
+        around.sort();
+        around.dedup();
+        let why = format!("planned around worker {}", around.join(", worker "));
+        self.write_placement(&record, chains, requested, true, Some(why))
             .map(|_| ())
     }
 
@@ -242,7 +259,11 @@ impl Federation {
                 Err(e) if self.overcommitted(&placement) => {
                     let moved = self
                         .plan(&record, &PlacementRequest::Auto)
-                        .and_then(|chains| self.write_placement(&record, chains, requested, true));
+                        .and_then(|chains| {
+                            let why =
+                                format!("planned within the memory its workers offer now: {e}");
+                            self.write_placement(&record, chains, requested, true, Some(why))
+                        });
                     match moved {
                         Ok(p) => {
                             info!(model = %model, version = p.version, cause = %e, "placed within the memory its workers offer")
@@ -287,7 +308,7 @@ impl Federation {
                 debug!(model = %model, cause = %e, "still cannot place as asked");
                 return self.record_not_as_asked(placement, &e.to_string());
             }
-            Ok(chains) if self.fits_beside(placement, &chains) => Ok(chains),
+            Ok(chains) if self.check_beside_running_jobs(placement, &chains).is_ok() => Ok(chains),
             Ok(_) => self.plan_holding(record, &requested, true),
         };
         match chains {
@@ -302,31 +323,6 @@ impl Federation {
                 );
             }
         }
-    }
-
-    /// Whether `chains` fit in what their workers offer, beside every stage held now (those of
-    /// `placement` included, each counted once where `chains` give its worker the same layers).
-    fn fits_beside(&self, placement: &PlacementRecord, chains: &[Vec<StageRecord>]) -> bool {
-        let (Ok(held), Ok(workers)) = (self.memory_in_use(), self.list_workers()) else {
-            return false;
-        };
-        let mut need = held;
-        for stage in chains.iter().flatten() {
-            let kept = placement
-                .chains
-                .iter()
-                .flatten()
-                .any(|s| s.worker_id == stage.worker_id && s.range == stage.range);
-            if !kept {
-                *need.entry(stage.worker_id.clone()).or_default() += stage.memory_bytes;
-            }
-        }
-        chains.iter().flatten().all(|stage| {
-            workers.iter().any(|(w, _)| {
-                w.id == stage.worker_id
-                    && need.get(&w.id).copied().unwrap_or(0) <= w.offered_memory_bytes
-            })
-        })
     }
 
     /// `note_not_as_asked` for `placement`, a failure only logged. Callers hold `placing`.
@@ -348,12 +344,24 @@ impl Federation {
     ) {
         let model = &record.name;
         if layout_of(&chains) == placement.layout() {
+            // What the planner makes of the workers up now; one that is down may change it
+            // once it is back (an explicit chain names its workers).
+            let down = match placement.requested {
+                PlacementRequest::Explicit(_) => None,
+                _ => self.a_worker_down(),
+            };
+            if let Some(down) = down {
+                let why = format!(
+                    "as asked over the workers up now; worker {down} is down: placed as asked again once it is back"
+                );
+                return self.record_not_as_asked(placement, &why);
+            }
             if let Err(e) = self.mark_as_asked(placement) {
                 warn!(model = %model, cause = %e, "recording the placement as asked");
             }
             return;
         }
-        match self.write_placement(record, chains, placement.requested.clone(), false) {
+        match self.write_placement(record, chains, placement.requested.clone(), false, None) {
             Ok(p) => info!(
                 model = %model,
                 version = p.version,

@@ -495,6 +495,8 @@ fn worker_pb(fed: &Federation, w: WorkerRecord, p: &ProviderRecord) -> pb::Worke
         "down"
     };
     let (open_sessions, kv_cache_bytes) = fed.worker_load(&w.id).unwrap_or_default();
+    // A live worker was last seen at its last heartbeat (the record has its connection).
+    let last_seen_unix = fed.last_heartbeat_unix(&w.id).unwrap_or(w.last_seen_unix);
     pb::Worker {
         open_sessions,
         kv_cache_bytes,
@@ -510,7 +512,7 @@ fn worker_pb(fed: &Federation, w: WorkerRecord, p: &ProviderRecord) -> pb::Worke
         offered_memory_bytes: w.offered_memory_bytes,
         speed_gflops: w.speed_gflops,
         advertise_addr: w.advertise_addr,
-        last_seen_unix: w.last_seen_unix,
+        last_seen_unix,
         joined_unix: w.joined_unix,
         held_memory_bytes: 0,
     }

@@ -244,7 +244,7 @@ async fn a_worker_memory_is_shared_by_every_model_placed_on_it() {
     assert!(
         second
             .unplaced_reason
-            .contains("other models' slices already hold"),
+            .contains("the stages already placed there hold"),
         "{}",
         second.unplaced_reason
     );
@@ -266,7 +266,7 @@ async fn a_worker_memory_is_shared_by_every_model_placed_on_it() {
         .unwrap_err();
     assert_eq!(explicit.code(), Code::FailedPrecondition);
     assert!(
-        explicit.message().contains("free") && explicit.message().contains("other models"),
+        explicit.message().contains("free") && explicit.message().contains("already placed there"),
         "{}",
         explicit.message()
     );

@@ -48,6 +48,15 @@ async fn read_tokens(
     panic!("the job's stream ended");
 }
 
+/// The id of the worker of data dir `dir`, which holds a stage of `placement`.
+fn id_in(dir: &std::path::Path, placement: &pb::Placement) -> String {
+    let identity = std::fs::read_to_string(dir.join("identity.json")).unwrap();
+    workers_of(placement)
+        .into_iter()
+        .find(|w| identity.contains(w.as_str()))
+        .expect("the worker holds a stage")
+}
+
 /// The worker `stop_one` stopped.
 struct Away {
     dir: std::path::PathBuf,
@@ -66,11 +75,7 @@ async fn stop_one(
 ) -> (Away, JobOutput) {
     let away = workers.pop().unwrap();
     let dir = away.data_dir.clone();
-    let identity = std::fs::read_to_string(dir.join("identity.json")).unwrap();
-    let id = workers_of(asked)
-        .into_iter()
-        .find(|w| identity.contains(w.as_str()))
-        .expect("the stopped worker held a stage");
+    let id = id_in(&dir, asked);
     away.stop().await.unwrap();
     let around = run_job(
         fed.channel(Some(tenant)).await,
@@ -82,6 +87,7 @@ async fn stop_one(
     assert!(degraded.degraded, "{degraded:?}");
     assert_eq!(degraded.requested, "3 stages", "the request is kept");
     assert!(!workers_of(&degraded).contains(&id));
+    assert!(!degraded.not_as_asked.is_empty(), "{degraded:?}");
     (Away { dir, id }, around)
 }
 
@@ -455,8 +461,9 @@ async fn a_degraded_placement_says_what_keeps_it_from_being_as_asked() {
     assert!(asked.requested.starts_with("explicit"), "{asked:?}");
     assert!(!asked.degraded && asked.not_as_asked.is_empty());
 
-    // The operator revokes the tail's worker: the next job runs around it, and the placement,
-    // now degraded, says that the explicit chain names a worker that cannot be used.
+    // The operator revokes the tail's worker: the model is replanned around it, and the
+    // placement, now degraded, says so; then, once the coordinator has tried to place it as
+    // asked again, that the explicit chain names a worker that cannot be used.
     let victim = stages[2].worker_id.clone();
     pb::workers_client::WorkersClient::new(fed.operator().await)
         .revoke_worker(pb::RevokeWorkerRequest {
@@ -464,23 +471,28 @@ async fn a_degraded_placement_says_what_keeps_it_from_being_as_asked() {
         })
         .await
         .expect("revoke the tail's worker");
+    let around = eventually("the placement made around it", WAIT, || async {
+        let p = show(&fed).await;
+        p.degraded.then_some(p)
+    })
+    .await;
+    assert!(!workers_of(&around).contains(&victim), "{around:?}");
+    let first = format!("planned around worker {victim} (revoked)");
+    let later = |p: &pb::Placement| {
+        p.not_as_asked.contains(&victim) && p.not_as_asked.contains("down or revoked")
+    };
+    assert!(around.not_as_asked == first || later(&around), "{around:?}");
     run_job(
         fed.channel(Some(&tenant)).await,
         chat_request("Name three rivers of Europe.", 4, 0.0, 0),
     )
     .await
     .expect("the job runs around the revoked worker");
-    let explained = eventually("the reason it is not as asked", WAIT, || async {
+    eventually("the reason it is not as asked", WAIT, || async {
         let p = show(&fed).await;
-        (p.degraded && !p.not_as_asked.is_empty()).then_some(p)
+        (p.degraded && later(&p)).then_some(p)
     })
     .await;
-    assert!(!workers_of(&explained).contains(&victim), "{explained:?}");
-    assert!(
-        explained.not_as_asked.contains(&victim)
-            && explained.not_as_asked.contains("down or revoked"),
-        "{explained:?}"
-    );
     for w in workers {
         // The revoked worker ended on its refusal.
         if let Err(e) = w.stop().await {
@@ -520,6 +532,21 @@ async fn a_placement_that_does_not_fit_beside_its_running_jobs_waits_for_them() 
     .await;
     assert_eq!(waiting.version, degraded.version);
     assert!(waiting.degraded);
+    // Nor may the operator place it so meanwhile.
+    let refused = pb::placements_client::PlacementsClient::new(fed.operator().await)
+        .set_placement(pb::SetPlacementRequest {
+            model: "smollm2".into(),
+            how: Some(How::Stages(3)),
+        })
+        .await
+        .expect_err("a placement that does not fit beside the running job");
+    assert!(
+        refused.message().contains("while jobs of it run")
+            && refused.message().contains("more than the"),
+        "{}",
+        refused.message()
+    );
+    assert_eq!(show(&fed).await.version, degraded.version);
     let mut tokens = Vec::new();
     read_tokens(&mut long_stream, &mut tokens, 10).await;
     pb::jobs_client::JobsClient::new(fed.channel(Some(&tenant)).await)
@@ -536,6 +563,69 @@ async fn a_placement_that_does_not_fit_beside_its_running_jobs_waits_for_them() 
     .await;
     assert_eq!(restored.chains[0].stages.len(), 3, "{restored:?}");
     assert!(workers_of(&restored).contains(&away.id), "{restored:?}");
+    back.stop().await.unwrap();
+    for w in workers {
+        w.stop().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_automatic_placement_made_around_a_worker_returns_to_it() {
+    let (fed, mut workers, tenant) = fleet(
+        &[("ovh-fr", "FR"), ("ionos-de", "DE"), ("scw-nl", "NL")],
+        "q8_0",
+    )
+    .await;
+    let auto = eventually("the automatic placement, ready", WAIT, || async {
+        let p = show(&fed).await;
+        all_ready(&p).then_some(p)
+    })
+    .await;
+    assert_eq!(auto.requested, "auto");
+    assert_eq!(workers_of(&auto).len(), 3, "{auto:?}");
+
+    // A worker stops while no job runs; the next job replans around it. What the planner
+    // makes of the two workers left is "auto" too, but not what it makes of three: the
+    // placement stays degraded, and says so.
+    let away = workers.pop().unwrap();
+    let dir = away.data_dir.clone();
+    let away_id = id_in(&dir, &auto);
+    away.stop().await.unwrap();
+    run_job(
+        fed.channel(Some(&tenant)).await,
+        chat_request("Hello", 2, 0.0, 0),
+    )
+    .await
+    .expect("the job runs around the stopped worker");
+    let why = format!(
+        "as asked over the workers up now; worker {away_id} is down: placed as asked again once it is back"
+    );
+    let around = eventually("the placement to say why", WAIT, || async {
+        let p = show(&fed).await;
+        (p.not_as_asked == why).then_some(p)
+    })
+    .await;
+    assert!(
+        around.degraded && workers_of(&around).len() == 2,
+        "{around:?}"
+    );
+
+    // It comes back: the model is placed over the three again.
+    let back = fed.start_worker_in(dir, None, None);
+    let restored = eventually("the placement over three workers", WAIT, || async {
+        let p = show(&fed).await;
+        (!p.degraded && all_ready(&p) && workers_of(&p).len() == 3).then_some(p)
+    })
+    .await;
+    assert!(workers_of(&restored).contains(&away_id));
+    // Workers heartbeating are seen now, not at their connection.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    for w in fed.workers().await {
+        assert!(w.last_seen_unix + 5 >= now, "{w:?} at {now}");
+    }
     back.stop().await.unwrap();
     for w in workers {
         w.stop().await.unwrap();
