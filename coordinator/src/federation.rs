@@ -23,14 +23,6 @@ use crate::validate::{clean_country, clean_list, clean_policy, host_of, validate
 /// and whether jobs of it ran (tried again only once one of them changes).
 pub(crate) type ReplanTry = (u64, Vec<String>, bool);
 
-/// A stage of a replaced placement, kept while jobs run on it.
-#[derive(Debug, Clone)]
-struct Retired {
-    model: String,
-    version: u64,
-    stage: StageRecord,
-}
-
 /// Settings of a coordinator.
 #[derive(Debug, Clone)]
 pub struct FederationConfig {
@@ -183,9 +175,6 @@ pub struct Federation {
     /// Per degraded model: the placement version and the available workers of the last try to
     /// place it as asked again (tried again only once either changes).
     replan_tries: Mutex<HashMap<String, ReplanTry>>,
-    /// Stages of replaced placements that running jobs still run on: their workers keep those
-    /// slices until the jobs end (see `retired_held`).
-    retired: Mutex<Vec<Retired>>,
     /// Where the operator token is kept for the operator (`admin.token`).
     admin_token_path: std::path::PathBuf,
     /// Set once the coordinator is stopping.
@@ -234,7 +223,6 @@ impl Federation {
             fleet_seen: Mutex::default(),
             placement_gates: Mutex::default(),
             replan_tries: Mutex::default(),
-            retired: Mutex::default(),
             admin_token_path: dir.admin_token(),
             stopping: std::sync::atomic::AtomicBool::new(false),
             opened_at: Instant::now(),
@@ -475,6 +463,8 @@ impl Federation {
             self.set_worker_state(id, WorkerState::Down)?;
             self.fail_jobs_on(id, "belongs to a revoked provider");
         }
+        // A placement waiting for its workers to come back no longer does.
+        self.replan_tries().clear();
         warn!(provider = name, "provider revoked");
         Ok(record)
     }
@@ -877,29 +867,28 @@ impl Federation {
     ) -> Result<(), CoordinatorError> {
         let placements = read_all::<PlacementRecord>(self.store(), PLACEMENTS)?;
         let mut need = memory_held(placements.iter().filter(|p| p.model != current.model));
-        for (worker, bytes) in self.retired_held(&placements) {
+        for (worker, bytes) in self.held_beyond_placements(&placements) {
             *need.entry(worker).or_default() += bytes;
         }
-        let runs_on: Vec<String> = self
+        // The stages of `current` that jobs of it run on stay until those jobs end.
+        let in_jobs: Vec<HeldStage> = self
             .jobs()
             .live
             .values()
-            .filter(|j| j.record.model == current.model && j.version == current.version)
-            .flat_map(|j| j.stages.iter().cloned())
+            .filter(|j| j.record.model == current.model)
+            .flat_map(|j| j.held.iter().cloned())
             .collect();
-        if runs_on.is_empty() {
-            return Ok(()); // as planned
-        }
         let in_use: Vec<&StageRecord> = current
             .chains
             .iter()
             .flatten()
-            .filter(|s| runs_on.contains(&s.worker_id))
+            .filter(|s| in_jobs.iter().any(|h| h.is(s)))
             .collect();
         for s in &in_use {
             *need.entry(s.worker_id.clone()).or_default() += s.memory_bytes;
         }
         for stage in chains.iter().flatten() {
+            // Given the same layers, its worker keeps the slice it holds.
             let kept = in_use
                 .iter()
                 .any(|s| s.worker_id == stage.worker_id && s.range == stage.range);
@@ -929,9 +918,9 @@ impl Federation {
         Ok(())
     }
 
-    /// A worker that is neither up nor revoked (it has connected before): a plan made now
-    /// leaves it out, and may differ once it is back.
-    pub(crate) fn a_worker_down(&self) -> Option<String> {
+    /// A worker that `model`'s policy allows and that is neither up nor revoked (it has
+    /// connected before): a plan made now leaves it out, and may differ once it is back.
+    pub(crate) fn a_worker_down(&self, model: &ModelRecord) -> Option<String> {
         let workers = self.list_workers().ok()?;
         workers
             .into_iter()
@@ -940,6 +929,7 @@ impl Federation {
                     && !p.revoked
                     && !self.worker_revoked(&w.id).unwrap_or(true)
                     && !self.is_live(&w.id)
+                    && placement::allows(model, w, p)
             })
             .map(|(w, _)| w.id)
     }
@@ -1050,7 +1040,7 @@ impl Federation {
                 .iter()
                 .filter(|p| beside_itself || p.model != model.name),
         );
-        for (worker, bytes) in self.retired_held(&placements) {
+        for (worker, bytes) in self.held_beyond_placements(&placements) {
             *committed.entry(worker).or_default() += bytes;
         }
         for c in &mut candidates {
@@ -1071,9 +1061,23 @@ impl Federation {
     ) -> Result<PlacementRecord, CoordinatorError> {
         let model = record.name.as_str();
         let previous = self.placement(model)?;
+        let version = previous.version.max(self.placement_floor(model)?) + 1;
+        // A stage given the same layers on the same worker keeps the slice it holds.
+        let mut chains = chains;
+        for stage in chains.iter_mut().flatten() {
+            stage.loaded_in = previous
+                .chains
+                .iter()
+                .flatten()
+                .find(|s| s.worker_id == stage.worker_id && s.range == stage.range)
+                .map_or(version, |s| match s.loaded_in {
+                    0 => previous.version,
+                    since => since,
+                });
+        }
         let placement = PlacementRecord {
             model: model.to_string(),
-            version: previous.version.max(self.placement_floor(model)?) + 1,
+            version,
             chains,
             unplaced_reason: None,
             requested,
@@ -1089,7 +1093,6 @@ impl Federation {
             .put(PLACEMENTS, model, encode(&placement));
         self.store.apply(batch)?;
         self.store.flush()?;
-        self.retire(&previous, &placement);
         // The memory this placement frees or takes changes what the others can get.
         self.replan_tries().clear();
         self.dispatch(record, &previous, &placement);
@@ -1120,57 +1123,31 @@ impl Federation {
             .collect())
     }
 
-    /// Keeps the stages of `old` that `new` does not have, while jobs run on them.
-    fn retire(&self, old: &PlacementRecord, new: &PlacementRecord) {
-        let kept = new.layout();
-        let gone = old.chains.iter().flatten().filter(|s| {
-            !kept
-                .iter()
-                .flatten()
-                .any(|(w, r)| *w == s.worker_id && *r == s.range)
-        });
-        let gone: Vec<Retired> = gone
-            .map(|stage| Retired {
-                model: old.model.clone(),
-                version: old.version,
-                stage: stage.clone(),
-            })
+    /// Per worker, the memory of the stages running jobs run on that `placements` no longer
+    /// hold (replaced while the jobs ran: their workers keep those slices until the jobs end).
+    /// A stage is one slice per (model, worker, layers, version it was loaded in): a stage that
+    /// later placements kept is the same slice, one loaded again is another.
+    pub(crate) fn held_beyond_placements(
+        &self,
+        placements: &[PlacementRecord],
+    ) -> HashMap<String, u64> {
+        let in_jobs: Vec<(String, HeldStage)> = self
+            .jobs()
+            .live
+            .values()
+            .flat_map(|j| j.held.iter().map(|h| (j.record.model.clone(), h.clone())))
             .collect();
-        if !gone.is_empty() {
-            self.retired
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .extend(gone);
-        }
-    }
-
-    /// Per worker, the memory of the stages of replaced placements that running jobs still
-    /// run on (a stage that `placements` hold again on the same worker, the same layers, is
-    /// one slice: not counted twice). Stages no job runs on any more are forgotten.
-    pub(crate) fn retired_held(&self, placements: &[PlacementRecord]) -> HashMap<String, u64> {
-        let jobs = self.jobs();
-        let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
-        retired.retain(|r| {
-            jobs.live.values().any(|j| {
-                j.record.model == r.model
-                    && j.version == r.version
-                    && j.stages.contains(&r.stage.worker_id)
-            })
-        });
-        drop(jobs);
         let mut held: HashMap<String, u64> = HashMap::new();
         let mut counted = std::collections::HashSet::new();
-        for r in retired.iter() {
-            let (worker, range) = (&r.stage.worker_id, r.stage.range);
-            let current = placements.iter().any(|p| {
-                p.model == r.model
-                    && p.chains
-                        .iter()
-                        .flatten()
-                        .any(|s| s.worker_id == *worker && s.range == range)
-            });
-            if !current && counted.insert((&r.model, worker, range.start, range.end)) {
-                *held.entry(worker.clone()).or_default() += r.stage.memory_bytes;
+        for (model, h) in &in_jobs {
+            let current = placements
+                .iter()
+                .filter(|p| p.model == *model)
+                .flat_map(|p| p.chains.iter().flatten())
+                .any(|s| h.is(s));
+            let key = (model, &h.worker_id, h.range.start, h.range.end, h.loaded_in);
+            if !current && counted.insert(key) {
+                *held.entry(h.worker_id.clone()).or_default() += h.memory_bytes;
             }
         }
         held
@@ -1181,7 +1158,7 @@ impl Federation {
     pub fn memory_in_use(&self) -> Result<HashMap<String, u64>, CoordinatorError> {
         let placements = read_all::<PlacementRecord>(self.store(), PLACEMENTS)?;
         let mut held = memory_held(&placements);
-        for (worker, bytes) in self.retired_held(&placements) {
+        for (worker, bytes) in self.held_beyond_placements(&placements) {
             *held.entry(worker).or_default() += bytes;
         }
         Ok(held)

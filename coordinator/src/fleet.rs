@@ -122,6 +122,8 @@ impl Federation {
         }
         self.set_worker_state(id, WorkerState::Down)?;
         self.fail_jobs_on(id, "was revoked");
+        // A placement waiting for it to come back no longer does.
+        self.replan_tries().clear();
         warn!(worker = id, "worker revoked");
         Ok(worker)
     }

@@ -273,8 +273,9 @@ pub struct SessionOpen {
 pub(crate) struct LiveJob {
     pub(crate) record: JobRecord,
     pub(crate) stages: Vec<String>,
-    /// The placement version of the chain it runs on.
-    pub(crate) version: u64,
+    /// The stages it runs on, as its placement recorded them (their memory stays held until
+    /// it ends, whatever placement comes after).
+    pub(crate) held: Vec<HeldStage>,
     pub(crate) events: mpsc::Sender<JobEvent>,
     pub(crate) started: Option<Instant>,
     pub(crate) first_token: Option<Instant>,
@@ -440,7 +441,7 @@ impl Federation {
         let job = LiveJob {
             record,
             stages: vec![],
-            version: 0,
+            held: vec![],
             events: tx,
             started: None,
             first_token: None,
@@ -535,7 +536,28 @@ impl Federation {
         let session = new_session_id();
         let worker_ids: Vec<String> = chain.iter().map(|(w, _, _)| w.id.clone()).collect();
         job.stages = worker_ids.clone();
-        job.version = version;
+        job.held = self
+            .placement(&job.record.model)
+            .ok()
+            .filter(|p| p.version == version)
+            .map(|p| {
+                let stages: Vec<&StageRecord> = p.chains.iter().flatten().collect();
+                chain
+                    .iter()
+                    .filter_map(|(w, _, r)| {
+                        let s = stages
+                            .iter()
+                            .find(|s| s.worker_id == w.id && s.range == *r)?;
+                        Some(HeldStage {
+                            worker_id: s.worker_id.clone(),
+                            range: s.range,
+                            loaded_in: s.loaded_in,
+                            memory_bytes: s.memory_bytes,
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         let attempt = job
             .record
             .audit

@@ -129,6 +129,17 @@ fn candidate(c: &Candidate) -> WorkerCandidate {
     }
 }
 
+/// Whether `model`'s policy lets worker `w` of provider `p` hold a stage of it.
+pub(crate) fn allows(model: &ModelRecord, w: &WorkerRecord, p: &ProviderRecord) -> bool {
+    let c = Candidate {
+        worker: w.clone(),
+        provider: p.clone(),
+        available: true,
+        committed_bytes: 0,
+    };
+    policy(&model.policy).violation(&candidate(&c)).is_none()
+}
+
 /// Plans `model` over `candidates` as `how` asks, under the model's policy.
 pub fn plan(
     model: &ModelRecord,
@@ -202,6 +213,7 @@ pub fn plan(
                     range: s.range,
                     memory_bytes: s.memory_bytes,
                     time_s: s.time_s,
+                    loaded_in: 0,
                 })
                 .collect()
         })

@@ -174,6 +174,32 @@ pub struct StageRecord {
     pub memory_bytes: u64,
     /// Estimated per-token time, seconds.
     pub time_s: f64,
+    /// The placement version since which its worker holds these layers (kept over later
+    /// placements that give it the same layers; 0: not recorded).
+    #[serde(default)]
+    pub loaded_in: u64,
+}
+
+/// A stage a running job runs on, as its placement recorded it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeldStage {
+    /// Worker id.
+    pub worker_id: String,
+    /// Its layers.
+    pub range: LayerRange,
+    /// The placement version its slice was loaded in.
+    pub loaded_in: u64,
+    /// Memory the stage takes, bytes.
+    pub memory_bytes: u64,
+}
+
+impl HeldStage {
+    /// Whether it is the slice `stage` stands for.
+    pub fn is(&self, stage: &StageRecord) -> bool {
+        self.worker_id == stage.worker_id
+            && self.range == stage.range
+            && self.loaded_in == stage.loaded_in
+    }
 }
 
 /// A model's placement, versioned.

@@ -155,8 +155,9 @@ impl Federation {
             .collect();
         around.sort();
         around.dedup();
-        let why = format!("planned around worker {}", around.join(", worker "));
-        self.write_placement(&record, chains, requested, true, Some(why))
+        let why = (!around.is_empty())
+            .then(|| format!("planned around worker {}", around.join(", worker ")));
+        self.write_placement(&record, chains, requested, true, why)
             .map(|_| ())
     }
 
@@ -343,17 +344,19 @@ impl Federation {
         how: &str,
     ) {
         let model = &record.name;
+        // What the planner makes of the workers up now; one that is down may change it once
+        // it is back (an explicit chain names its workers): still degraded until then.
+        let down = match placement.requested {
+            PlacementRequest::Explicit(_) => None,
+            _ => self.a_worker_down(record),
+        };
+        let why = down.map(|down| {
+            format!(
+                "as asked over the workers up now; worker {down} is down: placed as asked again once it is back (or revoked)"
+            )
+        });
         if layout_of(&chains) == placement.layout() {
-            // What the planner makes of the workers up now; one that is down may change it
-            // once it is back (an explicit chain names its workers).
-            let down = match placement.requested {
-                PlacementRequest::Explicit(_) => None,
-                _ => self.a_worker_down(),
-            };
-            if let Some(down) = down {
-                let why = format!(
-                    "as asked over the workers up now; worker {down} is down: placed as asked again once it is back"
-                );
+            if let Some(why) = why {
                 return self.record_not_as_asked(placement, &why);
             }
             if let Err(e) = self.mark_as_asked(placement) {
@@ -361,7 +364,8 @@ impl Federation {
             }
             return;
         }
-        match self.write_placement(record, chains, placement.requested.clone(), false, None) {
+        let degraded = why.is_some();
+        match self.write_placement(record, chains, placement.requested.clone(), degraded, why) {
             Ok(p) => info!(
                 model = %model,
                 version = p.version,

@@ -735,6 +735,9 @@ impl pb::placements_server::Placements for ControlPlane {
                     .collect(),
             ),
         };
+        // Not while a job of it is starting (see `placement_gate`).
+        let gate = self.fed.placement_gate(&r.model);
+        let _no_job_starting = gate.write().await;
         let p = self.fed.set_placement(&r.model, how)?;
         Ok(Response::new(placement_pb(&self.fed, p)?))
     }

@@ -170,15 +170,28 @@ async fn a_model_planned_around_a_failed_worker_is_placed_as_asked_when_it_retur
     assert!(restored.version > degraded.version);
     assert_eq!(restored.chains[0].stages.len(), 3, "{restored:?}");
     assert!(workers_of(&restored).contains(&away_id), "{restored:?}");
-    // The long job's stream goes on (20 tokens more than it had given so far at least), and
+    // The long job goes on after the heal (its record, written every second, grows), and
     // the stages it runs on still count on their workers, beside the new ones.
+    let mut jobs = pb::jobs_client::JobsClient::new(fed.channel(Some(&tenant)).await);
+    let generated = async |jobs: &mut pb::jobs_client::JobsClient<_>| {
+        jobs.get_job(pb::JobRef {
+            job_id: long_id.clone(),
+        })
+        .await
+        .expect("get the long job")
+        .into_inner()
+        .generated_tokens
+    };
+    let at_heal = generated(&mut jobs).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(generated(&mut jobs).await > at_heal, "the long job stopped");
     let mut long_tokens = Vec::new();
     read_tokens(&mut long_stream, &mut long_tokens, 20).await;
+    assert_eq!(degraded.chains.len(), 1, "{degraded:?}");
     let only_new = stage_memory(&[&restored]);
     let with_old = stage_memory(&[&restored, &degraded]);
     assert_ne!(only_new, with_old, "the heal moved no stage");
     assert_eq!(held_memory(&fed).await, with_old);
-    let mut jobs = pb::jobs_client::JobsClient::new(fed.channel(Some(&tenant)).await);
     jobs.cancel_job(pb::JobRef {
         job_id: long_id.clone(),
     })
@@ -598,7 +611,7 @@ async fn an_automatic_placement_made_around_a_worker_returns_to_it() {
     .await
     .expect("the job runs around the stopped worker");
     let why = format!(
-        "as asked over the workers up now; worker {away_id} is down: placed as asked again once it is back"
+        "as asked over the workers up now; worker {away_id} is down: placed as asked again once it is back (or revoked)"
     );
     let around = eventually("the placement to say why", WAIT, || async {
         let p = show(&fed).await;
@@ -627,6 +640,85 @@ async fn an_automatic_placement_made_around_a_worker_returns_to_it() {
         assert!(w.last_seen_unix + 5 >= now, "{w:?} at {now}");
     }
     back.stop().await.unwrap();
+    for w in workers {
+        w.stop().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stages_a_running_job_holds_count_until_it_ends_whatever_is_placed_meanwhile() {
+    let (fed, workers, tenant) = fleet(
+        &[("ovh-fr", "FR"), ("ionos-de", "DE"), ("scw-nl", "NL")],
+        "q8_0",
+    )
+    .await;
+    let planned = fed.place("smollm2", How::Stages(3)).await;
+    let ids = workers_of(&planned);
+    let (a, b, c) = (&ids[0], &ids[1], &ids[2]);
+    let explicit = |stages: &[(&String, u32, u32)]| {
+        How::Explicit(pb::ExplicitChain {
+            stages: stages
+                .iter()
+                .map(|(w, start_layer, end_layer)| pb::StageAssignment {
+                    worker_id: w.to_string(),
+                    start_layer: *start_layer,
+                    end_layer: *end_layer,
+                })
+                .collect(),
+        })
+    };
+    let first_layout = [(a, 0, 10), (b, 10, 20), (c, 20, 30)];
+    let first = fed.place("smollm2", explicit(&first_layout)).await;
+    let (job_id, mut stream) = start_job(
+        fed.channel(Some(&tenant)).await,
+        chat_request("Tell me a long story.", 100_000, 0.0, 0),
+    )
+    .await;
+    read_tokens(&mut stream, &mut Vec::new(), 1).await;
+    let mem = |p: &pb::Placement, w: &String, start: u32| {
+        p.chains[0]
+            .stages
+            .iter()
+            .find(|s| s.worker_id == *w && s.start_layer == start)
+            .map(|s| s.memory_bytes)
+            .unwrap()
+    };
+
+    // The job's first worker keeps its layers; the others' change: the job's stages stay.
+    let second = fed
+        .place("smollm2", explicit(&[(a, 0, 10), (b, 10, 30)]))
+        .await;
+    let expected = HashMap::from([
+        (a.clone(), mem(&first, a, 0)),
+        (b.clone(), mem(&second, b, 10) + mem(&first, b, 10)),
+        (c.clone(), mem(&first, c, 20)),
+    ]);
+    assert_eq!(held_memory(&fed).await, expected);
+
+    // The first worker is left out: it still holds the job's stage.
+    let third = fed.place("smollm2", explicit(&[(b, 0, 30)])).await;
+    let expected = HashMap::from([
+        (a.clone(), mem(&first, a, 0)),
+        (b.clone(), mem(&third, b, 0) + mem(&first, b, 10)),
+        (c.clone(), mem(&first, c, 20)),
+    ]);
+    assert_eq!(held_memory(&fed).await, expected);
+
+    // The first layout again: every worker loads its layers anew beside the job's copy.
+    fed.place("smollm2", explicit(&first_layout)).await;
+    let twice: HashMap<String, u64> = stage_memory(&[&first])
+        .into_iter()
+        .map(|(w, bytes)| (w, 2 * bytes))
+        .collect();
+    assert_eq!(held_memory(&fed).await, twice);
+
+    // Once the job ends, only the placement counts.
+    pb::jobs_client::JobsClient::new(fed.channel(Some(&tenant)).await)
+        .cancel_job(pb::JobRef { job_id })
+        .await
+        .expect("cancel the job");
+    while stream.message().await.ok().flatten().is_some() {}
+    assert_eq!(held_memory(&fed).await, stage_memory(&[&first]));
     for w in workers {
         w.stop().await.unwrap();
     }
