@@ -48,6 +48,20 @@ async fn read_tokens(
     panic!("the job's stream ended");
 }
 
+/// An explicit chain of (worker, first layer, one past the last).
+fn explicit(stages: &[(&String, u32, u32)]) -> How {
+    How::Explicit(pb::ExplicitChain {
+        stages: stages
+            .iter()
+            .map(|(w, start_layer, end_layer)| pb::StageAssignment {
+                worker_id: w.to_string(),
+                start_layer: *start_layer,
+                end_layer: *end_layer,
+            })
+            .collect(),
+    })
+}
+
 /// The id of the worker of data dir `dir`, which holds a stage of `placement`.
 fn id_in(dir: &std::path::Path, placement: &pb::Placement) -> String {
     let identity = std::fs::read_to_string(dir.join("identity.json")).unwrap();
@@ -378,18 +392,6 @@ async fn a_stage_placed_again_on_the_same_layers_keeps_its_weights() {
 
     // The same chain asked for again, the last two stages' boundary moved by one layer: the
     // head keeps what it holds, the other two read their new layers.
-    let explicit = |ranges: Vec<(String, u32, u32)>| {
-        How::Explicit(pb::ExplicitChain {
-            stages: ranges
-                .into_iter()
-                .map(|(worker_id, start_layer, end_layer)| pb::StageAssignment {
-                    worker_id,
-                    start_layer,
-                    end_layer,
-                })
-                .collect(),
-        })
-    };
     let (head, middle, tail) = (&stages[0], &stages[1], &stages[2]);
     // Into the tail, or out of it where it holds one layer (the split follows the workers'
     // measured speeds).
@@ -398,10 +400,10 @@ async fn a_stage_placed_again_on_the_same_layers_keeps_its_weights() {
     } else {
         middle.end_layer - 1
     };
-    let moved = explicit(vec![
-        (head.worker_id.clone(), head.start_layer, head.end_layer),
-        (middle.worker_id.clone(), middle.start_layer, boundary),
-        (tail.worker_id.clone(), boundary, tail.end_layer),
+    let moved = explicit(&[
+        (&head.worker_id, head.start_layer, head.end_layer),
+        (&middle.worker_id, middle.start_layer, boundary),
+        (&tail.worker_id, boundary, tail.end_layer),
     ]);
     let second = fed.place("smollm2", moved.clone()).await;
     let messages: Vec<&str> = second.chains[0]
@@ -459,16 +461,12 @@ async fn a_degraded_placement_says_what_keeps_it_from_being_as_asked() {
     let asked = fed
         .place(
             "smollm2",
-            How::Explicit(pb::ExplicitChain {
-                stages: stages
+            explicit(
+                &stages
                     .iter()
-                    .map(|s| pb::StageAssignment {
-                        worker_id: s.worker_id.clone(),
-                        start_layer: s.start_layer,
-                        end_layer: s.end_layer,
-                    })
-                    .collect(),
-            }),
+                    .map(|s| (&s.worker_id, s.start_layer, s.end_layer))
+                    .collect::<Vec<_>>(),
+            ),
         )
         .await;
     assert!(asked.requested.starts_with("explicit"), "{asked:?}");
@@ -655,18 +653,6 @@ async fn the_stages_a_running_job_holds_count_until_it_ends_whatever_is_placed_m
     let planned = fed.place("smollm2", How::Stages(3)).await;
     let ids = workers_of(&planned);
     let (a, b, c) = (&ids[0], &ids[1], &ids[2]);
-    let explicit = |stages: &[(&String, u32, u32)]| {
-        How::Explicit(pb::ExplicitChain {
-            stages: stages
-                .iter()
-                .map(|(w, start_layer, end_layer)| pb::StageAssignment {
-                    worker_id: w.to_string(),
-                    start_layer: *start_layer,
-                    end_layer: *end_layer,
-                })
-                .collect(),
-        })
-    };
     let first_layout = [(a, 0, 10), (b, 10, 20), (c, 20, 30)];
     let first = fed.place("smollm2", explicit(&first_layout)).await;
     let (job_id, mut stream) = start_job(
