@@ -180,9 +180,11 @@ fn ctrl_c_tears_the_demo_down_and_exits_130() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Some of the answer first.
+    // Some of the answer first. Its stdout stays open (a closed pipe would end it by
+    // SIGPIPE, as it ends any command writing to one, before it sees the Ctrl-C).
     let mut first = [0u8; 16];
-    demo.stdout.take().unwrap().read_exact(&mut first).unwrap();
+    let mut stdout = demo.stdout.take().unwrap();
+    stdout.read_exact(&mut first).unwrap();
     let pid = demo.id().to_string();
     assert!(
         Command::new("kill")
@@ -192,6 +194,7 @@ fn ctrl_c_tears_the_demo_down_and_exits_130() {
             .success()
     );
     let out = demo.wait_with_output().unwrap();
+    drop(stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{stderr}");
     assert!(stderr.ends_with("\ninterrupted\n"), "{stderr}");

@@ -183,12 +183,14 @@ impl Federation {
             .apply(Batch::new().put(WORKERS, &record.id, encode(&record)))?;
         self.check_memory_held(&record)?;
         let (tx, rx) = mpsc::unbounded_channel();
+        // Its orders are read under the lock `dispatch` sends in: a placement written
+        // meanwhile is either read here or sent to the stream inserted below.
+        let mut live = self.live();
         let orders = self.orders_for(&record.id)?;
         let models = orders.iter().map(|o| o.model.clone()).collect();
         for order in orders {
             let _ = tx.send(AgentCommand::Assign(order));
         }
-        let mut live = self.live();
         if self.worker_revoked(&record.id)? {
             return Err(revoked_worker(&record.id));
         }

@@ -401,7 +401,7 @@ impl Federation {
         // Until the job is in the job table on its chain (see `placement_gates`).
         let gate = self.placement_gate(&model.name);
         let _starting = gate.read().await;
-        let (chain, version) = self.ready_chain(&model.name, &policy).await?;
+        let (chain, placement) = self.ready_chain(&model.name, &policy).await?;
         let job_id = format!("job-{}", token::random_hex(8));
         let tenant = match caller {
             Caller::Operator => crate::federation::OPERATOR_NAME.to_string(),
@@ -451,7 +451,7 @@ impl Federation {
             progress: Instant::now(),
             persisted: Instant::now(),
         };
-        if let Err((session, error)) = self.launch(job, chain, version).await {
+        if let Err((session, error)) = self.launch(job, chain, &placement).await {
             self.finish_job(session, JobState::Failed, None, Some(error));
         }
         Ok((job_id, rx))
@@ -465,7 +465,7 @@ impl Federation {
         &self,
         model: &str,
         policy: &PolicyRecord,
-    ) -> Result<(ChainStages, u64), CoordinatorError> {
+    ) -> Result<(ChainStages, PlacementRecord), CoordinatorError> {
         let mut placement = self.placement(model)?;
         // Just after the coordinator started, its workers are still reconnecting: a stage
         // that is not connected yet is awaited (see `reconnect_grace`), not replanned around.
@@ -482,7 +482,7 @@ impl Federation {
             placement = self.placement(model)?;
         }
         let refused = match self.pick_chain(&placement, policy) {
-            Ok(chain) => return Ok((chain, placement.version)),
+            Ok(chain) => return Ok((chain, placement)),
             Err(e) => e,
         };
         let broken = |p: &PlacementRecord| {
@@ -516,7 +516,7 @@ impl Federation {
         loop {
             let placement = self.placement(model)?;
             match self.pick_chain(&placement, policy) {
-                Ok(chain) => return Ok((chain, placement.version)),
+                Ok(chain) => return Ok((chain, placement)),
                 // Nothing more is coming (loaded, failed or down), or it takes too long.
                 Err(e) if !loading(&placement) || Instant::now() > deadline => return Err(e),
                 Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
@@ -531,33 +531,27 @@ impl Federation {
         &self,
         mut job: LiveJob,
         chain: ChainStages,
-        version: u64,
+        placement: &PlacementRecord,
     ) -> Result<(), (u64, String)> {
         let session = new_session_id();
         let worker_ids: Vec<String> = chain.iter().map(|(w, _, _)| w.id.clone()).collect();
         job.stages = worker_ids.clone();
-        job.held = self
-            .placement(&job.record.model)
-            .ok()
-            .filter(|p| p.version == version)
-            .map(|p| {
-                let stages: Vec<&StageRecord> = p.chains.iter().flatten().collect();
-                chain
+        // The stages of the placement the chain was picked from (the one stored may be newer).
+        let stages: Vec<&StageRecord> = placement.chains.iter().flatten().collect();
+        job.held = chain
+            .iter()
+            .filter_map(|(w, _, r)| {
+                let s = stages
                     .iter()
-                    .filter_map(|(w, _, r)| {
-                        let s = stages
-                            .iter()
-                            .find(|s| s.worker_id == w.id && s.range == *r)?;
-                        Some(HeldStage {
-                            worker_id: s.worker_id.clone(),
-                            range: s.range,
-                            loaded_in: s.loaded_in,
-                            memory_bytes: s.memory_bytes,
-                        })
-                    })
-                    .collect()
+                    .find(|s| s.worker_id == w.id && s.range == *r)?;
+                Some(HeldStage {
+                    worker_id: s.worker_id.clone(),
+                    range: s.range,
+                    loaded_in: s.loaded_in,
+                    memory_bytes: s.memory_bytes,
+                })
             })
-            .unwrap_or_default();
+            .collect();
         let attempt = job
             .record
             .audit
@@ -570,7 +564,13 @@ impl Federation {
         let stages = audit_of(&chain, attempt, from_token);
         job.record.audit.extend(stages.iter().cloned());
         let replay = !job.record.prompt_ids.is_empty();
-        let mut opens = self.session_orders(session, &job.record.model, version, &chain, &job.spec);
+        let mut opens = self.session_orders(
+            session,
+            &job.record.model,
+            placement.version,
+            &chain,
+            &job.spec,
+        );
         if replay {
             let history: Vec<u32> = job
                 .record

@@ -62,7 +62,7 @@ impl Federation {
                 let Some(job) = self.take_job(parked) else {
                     return;
                 };
-                match self.launch(job, chain, placement.version).await {
+                match self.launch(job, chain, &placement).await {
                     Ok(()) => return,
                     Err((new_session, error)) => {
                         let Some(mut again) = self.take_job(new_session) else {
@@ -131,13 +131,25 @@ impl Federation {
         }
         let record = self.model(model)?;
         let requested = placement.requested.clone();
-        if requested != PlacementRequest::Auto
-            && let Ok(chains) = self.plan(&record, &requested)
-        {
-            return self
-                .write_placement(&record, chains, requested, false, None)
-                .map(|_| ());
-        }
+        // A worker left out that may change the plan once it is back (an explicit chain
+        // names its workers).
+        let down = match requested {
+            PlacementRequest::Explicit(_) => None,
+            _ => self.a_worker_down(&record).map(|w| down_reason(&w)),
+        };
+        let as_asked = match requested {
+            PlacementRequest::Auto => None,
+            _ => Some(self.plan(&record, &requested)),
+        };
+        let not_as_asked = match as_asked {
+            Some(Ok(chains)) => {
+                return self
+                    .write_placement(&record, chains, requested, down.is_some(), down)
+                    .map(|_| ());
+            }
+            Some(Err(e)) => Some(e.to_string()),
+            None => None,
+        };
         let chains = self.plan(&record, &PlacementRequest::Auto)?;
         let mut around: Vec<String> = placement
             .chains
@@ -156,8 +168,12 @@ impl Federation {
         around.sort();
         around.dedup();
         let why = (!around.is_empty())
-            .then(|| format!("planned around worker {}", around.join(", worker ")));
-        self.write_placement(&record, chains, requested, true, why)
+            .then(|| format!("planned around worker {}", around.join(", worker ")))
+            .or(down)
+            .or(not_as_asked);
+        // Not as asked unless asked for the planner's choice, made with every worker.
+        let degraded = requested != PlacementRequest::Auto || why.is_some();
+        self.write_placement(&record, chains, requested, degraded, why)
             .map(|_| ())
     }
 
@@ -350,11 +366,7 @@ impl Federation {
             PlacementRequest::Explicit(_) => None,
             _ => self.a_worker_down(record),
         };
-        let why = down.map(|down| {
-            format!(
-                "as asked over the workers up now; worker {down} is down: placed as asked again once it is back (or revoked)"
-            )
-        });
+        let why = down.map(|down| down_reason(&down));
         if layout_of(&chains) == placement.layout() {
             if let Some(why) = why {
                 return self.record_not_as_asked(placement, &why);
@@ -450,6 +462,7 @@ impl Federation {
             session,
             LiveJob {
                 stages: vec![],
+                held: vec![],
                 ..job
             },
         );
@@ -471,4 +484,11 @@ impl Federation {
                 .send((session, format!("worker {worker} {why}")));
         }
     }
+}
+
+/// Why a placement planned over the workers up now is not yet as asked: `worker` is down.
+fn down_reason(worker: &str) -> String {
+    format!(
+        "as asked over the workers up now; worker {worker} is down: placed as asked again once it is back (or revoked)"
+    )
 }
