@@ -20,8 +20,28 @@ use crate::store::{Batch, Store};
 use crate::validate::{clean_country, clean_list, clean_policy, host_of, validate_name};
 
 /// A try to place a degraded model as asked: its placement version, the available workers,
-/// and whether jobs of it ran (tried again only once one of them changes).
-pub(crate) type ReplanTry = (u64, Vec<String>, bool);
+/// and, while jobs of it run, which jobs ran (0 when none of it did; tried again once one of
+/// them changes: a job that ends may free what the plan needs).
+pub(crate) type ReplanTry = (u64, Vec<String>, u64);
+
+/// Gives the stages of placements stored without the version their slices were loaded in
+/// (before it was recorded) their placement's version, so a job started on one and a later
+/// placement that keeps it agree it is one slice.
+fn record_load_versions(store: &dyn Store) -> Result<(), CoordinatorError> {
+    for mut placement in read_all::<PlacementRecord>(store, PLACEMENTS)? {
+        let stages = placement.chains.iter_mut().flatten();
+        let unrecorded: Vec<&mut StageRecord> = stages.filter(|s| s.loaded_in == 0).collect();
+        if unrecorded.is_empty() {
+            continue;
+        }
+        for stage in unrecorded {
+            stage.loaded_in = placement.version;
+        }
+        store.apply(Batch::new().put(PLACEMENTS, &placement.model, encode(&placement)))?;
+    }
+    store.flush()?;
+    Ok(())
+}
 
 /// Settings of a coordinator.
 #[derive(Debug, Clone)]
@@ -208,6 +228,7 @@ impl Federation {
             info!(path = %dir.admin_token().display(), "operator token created");
         }
         crate::jobs::abandon_running_jobs(store.as_ref())?;
+        record_load_versions(store.as_ref())?;
         warn_of_stale_countries(store.as_ref())?;
         let (recoveries, recovery_queue) = mpsc::unbounded_channel();
         Ok(Self {
@@ -1232,4 +1253,45 @@ fn warn_of_stale_countries(store: &dyn Store) -> Result<(), CoordinatorError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stages_stored_without_a_load_version_get_their_placements() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::SledStore::open(dir.path()).unwrap();
+        let stage = |loaded_in| StageRecord {
+            worker_id: "w".into(),
+            range: LayerRange::new(0, 30),
+            memory_bytes: 1,
+            time_s: 0.1,
+            loaded_in,
+        };
+        let placement = |model: &str, version, loaded_in| PlacementRecord {
+            model: model.into(),
+            version,
+            chains: vec![vec![stage(loaded_in)]],
+            ..Default::default()
+        };
+        // As stored before the load version was recorded: the field is absent.
+        let mut old = serde_json::to_value(placement("old", 7, 0)).unwrap();
+        old["chains"][0][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("loaded_in");
+        store
+            .apply(
+                Batch::new()
+                    .put(PLACEMENTS, "old", serde_json::to_vec(&old).unwrap())
+                    .put(PLACEMENTS, "new", encode(&placement("new", 9, 4))),
+            )
+            .unwrap();
+        record_load_versions(&store).unwrap();
+        let read = |model: &str| read::<PlacementRecord>(&store, PLACEMENTS, model).unwrap();
+        assert_eq!(read("old"), Some(placement("old", 7, 7)));
+        assert_eq!(read("new"), Some(placement("new", 9, 4)));
+    }
 }

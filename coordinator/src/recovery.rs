@@ -250,8 +250,14 @@ impl Federation {
             let Ok(_no_job_starting) = gate.try_write() else {
                 continue;
             };
-            let running = self.jobs().live.values().any(|j| j.record.model == model);
-            let attempt = (placement.version, available.clone(), running);
+            let (running, jobs) = {
+                let jobs = self.jobs();
+                let running = jobs.live.values().any(|j| j.record.model == model);
+                // Which jobs run: the sum of their sessions' random 64-bit ids.
+                let which = jobs.live.keys().fold(0u64, |sum, s| sum.wrapping_add(*s));
+                (running, if running { which.max(1) } else { 0 })
+            };
+            let attempt = (placement.version, available.clone(), jobs);
             if self.replan_tries().get(&model) == Some(&attempt) {
                 continue;
             }

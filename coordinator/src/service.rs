@@ -699,6 +699,10 @@ pub fn placement_pb(
     })
 }
 
+/// How long `placement set` waits for a job of the model that is starting (choosing its chain,
+/// maybe waiting for its stages to load).
+const GATE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 #[tonic::async_trait]
 impl pb::placements_server::Placements for ControlPlane {
     async fn show_placement(
@@ -737,7 +741,13 @@ impl pb::placements_server::Placements for ControlPlane {
         };
         // Not while a job of it is starting (see `placement_gate`).
         let gate = self.fed.placement_gate(&r.model);
-        let _no_job_starting = gate.write().await;
+        let Ok(_no_job_starting) = tokio::time::timeout(GATE_WAIT, gate.write()).await else {
+            return Err(Status::unavailable(format!(
+                "a job of model `{}` has been starting for {} s (waiting for its stages to load); try again",
+                crate::error::shown(&r.model, 80),
+                GATE_WAIT.as_secs()
+            )));
+        };
         let p = self.fed.set_placement(&r.model, how)?;
         Ok(Response::new(placement_pb(&self.fed, p)?))
     }
