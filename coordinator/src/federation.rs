@@ -887,12 +887,9 @@ impl Federation {
         chains: &[Vec<StageRecord>],
     ) -> Result<(), CoordinatorError> {
         let placements = read_all::<PlacementRecord>(self.store(), PLACEMENTS)?;
-        let mut need = memory_held(placements.iter().filter(|p| p.model != current.model));
-        for (worker, bytes) in self.held_beyond_placements(&placements) {
-            *need.entry(worker).or_default() += bytes;
-        }
+        let mut need = self.memory_committed(&placements, Some(&current.model));
         // The stages of `current` that jobs of it run on stay until those jobs end.
-        let in_jobs: Vec<HeldStage> = self
+        let in_jobs: Vec<StageRecord> = self
             .jobs()
             .live
             .values()
@@ -903,7 +900,7 @@ impl Federation {
             .chains
             .iter()
             .flatten()
-            .filter(|s| in_jobs.iter().any(|h| h.is(s)))
+            .filter(|s| in_jobs.iter().any(|h| h.same_slice(s)))
             .collect();
         for s in &in_use {
             *need.entry(s.worker_id.clone()).or_default() += s.memory_bytes;
@@ -942,13 +939,13 @@ impl Federation {
     /// A worker that `model`'s policy allows and that is neither up nor revoked (it has
     /// connected before): a plan made now leaves it out, and may differ once it is back.
     pub(crate) fn a_worker_down(&self, model: &ModelRecord) -> Option<String> {
-        let workers = self.list_workers().ok()?;
-        workers
+        let revoked = self.revoked_workers().ok()?;
+        self.list_workers()
+            .ok()?
             .into_iter()
             .find(|(w, p)| {
                 w.state != crate::records::WorkerState::Joined
-                    && !p.revoked
-                    && !self.worker_revoked(&w.id).unwrap_or(true)
+                    && !revoked.contains(&w.id)
                     && !self.is_live(&w.id)
                     && placement::allows(model, w, p)
             })
@@ -1056,14 +1053,8 @@ impl Federation {
         let mut candidates = self.candidates()?;
         // What the other models' stages hold on each worker is not free for this one.
         let placements = read_all::<PlacementRecord>(self.store(), PLACEMENTS)?;
-        let mut committed = memory_held(
-            placements
-                .iter()
-                .filter(|p| beside_itself || p.model != model.name),
-        );
-        for (worker, bytes) in self.held_beyond_placements(&placements) {
-            *committed.entry(worker).or_default() += bytes;
-        }
+        let except = (!beside_itself).then_some(model.name.as_str());
+        let committed = self.memory_committed(&placements, except);
         for c in &mut candidates {
             c.committed_bytes = committed.get(&c.worker.id).copied().unwrap_or(0);
         }
@@ -1148,11 +1139,8 @@ impl Federation {
     /// hold (replaced while the jobs ran: their workers keep those slices until the jobs end).
     /// A stage is one slice per (model, worker, layers, version it was loaded in): a stage that
     /// later placements kept is the same slice, one loaded again is another.
-    pub(crate) fn held_beyond_placements(
-        &self,
-        placements: &[PlacementRecord],
-    ) -> HashMap<String, u64> {
-        let in_jobs: Vec<(String, HeldStage)> = self
+    fn held_beyond_placements(&self, placements: &[PlacementRecord]) -> HashMap<String, u64> {
+        let in_jobs: Vec<(String, StageRecord)> = self
             .jobs()
             .live
             .values()
@@ -1165,7 +1153,7 @@ impl Federation {
                 .iter()
                 .filter(|p| p.model == *model)
                 .flat_map(|p| p.chains.iter().flatten())
-                .any(|s| h.is(s));
+                .any(|s| h.same_slice(s));
             let key = (model, &h.worker_id, h.range.start, h.range.end, h.loaded_in);
             if !current && counted.insert(key) {
                 *held.entry(h.worker_id.clone()).or_default() += h.memory_bytes;
@@ -1174,15 +1162,29 @@ impl Federation {
         held
     }
 
+    /// Per worker, the memory the stages of `placements` (but those of model `except`) take,
+    /// and those of replaced placements that running jobs still run on.
+    fn memory_committed(
+        &self,
+        placements: &[PlacementRecord],
+        except: Option<&str>,
+    ) -> HashMap<String, u64> {
+        let mut held = memory_held(
+            placements
+                .iter()
+                .filter(|p| Some(p.model.as_str()) != except),
+        );
+        for (worker, bytes) in self.held_beyond_placements(placements) {
+            *held.entry(worker).or_default() += bytes;
+        }
+        held
+    }
+
     /// Per worker, the memory every stage held on it takes: the current placements' and
     /// those of replaced placements that running jobs still run on.
     pub fn memory_in_use(&self) -> Result<HashMap<String, u64>, CoordinatorError> {
         let placements = read_all::<PlacementRecord>(self.store(), PLACEMENTS)?;
-        let mut held = memory_held(&placements);
-        for (worker, bytes) in self.held_beyond_placements(&placements) {
-            *held.entry(worker).or_default() += bytes;
-        }
-        Ok(held)
+        Ok(self.memory_committed(&placements, None))
     }
 
     /// Sends assignments of `new` and unassignments for workers only in `old`.

@@ -275,7 +275,7 @@ pub(crate) struct LiveJob {
     pub(crate) stages: Vec<String>,
     /// The stages it runs on, as its placement recorded them (their memory stays held until
     /// it ends, whatever placement comes after).
-    pub(crate) held: Vec<HeldStage>,
+    pub(crate) held: Vec<StageRecord>,
     pub(crate) events: mpsc::Sender<JobEvent>,
     pub(crate) started: Option<Instant>,
     pub(crate) first_token: Option<Instant>,
@@ -537,19 +537,15 @@ impl Federation {
         let worker_ids: Vec<String> = chain.iter().map(|(w, _, _)| w.id.clone()).collect();
         job.stages = worker_ids.clone();
         // The stages of the placement the chain was picked from (the one stored may be newer).
-        let stages: Vec<&StageRecord> = placement.chains.iter().flatten().collect();
         job.held = chain
             .iter()
             .filter_map(|(w, _, r)| {
-                let s = stages
+                placement
+                    .chains
                     .iter()
-                    .find(|s| s.worker_id == w.id && s.range == *r)?;
-                Some(HeldStage {
-                    worker_id: s.worker_id.clone(),
-                    range: s.range,
-                    loaded_in: s.loaded_in,
-                    memory_bytes: s.memory_bytes,
-                })
+                    .flatten()
+                    .find(|s| s.worker_id == w.id && s.range == *r)
+                    .cloned()
             })
             .collect();
         let attempt = job

@@ -180,25 +180,13 @@ pub struct StageRecord {
     pub loaded_in: u64,
 }
 
-/// A stage a running job runs on, as its placement recorded it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HeldStage {
-    /// Worker id.
-    pub worker_id: String,
-    /// Its layers.
-    pub range: LayerRange,
-    /// The placement version its slice was loaded in.
-    pub loaded_in: u64,
-    /// Memory the stage takes, bytes.
-    pub memory_bytes: u64,
-}
-
-impl HeldStage {
-    /// Whether it is the slice `stage` stands for.
-    pub fn is(&self, stage: &StageRecord) -> bool {
-        self.worker_id == stage.worker_id
-            && self.range == stage.range
-            && self.loaded_in == stage.loaded_in
+impl StageRecord {
+    /// Whether `other` stands for the same slice: same worker, same layers, loaded in the
+    /// same placement version.
+    pub fn same_slice(&self, other: &StageRecord) -> bool {
+        self.worker_id == other.worker_id
+            && self.range == other.range
+            && self.loaded_in == other.loaded_in
     }
 }
 

@@ -739,7 +739,9 @@ impl pb::placements_server::Placements for ControlPlane {
                     .collect(),
             ),
         };
-        // Not while a job of it is starting (see `placement_gate`).
+        // Not while a job of it is starting (see `placement_gate`); a gate only for a model
+        // that exists.
+        self.fed.model(&r.model)?;
         let gate = self.fed.placement_gate(&r.model);
         let Ok(_no_job_starting) = tokio::time::timeout(GATE_WAIT, gate.write()).await else {
             return Err(Status::unavailable(format!(

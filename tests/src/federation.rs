@@ -174,7 +174,17 @@ impl TestFederation {
         .await;
     }
 
-    /// Every worker.
+    /// Every provider, as the operator lists them.
+    pub async fn providers(&self) -> Vec<pb::Provider> {
+        pb::providers_client::ProvidersClient::new(self.operator().await)
+            .list_providers(pb::ListProvidersRequest {})
+            .await
+            .expect("list providers")
+            .into_inner()
+            .providers
+    }
+
+    /// Every worker, as the operator lists them.
     pub async fn workers(&self) -> Vec<pb::Worker> {
         pb::workers_client::WorkersClient::new(self.operator().await)
             .list_workers(pb::ListWorkersRequest {})

@@ -26,12 +26,7 @@ async fn onboarding_end_to_end_and_restart_reuses_the_certificate() {
     let fed = TestFederation::start().await;
     fed.add_provider("ovh-fr", "fr", &["ISO27001", "SecNumCloud"])
         .await;
-    let providers = pb::providers_client::ProvidersClient::new(fed.operator().await)
-        .list_providers(pb::ListProvidersRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .providers;
+    let providers = fed.providers().await;
     assert_eq!(providers.len(), 1);
     assert_eq!(providers[0].country, "FR", "country codes are normalised");
     assert_eq!(providers[0].certifications, vec!["ISO27001", "SecNumCloud"]);

@@ -289,12 +289,7 @@ async fn a_revoked_worker_is_cut_off_and_its_job_moves_on() {
     }
     assert_eq!(tokens, reference.tokens, "the stream went on exactly");
     // Its provider no longer counts it.
-    let providers = pb::providers_client::ProvidersClient::new(fed.operator().await)
-        .list_providers(pb::ListProvidersRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .providers;
+    let providers = fed.providers().await;
     let of_victim = providers
         .iter()
         .find(|p| p.name == reference.stages[1].provider)

@@ -15,6 +15,16 @@ use sovra_tests::federation::{
 
 const WAIT: Duration = Duration::from_secs(60);
 
+/// A federation of three providers (FR, DE, NL) with a worker each, SmolLM2 registered in
+/// q8_0, and a tenant's token.
+async fn three_providers() -> (TestFederation, Vec<TestWorker>, String) {
+    fleet(
+        &[("ovh-fr", "FR"), ("ionos-de", "DE"), ("scw-nl", "NL")],
+        "q8_0",
+    )
+    .await
+}
+
 async fn show(fed: &TestFederation) -> pb::Placement {
     fed.placement("smollm2").await
 }
@@ -123,12 +133,8 @@ fn stage_memory(placements: &[&pb::Placement]) -> HashMap<String, u64> {
 
 /// Per worker holding any, the memory `worker list` says its stages take.
 async fn held_memory(fed: &TestFederation) -> HashMap<String, u64> {
-    pb::workers_client::WorkersClient::new(fed.operator().await)
-        .list_workers(pb::ListWorkersRequest {})
+    fed.workers()
         .await
-        .expect("list workers")
-        .into_inner()
-        .workers
         .into_iter()
         .filter(|w| w.held_memory_bytes > 0)
         .map(|w| (w.id, w.held_memory_bytes))
@@ -145,11 +151,7 @@ fn all_ready(p: &pb::Placement) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_planned_around_a_failed_worker_is_placed_as_asked_when_it_returns() {
-    let (fed, mut workers, tenant) = fleet(
-        &[("ovh-fr", "FR"), ("ionos-de", "DE"), ("scw-nl", "NL")],
-        "q8_0",
-    )
-    .await;
+    let (fed, mut workers, tenant) = three_providers().await;
     let asked = fed.place("smollm2", How::Stages(3)).await;
     assert_eq!(asked.requested, "3 stages");
     assert!(!asked.degraded);
@@ -292,11 +294,7 @@ async fn a_model_registered_before_its_workers_is_placed_once_they_join() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_degraded_model_is_not_moved_onto_fewer_workers_while_idle() {
-    let (fed, mut workers, tenant) = fleet(
-        &[("ovh-fr", "FR"), ("ionos-de", "DE"), ("scw-nl", "NL")],
-        "q8_0",
-    )
-    .await;
+    let (fed, mut workers, tenant) = three_providers().await;
     fed.place("smollm2", How::Stages(3)).await;
     let third = workers.pop().unwrap();
     let third_dir = third.data_dir.clone();
@@ -370,11 +368,7 @@ async fn an_unplaced_model_says_why_as_of_now() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stage_placed_again_on_the_same_layers_keeps_its_weights() {
-    let (fed, workers, tenant) = fleet(
-        &[("ovh-fr", "FR"), ("ionos-de", "DE"), ("scw-nl", "NL")],
-        "q8_0",
-    )
-    .await;
+    let (fed, workers, tenant) = three_providers().await;
     let first = fed.place("smollm2", How::Stages(3)).await;
     let stages: Vec<pb::PlacementStage> = first.chains[0].stages.clone();
     assert_eq!(stages.len(), 3, "{first:?}");
@@ -451,11 +445,7 @@ async fn a_stage_placed_again_on_the_same_layers_keeps_its_weights() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_degraded_placement_says_what_keeps_it_from_being_as_asked() {
-    let (fed, workers, tenant) = fleet(
-        &[("ovh-fr", "FR"), ("ionos-de", "DE"), ("scw-nl", "NL")],
-        "q8_0",
-    )
-    .await;
+    let (fed, workers, tenant) = three_providers().await;
     let planned = fed.place("smollm2", How::Stages(3)).await;
     let stages = &planned.chains[0].stages;
     let asked = fed
@@ -582,11 +572,7 @@ async fn a_placement_that_does_not_fit_beside_its_running_jobs_waits_for_them() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_automatic_placement_made_around_a_worker_returns_to_it() {
-    let (fed, mut workers, tenant) = fleet(
-        &[("ovh-fr", "FR"), ("ionos-de", "DE"), ("scw-nl", "NL")],
-        "q8_0",
-    )
-    .await;
+    let (fed, mut workers, tenant) = three_providers().await;
     let auto = eventually("the automatic placement, ready", WAIT, || async {
         let p = show(&fed).await;
         all_ready(&p).then_some(p)
@@ -645,11 +631,7 @@ async fn an_automatic_placement_made_around_a_worker_returns_to_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_stages_a_running_job_holds_count_until_it_ends_whatever_is_placed_meanwhile() {
-    let (fed, workers, tenant) = fleet(
-        &[("ovh-fr", "FR"), ("ionos-de", "DE"), ("scw-nl", "NL")],
-        "q8_0",
-    )
-    .await;
+    let (fed, workers, tenant) = three_providers().await;
     let planned = fed.place("smollm2", How::Stages(3)).await;
     let ids = workers_of(&planned);
     let (a, b, c) = (&ids[0], &ids[1], &ids[2]);
