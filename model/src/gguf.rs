@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
@@ -126,11 +126,20 @@ impl GgufModel {
                 source,
             })?
             .len();
-        let content =
-            Content::read(&mut BufReader::new(file)).map_err(|e| LoadError::InvalidGguf {
+        let mut reader = BufReader::new(file);
+        let invalid = |reason: String| LoadError::InvalidGguf {
+            path: path.clone(),
+            reason,
+        };
+        // candle divides by the alignment the file declares: check it before candle reads.
+        check_alignment(&mut reader, file_len).map_err(invalid)?;
+        reader
+            .seek(SeekFrom::Start(0))
+            .map_err(|source| LoadError::Io {
                 path: path.clone(),
-                reason: e.to_string(),
+                source,
             })?;
+        let content = Content::read(&mut reader).map_err(|e| invalid(e.to_string()))?;
         check_tensor_extents(&content, file_len).map_err(|reason| LoadError::InvalidGguf {
             path: path.clone(),
             reason,
@@ -206,6 +215,137 @@ impl GgufModel {
         }
         Ok(info)
     }
+}
+
+/// Reads the metadata of a GGUF header far enough to check `general.alignment`: where present
+/// it must be a power of two (as llama.cpp requires). Anything else malformed is left for
+/// candle's reader to report; this scan only stops at the end of the file, never allocates
+/// more than a key, and never reads past `file_len`.
+fn check_alignment(reader: &mut BufReader<File>, file_len: u64) -> Result<(), String> {
+    fn u32_of(r: &mut impl Read) -> std::io::Result<u32> {
+        let mut b = [0u8; 4];
+        r.read_exact(&mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+    fn u64_of(r: &mut impl Read) -> std::io::Result<u64> {
+        let mut b = [0u8; 8];
+        r.read_exact(&mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+    /// Bytes of a fixed-size value type, None for strings and arrays (and unknown types).
+    fn fixed_size(value_type: u32) -> Option<i64> {
+        match value_type {
+            0 | 1 | 7 => Some(1),
+            2 | 3 => Some(2),
+            4..=6 => Some(4),
+            10..=12 => Some(8),
+            _ => None,
+        }
+    }
+    struct Scan<'a> {
+        reader: &'a mut BufReader<File>,
+        wide: bool,
+        file_len: u64,
+    }
+    impl Scan<'_> {
+        fn length(&mut self) -> std::io::Result<u64> {
+            if self.wide {
+                u64_of(self.reader)
+            } else {
+                u32_of(self.reader).map(u64::from)
+            }
+        }
+        fn skip(&mut self, bytes: u64) -> Result<(), String> {
+            let at = self.reader.stream_position().map_err(|e| e.to_string())?;
+            if bytes > self.file_len.saturating_sub(at) {
+                return Err(format!(
+                    "a value of {bytes} bytes runs past the end of the file"
+                ));
+            }
+            self.reader
+                .seek_relative(bytes as i64)
+                .map_err(|e| e.to_string())
+        }
+        fn skip_value(&mut self, value_type: u32, depth: usize) -> Result<(), String> {
+            if let Some(n) = fixed_size(value_type) {
+                return self.skip(n as u64);
+            }
+            match value_type {
+                8 => {
+                    let len = self.length().map_err(|e| e.to_string())?;
+                    self.skip(len)
+                }
+                9 if depth < 4 => {
+                    let inner = u32_of(self.reader).map_err(|e| e.to_string())?;
+                    let count = self.length().map_err(|e| e.to_string())?;
+                    match fixed_size(inner) {
+                        Some(n) => self.skip(count.saturating_mul(n as u64)),
+                        None => (0..count).try_for_each(|_| self.skip_value(inner, depth + 1)),
+                    }
+                }
+                // Unknown types and deep nesting: candle's reader says what is wrong.
+                _ => Err(String::new()),
+            }
+        }
+    }
+    let mut head = [0u8; 8];
+    if reader.read_exact(&mut head).is_err() || &head[..4] != b"GGUF" {
+        return Ok(());
+    }
+    let version = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+    let mut scan = Scan {
+        reader,
+        wide: version >= 2,
+        file_len,
+    };
+    let Ok(_tensors) = scan.length() else {
+        return Ok(());
+    };
+    let Ok(entries) = scan.length() else {
+        return Ok(());
+    };
+    for _ in 0..entries {
+        let Ok(key_len) = scan.length() else {
+            return Ok(());
+        };
+        if key_len > 65_536 || key_len > file_len {
+            return Ok(());
+        }
+        let mut key = vec![0u8; key_len as usize];
+        let Ok(value_type) = scan
+            .reader
+            .read_exact(&mut key)
+            .and_then(|()| u32_of(scan.reader))
+        else {
+            return Ok(());
+        };
+        if key != b"general.alignment" {
+            if scan.skip_value(value_type, 0).is_err() {
+                return Ok(());
+            }
+            continue;
+        }
+        // The integer types candle takes the alignment from (a negative one it ignores).
+        let width = match value_type {
+            0 | 1 => 1,
+            2 | 3 => 2,
+            4 | 5 => 4,
+            _ => return Ok(()),
+        };
+        let mut b = [0u8; 4];
+        if scan.reader.read_exact(&mut b[..width]).is_err() {
+            return Ok(());
+        }
+        let raw = u32::from_le_bytes(b);
+        let negative = value_type % 2 == 1 && raw >> (width * 8 - 1) & 1 == 1;
+        if !negative && !raw.is_power_of_two() {
+            return Err(format!(
+                "general.alignment is {raw}; it must be a power of two"
+            ));
+        }
+        return Ok(());
+    }
+    Ok(())
 }
 
 /// Checks that every tensor's data lies within the file (`file_len` bytes), so a truncated

@@ -67,6 +67,55 @@ fn not_a_gguf_at_all() {
     assert!(matches!(err, LoadError::InvalidGguf { .. }), "{err}");
 }
 
+/// A GGUF v3 header: the architecture, a string array, then `general.alignment` of the given
+/// value type and little-endian bytes.
+fn header_with_alignment(value_type: u32, value: &[u8]) -> tempfile::NamedTempFile {
+    fn string(out: &mut Vec<u8>, s: &str) {
+        out.extend((s.len() as u64).to_le_bytes());
+        out.extend(s.as_bytes());
+    }
+    let mut out = b"GGUF".to_vec();
+    out.extend(3u32.to_le_bytes());
+    out.extend(0u64.to_le_bytes());
+    out.extend(3u64.to_le_bytes());
+    string(&mut out, "general.architecture");
+    out.extend(8u32.to_le_bytes());
+    string(&mut out, "llama");
+    string(&mut out, "tokenizer.ggml.tokens");
+    out.extend(9u32.to_le_bytes());
+    out.extend(8u32.to_le_bytes());
+    out.extend(2u64.to_le_bytes());
+    string(&mut out, "ab");
+    string(&mut out, "c");
+    string(&mut out, "general.alignment");
+    out.extend(value_type.to_le_bytes());
+    out.extend(value);
+    let mut file = tempfile::Builder::new().suffix(".gguf").tempfile().unwrap();
+    file.write_all(&out).unwrap();
+    file
+}
+
+#[test]
+fn an_alignment_that_is_not_a_power_of_two_is_refused() {
+    for (value_type, value) in [
+        (4u32, 0u32.to_le_bytes().to_vec()),
+        (2, 24u16.to_le_bytes().to_vec()),
+        (0, vec![0]),
+    ] {
+        let err = GgufModel::open(header_with_alignment(value_type, &value).path()).unwrap_err();
+        assert!(matches!(err, LoadError::InvalidGguf { .. }), "{err}");
+        assert!(err.to_string().contains("must be a power of two"), "{err}");
+    }
+    // A power of two, or a negative one (ignored), passes on to the rest of the checks.
+    for (value_type, value) in [
+        (4u32, 64u32.to_le_bytes().to_vec()),
+        (5, (-8i32).to_le_bytes().to_vec()),
+    ] {
+        let err = GgufModel::open(header_with_alignment(value_type, &value).path()).unwrap_err();
+        assert!(matches!(err, LoadError::Metadata { .. }), "{err}");
+    }
+}
+
 #[test]
 fn unknown_architecture_is_named() {
     let dir = tempfile::tempdir().unwrap();
