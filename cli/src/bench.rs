@@ -11,6 +11,9 @@ use sovra_model::llama::argmax;
 use sovra_model::{GgufModel, LayerRange, SliceProfile, WeightMode};
 use sovra_worker::{LocalPipeline, PipelineSession};
 
+/// Most sessions one measured batch may hold.
+const MAX_BATCH: usize = 1024;
+
 /// Arguments of `sovra bench`.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -39,10 +42,18 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     if args.tokens == 0 || args.prompt_tokens == 0 || args.repeat == 0 || args.batch.contains(&0) {
         bail!("--tokens, --prompt-tokens, --repeat and every --batch must be at least 1");
     }
+    if args.batch.iter().any(|&b| b > MAX_BATCH) {
+        bail!("a --batch of more than {MAX_BATCH} sessions is not measured");
+    }
     let path = resolve_model(&args.model, &sovra_home(), &mut crate::progress)?;
     let model = GgufModel::open(&path)?;
     let spec = model.spec().clone();
-    if args.prompt_tokens + args.tokens + 8 > spec.context_length {
+    if args
+        .prompt_tokens
+        .saturating_add(args.tokens)
+        .saturating_add(8)
+        > spec.context_length
+    {
         bail!(
             "--prompt-tokens plus --tokens exceed the context of {}",
             spec.context_length

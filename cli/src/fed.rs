@@ -615,10 +615,13 @@ fn parse_layers(text: &str) -> Result<Vec<pb::StageAssignment>> {
                 .split_once('=')
                 .ok_or_else(|| anyhow!("`{part}` is not WORKER=START..END"))?;
             let range: LayerRange = range.parse().map_err(|e: String| anyhow!(e))?;
+            let layer = |n: usize| {
+                u32::try_from(n).map_err(|_| anyhow!("`{part}`: layer {n} is out of range"))
+            };
             Ok(pb::StageAssignment {
                 worker_id: worker.trim().to_string(),
-                start_layer: range.start as u32,
-                end_layer: range.end as u32,
+                start_layer: layer(range.start)?,
+                end_layer: layer(range.end)?,
             })
         })
         .collect()
@@ -626,6 +629,15 @@ fn parse_layers(text: &str) -> Result<Vec<pb::StageAssignment>> {
 
 /// Runs `sovra placement …`.
 pub async fn placement(cmd: PlacementCommand, conn: &ConnectArgs) -> Result<()> {
+    // A malformed layer list is refused before the coordinator is asked.
+    let explicit = match &cmd {
+        PlacementCommand::Set {
+            stages: None,
+            layers: Some(l),
+            ..
+        } => Some(parse_layers(l)?),
+        _ => None,
+    };
     let mut client = pb::placements_client::PlacementsClient::new(conn.channel().await?);
     let p = match cmd {
         PlacementCommand::Show { model } => {
@@ -633,17 +645,11 @@ pub async fn placement(cmd: PlacementCommand, conn: &ConnectArgs) -> Result<()> 
                 .show_placement(pb::ShowPlacementRequest { model })
                 .await
         }
-        PlacementCommand::Set {
-            model,
-            stages,
-            layers,
-        } => {
+        PlacementCommand::Set { model, stages, .. } => {
             use pb::set_placement_request::How;
-            let how = match (stages, layers) {
+            let how = match (stages, explicit) {
                 (Some(n), _) => How::Stages(n),
-                (None, Some(l)) => How::Explicit(pb::ExplicitChain {
-                    stages: parse_layers(&l)?,
-                }),
+                (None, Some(stages)) => How::Explicit(pb::ExplicitChain { stages }),
                 (None, None) => How::Auto(true),
             };
             client

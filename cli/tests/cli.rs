@@ -486,6 +486,50 @@ fn a_start_that_fails_leaves_no_folder_or_authority_behind() {
 }
 
 #[test]
+fn numbers_too_large_are_refused_not_wrapped() {
+    let fail = |args: &[&str], expect: &str| {
+        let out = sovra(args);
+        assert!(!out.status.success(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.contains(expect), "{args:?}: {stderr}");
+    };
+    fail(
+        &[
+            "bench",
+            "-m",
+            "smollm2",
+            "--prompt-tokens",
+            "18446744073709551615",
+            "--tokens",
+            "1",
+        ],
+        "exceed the context",
+    );
+    fail(
+        &["bench", "-m", "smollm2", "--batch", "100000000000"],
+        "--batch",
+    );
+    // Refused before any coordinator is asked (none runs at this address).
+    for layers in ["w=4294967296..4294967298", "w=0..4294967297"] {
+        fail(
+            &[
+                "placement",
+                "set",
+                "smollm2",
+                "--layers",
+                layers,
+                "--coordinator",
+                "https://127.0.0.1:9",
+                "--token",
+                "x",
+            ],
+            "out of range",
+        );
+    }
+}
+
+#[test]
 fn a_coordinator_that_does_not_answer_is_given_up_on_with_a_message() {
     // Accepts TCP connections (the kernel does, into the backlog) and never answers: as a
     // coordinator that hangs.

@@ -33,6 +33,13 @@ const MAX_PROMPT_BYTES: usize = 1 << 20;
 /// Largest token budget accepted.
 const MAX_TOKENS_LIMIT: usize = sovra_model::stream::MAX_TOKENS;
 
+/// Most text one token event may carry: a token's bytes plus the text held back while it could
+/// still begin a stop string. A stage that sends more is not following the protocol.
+const MAX_EVENT_TEXT: usize = 16 << 10;
+
+/// Most text a job's record keeps (a million tokens of 64 bytes each).
+const MAX_JOB_TEXT: usize = 64 << 20;
+
 /// What a client asks for.
 #[derive(Debug, Clone)]
 pub struct JobSpec {
@@ -536,6 +543,9 @@ impl Federation {
         let session = new_session_id();
         let worker_ids: Vec<String> = chain.iter().map(|(w, _, _)| w.id.clone()).collect();
         job.stages = worker_ids.clone();
+        let context = self
+            .model(&job.record.model)
+            .map_or(usize::MAX, |m| m.spec.context_length);
         // The stages of the placement the chain was picked from (the one stored may be newer).
         job.held = chain
             .iter()
@@ -604,6 +614,16 @@ impl Federation {
             .open_everywhere(session, &worker_ids, opens)
             .await
             .map_err(|e| (session, e))?;
+        if prompt_ids.len() > context {
+            return Err((
+                session,
+                format!(
+                    "the head stage {} answered with {} prompt tokens, more than the model's context of {context}",
+                    worker_ids[0],
+                    prompt_ids.len()
+                ),
+            ));
+        }
         {
             let mut jobs = self.jobs();
             let Some(job) = jobs.live.get_mut(&session) else {
@@ -867,6 +887,13 @@ impl Federation {
                             "stage {worker} sent more than the {} tokens asked for",
                             job.spec.stop.max_tokens
                         ));
+                    } else if text.len() > MAX_EVENT_TEXT
+                        || job.record.text.len() + text.len() > MAX_JOB_TEXT
+                    {
+                        failed = Some(format!(
+                            "stage {worker} sent {} bytes of text for one token (at most {MAX_EVENT_TEXT}, and {MAX_JOB_TEXT} for a job)",
+                            text.len()
+                        ));
                     } else {
                         let now = Instant::now();
                         job.progress = now;
@@ -1129,6 +1156,13 @@ fn validate_spec(spec: &JobSpec) -> Result<(), CoordinatorError> {
         return bad(format!(
             "the prompt is {} bytes; at most {MAX_PROMPT_BYTES} are accepted",
             spec.prompt.len()
+        ));
+    }
+    // The head tokenizes the system turn with the prompt, on the thread its stages run on.
+    let together = spec.prompt.len() + spec.system.as_ref().map_or(0, String::len);
+    if together > MAX_PROMPT_BYTES {
+        return bad(format!(
+            "the prompt and the system turn are {together} bytes together; at most {MAX_PROMPT_BYTES} are accepted"
         ));
     }
     if spec.stop.max_tokens == 0 || spec.stop.max_tokens > MAX_TOKENS_LIMIT {

@@ -69,6 +69,36 @@ pub fn validate_spec(spec: &ModelSpec) -> Result<(), CoordinatorError> {
     if spec.hidden_size == 0 || spec.heads == 0 || spec.kv_heads == 0 || spec.vocab_size == 0 {
         return bad("zero width");
     }
+    // Bounds well past any real model (a trillion parameters in one layer), so that sums
+    // over the layers cannot overflow.
+    const MAX_WIDTH: usize = 1 << 20;
+    const MAX_PARAMS: u64 = 1 << 40;
+    if [
+        spec.hidden_size,
+        spec.heads,
+        spec.kv_heads,
+        spec.head_dim,
+        spec.ffn_size,
+    ]
+    .iter()
+    .any(|&w| w > MAX_WIDTH)
+        || spec.vocab_size > 4 * MAX_WIDTH
+        || spec.context_length > 1 << 22
+    {
+        return bad("a width, the vocabulary or the context is beyond any model");
+    }
+    if [
+        spec.layer_params,
+        spec.embedding_params,
+        spec.embedding_bytes,
+        spec.head_bytes,
+    ]
+    .iter()
+    .chain(&spec.layer_bytes)
+    .any(|&n| n > MAX_PARAMS)
+    {
+        return bad("a parameter count or a size is beyond any model");
+    }
     if spec.heads * spec.head_dim != spec.hidden_size || !spec.heads.is_multiple_of(spec.kv_heads) {
         return bad("heads do not divide the hidden size");
     }

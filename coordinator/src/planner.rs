@@ -358,7 +358,10 @@ fn infeasible_reason(ctx: &Ctx) -> String {
         );
     }
     let n = ctx.workers.len();
-    let total: u64 = ctx.workers.iter().map(|w| w.memory_bytes).sum();
+    let total = ctx
+        .workers
+        .iter()
+        .fold(0u64, |t, w| t.saturating_add(w.memory_bytes));
     let need = gib(ctx.memory(0, layers));
     format!(
         "no arrangement of the {n} eligible workers ({} together) fits all {layers} layers in their memory; the model needs {need} in one piece, more when split (the first and last stage each hold the embedding or head)",

@@ -65,7 +65,16 @@ pub fn validate_name(kind: &str, name: &str) -> Result<(), CoordinatorError> {
     }
 }
 
+/// Most entries a list of a policy or of a provider's certifications may hold.
+pub const MAX_LIST_ITEMS: usize = 256;
+
 pub(crate) fn clean_list(kind: &str, items: &[String]) -> Result<Vec<String>, CoordinatorError> {
+    if items.len() > MAX_LIST_ITEMS {
+        return Err(CoordinatorError::InvalidArgument(format!(
+            "{} {kind} entries given; at most {MAX_LIST_ITEMS} are allowed",
+            items.len()
+        )));
+    }
     let mut out: Vec<String> = Vec::new();
     for item in items.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
         if item.len() > 64
@@ -86,6 +95,12 @@ pub(crate) fn clean_list(kind: &str, items: &[String]) -> Result<Vec<String>, Co
 
 /// Normalises a policy (upper-case countries, no duplicates), refusing malformed entries.
 pub fn clean_policy(policy: &PolicyRecord) -> Result<PolicyRecord, CoordinatorError> {
+    if policy.countries.len() > MAX_LIST_ITEMS {
+        return Err(CoordinatorError::InvalidArgument(format!(
+            "{} country entries given; at most {MAX_LIST_ITEMS} are allowed",
+            policy.countries.len()
+        )));
+    }
     let countries: Vec<String> = policy
         .countries
         .iter()
@@ -135,5 +150,29 @@ mod tests {
                 .to_string()
                 .contains("`ZZ`")
         );
+    }
+
+    #[test]
+    fn long_lists_are_refused_before_any_work() {
+        let many: Vec<String> = (0..100_000).map(|i| format!("c{i}")).collect();
+        for policy in [
+            PolicyRecord {
+                required_certifications: many.clone(),
+                ..Default::default()
+            },
+            PolicyRecord {
+                excluded_providers: many.clone(),
+                ..Default::default()
+            },
+            PolicyRecord {
+                countries: vec!["FR".into(); 100_000],
+                ..Default::default()
+            },
+        ] {
+            let e = clean_policy(&policy).unwrap_err().to_string();
+            assert!(e.contains("at most 256"), "{e}");
+        }
+        let most: Vec<String> = (0..MAX_LIST_ITEMS).map(|i| format!("c{}", i % 7)).collect();
+        assert_eq!(clean_list("certification", &most).unwrap().len(), 7);
     }
 }

@@ -19,6 +19,9 @@ pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama"];
 const MAX_LAYERS: usize = 4096;
 const MAX_CONTEXT: usize = 1 << 22;
 const MAX_WIDTH: usize = 1 << 20;
+/// Most positions times head width: the RoPE tables every slice computes at load hold this
+/// many floats twice (Llama 3.1's 131,072 positions of 128 take half of it).
+const MAX_ROPE_ENTRIES: usize = 1 << 25;
 
 /// Why a model file or a slice of it could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -537,6 +540,13 @@ fn check_dims(
     if context == 0 || context > MAX_CONTEXT {
         return bad(format!(
             "context length {context} (expected 1..={MAX_CONTEXT})"
+        ));
+    }
+    let head_dim = hidden / heads;
+    if context.saturating_mul(head_dim) > MAX_ROPE_ENTRIES {
+        return bad(format!(
+            "context length {context} times head width {head_dim} is over {MAX_ROPE_ENTRIES} (the RoPE tables alone would take {} MiB)",
+            context.saturating_mul(head_dim).saturating_mul(4) >> 20
         ));
     }
     Ok(())

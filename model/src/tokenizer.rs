@@ -85,7 +85,14 @@ impl ModelTokenizer {
         };
         let optional_id = |key: &str| {
             md.get(key)
-                .map(|_| get_usize(md, key).map(|v| v as u32))
+                .map(|_| {
+                    get_usize(md, key).and_then(|v| {
+                        u32::try_from(v).map_err(|_| crate::LoadError::Metadata {
+                            key: key.to_string(),
+                            expected: "a token id",
+                        })
+                    })
+                })
                 .transpose()
                 .map_err(meta)
         };
@@ -350,6 +357,33 @@ mod tests {
         );
         assert_eq!(d.push(&t, 4), "");
         assert_eq!(d.finish(), "\u{FFFD}");
+    }
+
+    #[test]
+    fn a_token_id_beyond_32_bits_is_refused_not_wrapped() {
+        let mut md = HashMap::new();
+        md.insert(
+            "tokenizer.ggml.model".to_string(),
+            Value::String("gpt2".into()),
+        );
+        let strings =
+            |v: &[&str]| Value::Array(v.iter().map(|s| Value::String(s.to_string())).collect());
+        md.insert(
+            "tokenizer.ggml.tokens".to_string(),
+            strings(&["a", "b", "ab"]),
+        );
+        md.insert("tokenizer.ggml.merges".to_string(), strings(&["a b"]));
+        md.insert(
+            "tokenizer.ggml.eos_token_id".to_string(),
+            Value::U64(1 << 32),
+        );
+        let err = ModelTokenizer::from_gguf(&md).unwrap_err().to_string();
+        assert!(
+            err.contains("eos_token_id") && err.contains("token id"),
+            "{err}"
+        );
+        md.insert("tokenizer.ggml.eos_token_id".to_string(), Value::U64(2));
+        assert_eq!(ModelTokenizer::from_gguf(&md).unwrap().eos(), Some(2));
     }
 
     #[test]

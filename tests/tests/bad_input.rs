@@ -117,6 +117,38 @@ fn an_alignment_that_is_not_a_power_of_two_is_refused() {
 }
 
 #[test]
+fn a_context_whose_rope_tables_would_take_gigabytes_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("long.gguf");
+    // A file of a few hundred kilobytes whose RoPE tables would take 2 GiB.
+    let spec = SyntheticLlama {
+        heads: 1,
+        kv_heads: 1,
+        context_length: 1 << 22,
+        ..SyntheticLlama::tiny()
+    };
+    spec.write_file(&path).unwrap();
+    let err = GgufModel::open(&path).unwrap_err();
+    assert!(matches!(err, LoadError::InconsistentSpec(_)), "{err}");
+    assert!(err.to_string().contains("RoPE tables"), "{err}");
+    // The same model with a context it can hold loads.
+    SyntheticLlama {
+        context_length: 1 << 14,
+        ..spec
+    }
+    .write_file(&path)
+    .unwrap();
+    let model = GgufModel::open(&path).unwrap();
+    LlamaSlice::load(
+        &model,
+        LayerRange::new(0, 1),
+        WeightMode::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+}
+
+#[test]
 fn unknown_architecture_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("mamba.gguf");

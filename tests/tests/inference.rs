@@ -353,6 +353,22 @@ async fn absurd_control_plane_fields_are_refused() {
             .code(),
         Code::InvalidArgument
     );
+    // A policy of 100,000 certifications (quadratic work for the coordinator) and a system
+    // turn of 2 MiB (tokenized on the head's data-plane thread) are refused outright.
+    let mut long_policy = chat_request("Hello", 4, 0.0, 0);
+    long_policy.policy = Some(pb::Policy {
+        required_certifications: (0..100_000).map(|i| format!("c{i}")).collect(),
+        ..Default::default()
+    });
+    let mut long_system = chat_request("Hello", 4, 0.0, 0);
+    long_system.system = "be brief ".repeat(240_000);
+    for (request, says) in [(long_policy, "at most 256"), (long_system, "system turn")] {
+        let err = run_job(fed.channel(Some(&tenant)).await, request)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains(says), "{}", err.message());
+    }
     let mut no_model = chat_request("Hello", 4, 0.0, 0);
     no_model.model = String::new();
     assert_eq!(
@@ -387,6 +403,19 @@ async fn absurd_control_plane_fields_are_refused() {
     assert_eq!(
         models.add_model(absurd_spec).await.unwrap_err().code(),
         Code::InvalidArgument
+    );
+    // Sizes whose sums over the layers would overflow.
+    let mut huge = sovra_tests::federation::smollm2_model("q8_0");
+    huge.name = "z".into();
+    let spec = huge.spec.as_mut().unwrap();
+    spec.layer_params = u64::MAX / 3;
+    spec.layer_bytes = vec![u64::MAX / 3; spec.layers as usize];
+    let err = models.add_model(huge).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains("beyond any model"),
+        "{}",
+        err.message()
     );
     let mut placements = pb::placements_client::PlacementsClient::new(fed.operator().await);
     let zero = pb::SetPlacementRequest {

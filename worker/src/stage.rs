@@ -771,13 +771,23 @@ impl StageEngine {
                 continue;
             }
             let t0 = Instant::now();
-            let logits = match logits_row(logits, row) {
+            // A session that cannot be sampled fails alone: the others of the batch go on.
+            #[allow(unused_mut)]
+            let mut logits = match logits_row(logits, row) {
                 Ok(l) => l,
-                Err(e) => return self.fail(*id, format!("reading logits: {e}")),
+                Err(e) => {
+                    self.fail(*id, format!("reading logits: {e}"));
+                    continue;
+                }
             };
+            #[cfg(test)]
+            tests::poison_logits_if_asked(&mut logits);
             let token = match tail.sampler.sample(&logits, position as u64) {
                 Ok(t) => t,
-                Err(e) => return self.fail(*id, e.to_string()),
+                Err(e) => {
+                    self.fail(*id, e.to_string());
+                    continue;
+                }
             };
             debug!(
                 target: crate::dataplane::HOP,

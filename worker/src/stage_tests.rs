@@ -10,6 +10,15 @@ thread_local! {
     /// run at the same time cannot take each other's fault: each `current_thread` test runs
     /// its engine, and its small forwards, on its own thread.
     static PANIC_NEXT_FORWARD: Cell<bool> = const { Cell::new(false) };
+    /// Set to turn the next logits sampled on this thread to NaN (as a forward on absurd
+    /// activations would give them): the first session sampled in the next batch.
+    static POISON_NEXT_LOGITS: Cell<bool> = const { Cell::new(false) };
+}
+
+pub(super) fn poison_logits_if_asked(logits: &mut [f32]) {
+    if POISON_NEXT_LOGITS.with(|p| p.replace(false)) {
+        logits.fill(f32::NAN);
+    }
 }
 
 pub(super) fn panic_if_asked() {
@@ -197,6 +206,56 @@ async fn a_panicking_forward_fails_its_sessions_and_the_engine_serves_on() {
         }
     }
     assert_eq!(tokens, 4);
+    drop(inputs);
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_session_that_cannot_be_sampled_fails_alone_and_its_batch_goes_on() {
+    let (inputs, mut outputs, task, stats, _dir) = engine();
+    // Three sessions started together run as one batch; the logits of the first one sampled
+    // are NaN.
+    for session in 1..=3 {
+        open(&inputs, session).await;
+    }
+    POISON_NEXT_LOGITS.with(|p| p.set(true));
+    for session in 1..=3 {
+        inputs.send(EngineInput::Start(session)).unwrap();
+    }
+    let (mut failed, mut finished) = (Vec::new(), Vec::new());
+    while finished.len() < 2 {
+        match next_output(&mut outputs).await {
+            EngineOutput::Send { to, frame } => inputs
+                .send(EngineInput::Frame {
+                    from: to.worker_id,
+                    frame,
+                    held: None,
+                })
+                .unwrap(),
+            EngineOutput::Token {
+                session, finish, ..
+            } => {
+                assert!(
+                    !failed.contains(&session),
+                    "a failed session sampled a token"
+                );
+                if finish.is_some() {
+                    finished.push(session);
+                }
+            }
+            EngineOutput::Failed { session, error } => {
+                assert_eq!(error, "logits hold no finite value");
+                failed.push(session);
+            }
+            EngineOutput::Prefilled { .. } => {}
+        }
+    }
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    finished.extend(failed);
+    finished.sort();
+    assert_eq!(finished, [1, 2, 3]);
+    // The failed session is gone; the finished ones stay until they are closed.
+    assert_eq!(stats.sessions.load(Ordering::Relaxed), 2);
     drop(inputs);
     task.await.unwrap();
 }
