@@ -863,7 +863,8 @@ impl Federation {
         finish: Option<String>,
         error: Option<String>,
     ) {
-        let mut failed = None;
+        // How the job ends, when this event ends it otherwise than by finishing.
+        let mut failed: Option<(JobState, String)> = None;
         let mut finished = None;
         {
             let mut jobs = self.jobs();
@@ -874,7 +875,8 @@ impl Federation {
                 return;
             }
             if let Some(e) = error {
-                failed = Some(format!("stage {worker} failed: {e}"));
+                // Running, to be moved to another chain.
+                failed = Some((JobState::Running, format!("stage {worker} failed: {e}")));
             } else if job.stages.last().map(String::as_str) == Some(worker) {
                 if finish.is_some() {
                     // The first sampling may end the job without a token to show (a stop
@@ -882,17 +884,25 @@ impl Federation {
                     job.first_token.get_or_insert_with(Instant::now);
                 }
                 if let Some((index, token_id, text)) = token {
+                    // A tail that breaks the protocol fails the job: its tokens so far are
+                    // in doubt.
                     if job.record.token_ids.len() >= job.spec.stop.max_tokens {
-                        failed = Some(format!(
-                            "stage {worker} sent more than the {} tokens asked for",
-                            job.spec.stop.max_tokens
+                        failed = Some((
+                            JobState::Failed,
+                            format!(
+                                "stage {worker} sent more than the {} tokens asked for",
+                                job.spec.stop.max_tokens
+                            ),
                         ));
                     } else if text.len() > MAX_EVENT_TEXT
                         || job.record.text.len() + text.len() > MAX_JOB_TEXT
                     {
-                        failed = Some(format!(
-                            "stage {worker} sent {} bytes of text for one token (at most {MAX_EVENT_TEXT}, and {MAX_JOB_TEXT} for a job)",
-                            text.len()
+                        failed = Some((
+                            JobState::Failed,
+                            format!(
+                                "stage {worker} sent {} bytes of text for one token (at most {MAX_EVENT_TEXT}, and {MAX_JOB_TEXT} for a job)",
+                                text.len()
+                            ),
                         ));
                     } else {
                         let now = Instant::now();
@@ -920,10 +930,13 @@ impl Federation {
                         }) {
                             Ok(()) => {}
                             Err(mpsc::error::TrySendError::Closed(_)) => {
-                                failed = Some("the client went away".into());
+                                failed = Some((JobState::Cancelled, "the client went away".into()));
                             }
                             Err(mpsc::error::TrySendError::Full(_)) => {
-                                failed = Some("the client did not read its stream in time".into());
+                                failed = Some((
+                                    JobState::Failed,
+                                    "the client did not read its stream in time".into(),
+                                ));
                             }
                         }
                     }
@@ -931,13 +944,11 @@ impl Federation {
                 finished = finish;
             }
         }
-        if let Some(e) = failed {
-            if e.contains("client went away") {
-                self.finish_job(session, JobState::Cancelled, None, Some(e));
-            } else if e.contains("did not read its stream") || e.contains("more than the") {
-                self.finish_job(session, JobState::Failed, None, Some(e));
-            } else {
+        if let Some((state, e)) = failed {
+            if state == JobState::Running {
                 let _ = self.recoveries.send((session, e));
+            } else {
+                self.finish_job(session, state, None, Some(e));
             }
         } else if let Some(reason) = finished {
             self.finish_job(session, JobState::Done, Some(reason), None);

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use sovra_proto::pb;
 use sovra_proto::token::JoinToken;
-use sovra_tests::federation::{TestFederation, eventually};
+use sovra_tests::federation::{JobOutput, TestFederation, chat_request, eventually, run_job};
 use sovra_worker::agent::WorkerError;
 use tonic::Code;
 
@@ -254,4 +254,233 @@ fn tokio_stream_from(
     rx: tokio::sync::mpsc::Receiver<pb::AgentMessage>,
 ) -> impl tokio_stream::Stream<Item = pb::AgentMessage> {
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// A worker of the federation that speaks the agent protocol by hand, breaking it on purpose.
+struct RogueWorker {
+    id: String,
+    tx: tokio::sync::mpsc::Sender<pb::AgentMessage>,
+    inbound: tonic::Streaming<pb::CoordinatorMessage>,
+    _dir: tempfile::TempDir,
+}
+
+impl RogueWorker {
+    async fn join(fed: &TestFederation, provider: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config = sovra_worker::agent::WorkerConfig {
+            coordinator: fed.url.clone(),
+            join_token: Some(fed.join_token(provider, 600).await),
+            data_dir: dir.path().to_path_buf(),
+            listen: "127.0.0.1:9".parse().unwrap(),
+            advertise: None,
+            max_memory: None,
+            models_dir: None,
+            batch_wait: Duration::ZERO,
+            cpus: None,
+        };
+        let creds = sovra_worker::agent::credentials(&config, "127.0.0.1:9")
+            .await
+            .unwrap();
+        let channel = sovra_proto::channel::connect(
+            &fed.url,
+            &creds.ca_pem,
+            Some((&creds.cert_pem, &creds.key_pem)),
+            None,
+        )
+        .await
+        .unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tx.send(pb::AgentMessage {
+            kind: Some(pb::agent_message::Kind::Hello(pb::WorkerHello {
+                device: Some(pb::Device {
+                    kind: "cpu".into(),
+                    name: "rogue".into(),
+                    memory_bytes: 8 << 30,
+                }),
+                offered_memory_bytes: 8 << 30,
+                speed_gflops: 10.0,
+                advertise_addr: "127.0.0.1:9".into(),
+                threads: 1,
+            })),
+        })
+        .await
+        .unwrap();
+        let inbound = pb::workers_client::WorkersClient::new(channel)
+            .agent(tokio_stream_from(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        // Heartbeats keep it up for as long as the test holds it.
+        let beats = tx.clone();
+        tokio::spawn(async move {
+            for seq in 1.. {
+                let beat = pb::AgentMessage {
+                    kind: Some(pb::agent_message::Kind::Heartbeat(pb::Heartbeat {
+                        seq,
+                        ..Default::default()
+                    })),
+                };
+                if beats.send(beat).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+        Self {
+            id: creds.identity.worker_id,
+            tx,
+            inbound,
+            _dir: dir,
+        }
+    }
+
+    /// The next order of the kind `pick` takes (the others are skipped).
+    async fn next<T>(&mut self, pick: impl Fn(pb::coordinator_message::Kind) -> Option<T>) -> T {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                let m = self
+                    .inbound
+                    .message()
+                    .await
+                    .unwrap()
+                    .expect("the stream ended");
+                if let Some(t) = m.kind.and_then(&pick) {
+                    return t;
+                }
+            }
+        })
+        .await
+        .expect("no such order came")
+    }
+
+    async fn send(&self, kind: pb::agent_message::Kind) {
+        self.tx
+            .send(pb::AgentMessage { kind: Some(kind) })
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_that_breaks_the_session_protocol_fails_its_job_with_a_reason() {
+    use pb::agent_message::Kind as Up;
+    use pb::coordinator_message::Kind as Down;
+    let fed = TestFederation::start().await;
+    fed.add_provider("rogue", "FR", &[]).await;
+    let mut rogue = RogueWorker::join(&fed, "rogue").await;
+    worker_up(&fed, "rogue").await;
+    let model = sovra_tests::federation::smollm2_model("q8_0");
+    let context = model.spec.as_ref().unwrap().context_length as usize;
+    pb::models_client::ModelsClient::new(fed.operator().await)
+        .add_model(model)
+        .await
+        .unwrap();
+    let placed = pb::placements_client::PlacementsClient::new(fed.operator().await)
+        .set_placement(pb::SetPlacementRequest {
+            model: "smollm2".into(),
+            how: Some(pb::set_placement_request::How::Explicit(
+                pb::ExplicitChain {
+                    stages: vec![pb::StageAssignment {
+                        worker_id: rogue.id.clone(),
+                        start_layer: 0,
+                        end_layer: 30,
+                    }],
+                },
+            )),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let assign = rogue
+        .next(|k| match k {
+            Down::Assign(a) if a.placement_version == placed.version => Some(a),
+            _ => None,
+        })
+        .await;
+    rogue
+        .send(Up::Status(pb::AssignmentStatus {
+            model: assign.model,
+            placement_version: assign.placement_version,
+            state: pb::AssignmentState::Ready as i32,
+            message: String::new(),
+        }))
+        .await;
+    let tenant = fed.add_tenant("acme").await;
+    // Submits a job, takes its session's opening and answers it with `prompt_ids`.
+    async fn submit(
+        fed: &TestFederation,
+        tenant: &str,
+        rogue: &mut RogueWorker,
+        prompt_ids: Vec<u32>,
+    ) -> (
+        u64,
+        tokio::task::JoinHandle<Result<JobOutput, tonic::Status>>,
+    ) {
+        let channel = fed.channel(Some(tenant)).await;
+        let job = tokio::spawn(run_job(channel, chat_request("Hello", 4, 0.0, 0)));
+        let session = rogue
+            .next(|k| match k {
+                Down::OpenSession(o) => Some(o.session),
+                _ => None,
+            })
+            .await;
+        rogue
+            .send(Up::SessionOpened(pb::SessionOpened {
+                session,
+                error: String::new(),
+                prompt_tokens: prompt_ids.len() as u32,
+                prompt_ids,
+            }))
+            .await;
+        (session, job)
+    }
+
+    // The head answers with more prompt tokens than the model's context.
+    let (_, job) = submit(&fed, &tenant, &mut rogue, vec![1; context + 1]).await;
+    let err = job.await.unwrap().unwrap_err();
+    assert!(
+        err.message().contains(&rogue.id)
+            && err.message().contains("more than the model's context"),
+        "{}",
+        err.message()
+    );
+
+    // The tail sends 20 KiB of text for one token.
+    let (session, job) = submit(&fed, &tenant, &mut rogue, vec![1, 2, 3]).await;
+    rogue
+        .next(|k| match k {
+            Down::StartSession(s) if s.session == session => Some(()),
+            _ => None,
+        })
+        .await;
+    rogue
+        .send(Up::SessionEvent(pb::SessionEvent {
+            session,
+            token: Some(pb::TokenEvent {
+                index: 0,
+                token_id: 1,
+                text: "x".repeat(20 << 10),
+            }),
+            ..Default::default()
+        }))
+        .await;
+    let err = job.await.unwrap().unwrap_err();
+    assert!(
+        err.message().contains(&rogue.id) && err.message().contains("bytes of text for one token"),
+        "{}",
+        err.message()
+    );
+    // Neither went to the job's record as text.
+    let jobs = pb::jobs_client::JobsClient::new(fed.channel(Some(&tenant)).await)
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    assert_eq!(jobs.len(), 2);
+    assert!(
+        jobs.iter()
+            .all(|j| j.state == "failed" && j.text.is_empty()),
+        "{jobs:?}"
+    );
 }
