@@ -117,7 +117,8 @@ pub struct WorkerStartArgs {
     /// Data-plane address peers dial (default: the listen address).
     #[arg(long, env = "SOVRA_ADVERTISE")]
     pub advertise: Option<String>,
-    /// Most memory the planner may give this worker (e.g. 2GiB).
+    /// Most memory this worker's slices and KV caches may take (e.g. 2GiB): the planner gives
+    /// it no more, and a session whose KV cache would grow beyond it fails with a message.
     #[arg(long, env = "SOVRA_MAX_MEMORY", value_parser = parse_bytes)]
     pub max_memory: Option<u64>,
     /// Folder holding model files (looked up by file name).

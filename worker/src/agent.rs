@@ -29,8 +29,8 @@ use crate::dataplane::{DataPlane, Route};
 use crate::quic::TlsIdentity;
 use crate::speed::{DeviceInfo, cpu_device, measure_speed_gflops};
 use crate::stage::{
-    EngineInput, EngineOutput, EngineStats, INPUT_BUDGET_BYTES, InputBudget, Peer, SessionOrder,
-    StageEngine,
+    EngineInput, EngineOutput, EngineStats, INPUT_BUDGET_BYTES, InputBudget, MemoryLedger, Peer,
+    SessionOrder, StageEngine,
 };
 
 /// Forwards a worker times at start; its speed is the best of them.
@@ -320,6 +320,15 @@ async fn bind_and_join(
 }
 
 /// Runs the worker until `shutdown` resolves or the coordinator refuses it for good.
+/// The memory a worker offers: the least of its device's and `--max-memory` (0: unknown).
+fn offered_memory(device: &DeviceInfo, max_memory: Option<u64>) -> u64 {
+    match max_memory {
+        Some(cap) if device.memory_bytes > 0 => cap.min(device.memory_bytes),
+        Some(cap) => cap,
+        None => device.memory_bytes,
+    }
+}
+
 pub async fn run(
     config: WorkerConfig,
     shutdown: impl Future<Output = ()>,
@@ -341,6 +350,10 @@ pub async fn run(
     };
     creds.identity.advertise_addr = advertise;
     let device = cpu_device();
+    let ledger = Arc::new(MemoryLedger::new(offered_memory(
+        &device,
+        config.max_memory,
+    )));
     let scratch = config.data_dir.clone();
     // The best of SPEED_RUNS forwards (~0.4 s at 200 GFLOP/s): with 3, workers sharing one noisy machine measured
     // 149–198 GFLOP/s in one start and the planner split the layers 15/10/5 by that noise;
@@ -382,6 +395,7 @@ pub async fn run(
         wanted: Arc::default(),
         sessions: Arc::default(),
         engines: Arc::default(),
+        ledger,
         plane: plane.clone(),
         outputs: outputs_tx,
         uplink: Arc::default(),
@@ -599,6 +613,7 @@ struct AgentSession<'a> {
     wanted: Wanted,
     sessions: SessionTable,
     engines: Engines,
+    ledger: Arc<MemoryLedger>,
     plane: Arc<DataPlane>,
     outputs: mpsc::UnboundedSender<EngineOutput>,
     uplink: Uplink,
@@ -631,12 +646,7 @@ impl AgentSession<'_> {
         .await
         .map_err(|e| WorkerError::Io(e.to_string()))?;
         let (tx, rx) = mpsc::channel::<pb::AgentMessage>(64);
-        let device_memory = self.device.memory_bytes;
-        let offered = match self.config.max_memory {
-            Some(cap) if device_memory > 0 => cap.min(device_memory),
-            Some(cap) => cap,
-            None => device_memory,
-        };
+        let offered = offered_memory(&self.device, self.config.max_memory);
         let hello = pb::WorkerHello {
             device: Some(pb::Device {
                 kind: self.device.kind.clone(),
@@ -732,6 +742,7 @@ impl AgentSession<'_> {
                     wanted: self.wanted.clone(),
                     sessions: self.sessions.clone(),
                     engines: self.engines.clone(),
+                    ledger: self.ledger.clone(),
                     outputs: self.outputs.clone(),
                     uplink: self.uplink.clone(),
                     net: self.net.clone(),
@@ -885,6 +896,9 @@ struct Loader {
     wanted: Wanted,
     sessions: SessionTable,
     engines: Engines,
+    /// The worker's memory: each engine's weights from its start to its end, and the KV
+    /// caches of its sessions.
+    ledger: Arc<MemoryLedger>,
     outputs: mpsc::UnboundedSender<EngineOutput>,
     /// The agent stream to report an engine's failure on (the one current then).
     uplink: Uplink,
@@ -951,7 +965,10 @@ async fn load_assignment(a: pb::Assignment, loader: Loader, tx: mpsc::Sender<pb:
                 loader.outputs.clone(),
                 stats.clone(),
             )
-            .with_batch_wait(loader.batch_wait);
+            .with_batch_wait(loader.batch_wait)
+            .with_ledger(loader.ledger.clone());
+            let weights = slice.spec().slice_bytes(range, slice.mode());
+            loader.ledger.add_weights(weights);
             let task = loader.net.spawn(engine_core.run(inputs));
             static ENGINES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
             let engine_id = ENGINES.fetch_add(1, Ordering::Relaxed);
@@ -960,6 +977,8 @@ async fn load_assignment(a: pb::Assignment, loader: Loader, tx: mpsc::Sender<pb:
             // out of order, and the model may have been unassigned meanwhile.
             if lock_any(&loader.wanted).get(&a.model) != Some(&a.placement_version) {
                 info!(model = %a.model, version = a.placement_version, "slice loaded after its order was replaced or withdrawn: dropped");
+                // Its engine ends as its sender goes: no watcher will give its weights back.
+                loader.ledger.remove_weights(weights);
                 return;
             }
             slices.insert(
@@ -981,7 +1000,11 @@ async fn load_assignment(a: pb::Assignment, loader: Loader, tx: mpsc::Sender<pb:
             tokio::spawn(watch_engine(
                 task,
                 model,
-                Started { engine_id, version },
+                Started {
+                    engine_id,
+                    version,
+                    weights,
+                },
                 loader.clone(),
             ));
             info!(model = %a.model, layers = %range, version = a.placement_version, "slice ready");
@@ -1001,6 +1024,8 @@ async fn load_assignment(a: pb::Assignment, loader: Loader, tx: mpsc::Sender<pb:
 struct Started {
     engine_id: u64,
     version: u64,
+    /// Bytes of its slice's weights, counted in the ledger until it ends.
+    weights: u64,
 }
 
 /// Waits for a slice's engine task. If it ended by a panic (a bug in the engine itself: a
@@ -1014,11 +1039,16 @@ struct Started {
 async fn watch_engine(
     task: tokio::task::JoinHandle<()>,
     model: String,
-    Started { engine_id, version }: Started,
+    Started {
+        engine_id,
+        version,
+        weights,
+    }: Started,
     loader: Loader,
 ) {
     let ended = task.await;
     lock_any(&loader.engines).remove(&engine_id);
+    loader.ledger.remove_weights(weights);
     let Err(error) = ended else { return };
     if !error.is_panic() {
         return;

@@ -61,7 +61,12 @@ async fn an_engine_that_panics_is_forgotten_its_sessions_fail_and_its_assignment
             uplink: uplink.clone(),
             ..loader(slices, &Arc::default(), &outputs)
         };
-        watch_engine(task, "m".into(), Started { engine_id, version }, loader)
+        let started = Started {
+            engine_id,
+            version,
+            weights: 0,
+        };
+        watch_engine(task, "m".into(), started, loader)
     };
     let mut failures = || {
         let mut lost: Vec<(u64, String)> = std::iter::from_fn(|| failed.try_recv().ok())
@@ -168,6 +173,7 @@ fn loader(
         wanted: wanted.clone(),
         sessions: Arc::default(),
         engines: Arc::default(),
+        ledger: Arc::new(MemoryLedger::new(0)),
         outputs: outputs.clone(),
         uplink: Arc::default(),
         net: tokio::runtime::Handle::current(),
@@ -368,4 +374,52 @@ async fn a_session_is_started_and_freed_on_the_engine_it_was_opened_on() {
     );
     assert!(plane.engine_of(1).is_none());
     assert!(lock_any(&sessions).is_empty());
+}
+
+#[tokio::test]
+async fn a_slices_weights_count_in_the_ledger_from_its_engines_start_to_its_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let order = tiny_model(dir.path());
+    let slices: SliceTable = Arc::default();
+    let wanted: Wanted = Arc::default();
+    let (outputs, _engine_outputs) = mpsc::unbounded_channel();
+    let (tx, _reports) = mpsc::channel(16);
+    let ledger = Arc::new(MemoryLedger::new(0));
+    let loader = || Loader {
+        ledger: ledger.clone(),
+        ..loader(&slices, &wanted, &outputs)
+    };
+    let spec = GgufModel::open(dir.path().join("m.gguf"))
+        .unwrap()
+        .spec()
+        .clone();
+
+    // A load whose order was replaced meanwhile counts nothing.
+    lock_any(&wanted).insert("m".into(), 2);
+    load_assignment(order(1, "f32", 2), loader(), tx.clone()).await;
+    assert_eq!(ledger.weights_bytes(), 0);
+    load_assignment(order(2, "f32", 2), loader(), tx.clone()).await;
+    let two_layers = spec.slice_bytes(LayerRange::new(0, 2), WeightMode::F32);
+    assert!(two_layers > 0);
+    assert_eq!(ledger.weights_bytes(), two_layers);
+
+    // Replaced by other layers: both count until the first engine has ended.
+    lock_any(&wanted).insert("m".into(), 3);
+    load_assignment(order(3, "f32", 4), loader(), tx.clone()).await;
+    let four_layers = spec.slice_bytes(LayerRange::new(0, 4), WeightMode::F32);
+    eventually_true(|| ledger.weights_bytes() == four_layers).await;
+
+    // Unassigned: its engine ends and its weights go.
+    lock(&slices).remove("m");
+    eventually_true(|| ledger.weights_bytes() == 0).await;
+}
+
+async fn eventually_true(check: impl Fn() -> bool) {
+    for _ in 0..200 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("not within 2 s");
 }

@@ -194,6 +194,82 @@ pub struct EngineStats {
     pub kv_bytes: AtomicU64,
 }
 
+/// The memory a worker may use and what holds it: the weights of its slices (from the moment
+/// an engine starts until its task has ended, so a replaced slice still serving sessions
+/// counts) and the KV caches of the sessions on all its engines. A forward that would grow the
+/// caches beyond the limit fails the sessions that do not fit, with a message, instead of
+/// letting the process run out of memory.
+#[derive(Debug)]
+pub struct MemoryLedger {
+    limit: u64,
+    weights: AtomicU64,
+    kv: AtomicU64,
+}
+
+impl MemoryLedger {
+    /// A ledger of `limit` bytes (0: no limit).
+    pub fn new(limit: u64) -> Self {
+        Self {
+            limit: if limit == 0 { u64::MAX } else { limit },
+            weights: AtomicU64::new(0),
+            kv: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts a slice's weights.
+    pub fn add_weights(&self, bytes: u64) {
+        self.weights.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Forgets a slice's weights (its engine has ended).
+    pub fn remove_weights(&self, bytes: u64) {
+        let _ = self
+            .weights
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
+                Some(w.saturating_sub(bytes))
+            });
+    }
+
+    /// Bytes of the weights counted now.
+    pub fn weights_bytes(&self) -> u64 {
+        self.weights.load(Ordering::Relaxed)
+    }
+
+    /// Bytes the KV caches hold now, as taken.
+    pub fn kv_bytes(&self) -> u64 {
+        self.kv.load(Ordering::Relaxed)
+    }
+
+    /// Takes `bytes` for KV caches if they fit beside the weights and the other caches.
+    fn take_kv(&self, bytes: u64) -> Result<(), String> {
+        let weights = self.weights.load(Ordering::Relaxed);
+        let room = self.limit.saturating_sub(weights);
+        self.kv
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |kv| {
+                kv.checked_add(bytes).filter(|&total| total <= room)
+            })
+            .map(|_| ())
+            .map_err(|kv| {
+                let mib = |b: u64| b as f64 / (1 << 20) as f64;
+                format!(
+                    "out of memory for KV caches on this worker: {:.1} MiB more asked, {:.1} MiB held by the open sessions and {:.1} MiB of weights within its {:.1} MiB",
+                    mib(bytes),
+                    mib(kv),
+                    mib(weights),
+                    mib(self.limit)
+                )
+            })
+    }
+
+    fn give_kv(&self, bytes: u64) {
+        let _ = self
+            .kv
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |kv| {
+                Some(kv.saturating_sub(bytes))
+            });
+    }
+}
+
 /// One forward's worth of a session's input. Work from a peer's frame keeps the frame's share
 /// of the engine's input budget until it has been run (or dropped), so frames that wait in a
 /// session's queue count against the budget as well as frames still in the channel.
@@ -230,6 +306,16 @@ struct StageSession {
     pending_prompt: VecDeque<u32>,
     queue: VecDeque<Work>,
     tail: Option<TailState>,
+    /// KV bytes taken from the ledger for this session's positions; given back when the
+    /// session is dropped, however it ends.
+    kv_taken: u64,
+    ledger: Arc<MemoryLedger>,
+}
+
+impl Drop for StageSession {
+    fn drop(&mut self) {
+        self.ledger.give_kv(self.kv_taken);
+    }
 }
 
 /// The engine of one slice.
@@ -240,6 +326,7 @@ pub struct StageEngine {
     out: mpsc::UnboundedSender<EngineOutput>,
     stats: Arc<EngineStats>,
     batch_wait: Duration,
+    ledger: Arc<MemoryLedger>,
 }
 
 impl StageEngine {
@@ -257,7 +344,15 @@ impl StageEngine {
             out,
             stats,
             batch_wait: Duration::ZERO,
+            ledger: Arc::new(MemoryLedger::new(0)),
         }
+    }
+
+    /// Takes the KV caches of this engine's sessions from `ledger` (shared by the worker's
+    /// engines); without one they are not limited.
+    pub fn with_ledger(mut self, ledger: Arc<MemoryLedger>) -> Self {
+        self.ledger = ledger;
+        self
     }
 
     /// On the head stage, how long to wait for the next tokens of all open sessions before a
@@ -453,6 +548,8 @@ impl StageEngine {
             queue: VecDeque::new(),
             tail,
             order,
+            kv_taken: 0,
+            ledger: self.ledger.clone(),
         };
         self.sessions.insert(session.order.session, session);
         Ok(prompt)
@@ -579,6 +676,8 @@ impl StageEngine {
     /// Picks one piece of work per session (the next prefill chunk or the next queued frame).
     fn take_batch(&mut self) -> Vec<(u64, Work)> {
         let context = self.slice.spec().context_length;
+        let per_position =
+            self.slice.spec().kv_bytes_per_token_per_layer() * self.slice.range().len() as u64;
         let mut batch = Vec::new();
         let mut failed = Vec::new();
         for (&id, s) in self.sessions.iter_mut() {
@@ -610,6 +709,15 @@ impl StageEngine {
                 failed.push((id, format!("frame at position {start} with {rows} rows does not continue the session at {} (context {context})", s.cache.len())));
                 continue;
             }
+            // The positions this forward adds to the cache, taken before it runs. Positions a
+            // session already holds (a replay truncates nothing here) are not taken twice.
+            let held = s.cache.len() as u64 * per_position;
+            let grow = ((start + rows) as u64 * per_position).saturating_sub(held.max(s.kv_taken));
+            if let Err(why) = s.ledger.take_kv(grow) {
+                failed.push((id, why));
+                continue;
+            }
+            s.kv_taken += grow;
             batch.push((id, work));
         }
         for (id, error) in failed {

@@ -104,6 +104,40 @@ async fn send_held(
         .unwrap();
 }
 
+/// Runs the open sessions of a one-stage engine (its token frames fed back to it) until `done`
+/// of them have ended; returns those that failed (with why) and those that finished (with
+/// their token counts).
+async fn run_sessions(
+    inputs: &mpsc::UnboundedSender<EngineInput>,
+    outputs: &mut mpsc::UnboundedReceiver<EngineOutput>,
+    done: usize,
+) -> (Vec<(u64, String)>, Vec<(u64, u32)>) {
+    let (mut failed, mut finished) = (Vec::new(), Vec::new());
+    let mut tokens: HashMap<u64, u32> = HashMap::new();
+    while failed.len() + finished.len() < done {
+        match next_output(outputs).await {
+            EngineOutput::Send { to, frame } => inputs
+                .send(EngineInput::Frame {
+                    from: to.worker_id,
+                    frame,
+                    held: None,
+                })
+                .unwrap(),
+            EngineOutput::Token {
+                session, finish, ..
+            } => {
+                *tokens.entry(session).or_default() += 1;
+                if finish.is_some() {
+                    finished.push((session, tokens[&session]));
+                }
+            }
+            EngineOutput::Failed { session, error } => failed.push((session, error)),
+            EngineOutput::Prefilled { .. } => {}
+        }
+    }
+    (failed, finished)
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn a_frame_holds_its_share_of_the_input_budget_until_it_has_been_run() {
     let (inputs, mut outputs, task, _stats, _dir) = engine();
@@ -222,40 +256,73 @@ async fn a_session_that_cannot_be_sampled_fails_alone_and_its_batch_goes_on() {
     for session in 1..=3 {
         inputs.send(EngineInput::Start(session)).unwrap();
     }
-    let (mut failed, mut finished) = (Vec::new(), Vec::new());
-    while finished.len() < 2 {
-        match next_output(&mut outputs).await {
-            EngineOutput::Send { to, frame } => inputs
-                .send(EngineInput::Frame {
-                    from: to.worker_id,
-                    frame,
-                    held: None,
-                })
-                .unwrap(),
-            EngineOutput::Token {
-                session, finish, ..
-            } => {
-                assert!(
-                    !failed.contains(&session),
-                    "a failed session sampled a token"
-                );
-                if finish.is_some() {
-                    finished.push(session);
-                }
-            }
-            EngineOutput::Failed { session, error } => {
-                assert_eq!(error, "logits hold no finite value");
-                failed.push(session);
-            }
-            EngineOutput::Prefilled { .. } => {}
-        }
-    }
+    let (failed, finished) = run_sessions(&inputs, &mut outputs, 3).await;
     assert_eq!(failed.len(), 1, "{failed:?}");
-    finished.extend(failed);
-    finished.sort();
-    assert_eq!(finished, [1, 2, 3]);
+    assert_eq!(failed[0].1, "logits hold no finite value");
+    assert!(
+        finished.iter().all(|&(_, tokens)| tokens == 4),
+        "{finished:?}"
+    );
+    let mut all: Vec<u64> = finished
+        .iter()
+        .map(|f| f.0)
+        .chain(failed.iter().map(|f| f.0))
+        .collect();
+    all.sort();
+    assert_eq!(all, [1, 2, 3]);
     // The failed session is gone; the finished ones stay until they are closed.
     assert_eq!(stats.sessions.load(Ordering::Relaxed), 2);
     drop(inputs);
     task.await.unwrap();
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn kv_caches_beyond_the_workers_memory_fail_the_session_that_does_not_fit() {
+    let (_, _, _, _, dir) = engine();
+    let model = GgufModel::open(dir.path().join("m.gguf")).unwrap();
+    let per_position = model.spec().kv_bytes_per_token_per_layer() * 6;
+    // Room for 12 positions: two sessions of 5 prompt tokens and 3 decode steps each (16
+    // positions together) do not both fit; one alone (8) does.
+    let ledger = Arc::new(MemoryLedger::new(12 * per_position));
+    let tokenizer = ModelTokenizer::from_gguf(model.metadata()).unwrap();
+    let slice =
+        LlamaSlice::load(&model, LayerRange::new(0, 6), WeightMode::F32, &Device::Cpu).unwrap();
+    let (out, mut outputs) = mpsc::unbounded_channel();
+    let (inputs, rx) = mpsc::unbounded_channel();
+    let engine = StageEngine::new(
+        Arc::new(slice),
+        Arc::new(tokenizer),
+        out,
+        Arc::new(EngineStats::default()),
+    )
+    .with_ledger(ledger.clone());
+    let task = tokio::spawn(engine.run(rx));
+
+    for session in [1, 2] {
+        open(&inputs, session).await;
+        inputs.send(EngineInput::Start(session)).unwrap();
+    }
+    let (failed, finished) = run_sessions(&inputs, &mut outputs, 2).await;
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert!(
+        failed[0]
+            .1
+            .starts_with("out of memory for KV caches on this worker"),
+        "{}",
+        failed[0].1
+    );
+    assert_eq!(finished.len(), 1);
+    assert_eq!(finished[0].1, 4, "the other session ran to its last token");
+    assert_eq!(ledger.kv_bytes(), 8 * per_position);
+
+    // Closing the finished session gives its positions back: a new one fits again.
+    inputs.send(EngineInput::Close(finished[0].0)).unwrap();
+    open(&inputs, 3).await;
+    inputs.send(EngineInput::Start(3)).unwrap();
+    let (failed, finished) = run_sessions(&inputs, &mut outputs, 1).await;
+    assert_eq!((failed, finished), (vec![], vec![(3, 4)]));
+    inputs.send(EngineInput::Close(3)).unwrap();
+    drop(inputs);
+    task.await.unwrap();
+    assert_eq!(ledger.kv_bytes(), 0);
 }
