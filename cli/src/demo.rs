@@ -390,6 +390,8 @@ async fn demo(
     let tenant = pb::tenants_client::TenantsClient::new(operator.clone())
         .add_tenant(pb::AddTenantRequest {
             name: "demo".into(),
+            // `--bench` runs 100 jobs at once.
+            max_running_jobs: 200,
         })
         .await
         .map_err(status)?

@@ -281,6 +281,9 @@ pub enum TenantCommand {
     Add {
         /// Tenant name.
         name: String,
+        /// Most jobs it may run at once (default: the coordinator's, 64).
+        #[arg(long)]
+        max_jobs: Option<u32>,
     },
     /// List tenants.
     List,
@@ -296,6 +299,25 @@ pub enum TenantCommand {
         /// Tenant name.
         name: String,
     },
+    /// Set how many jobs a tenant may run at once (its jobs beyond a lowered limit go on;
+    /// new ones are refused until fewer run).
+    Limit {
+        /// Tenant name.
+        name: String,
+        /// Most jobs at once; 0 gives it the coordinator's default.
+        #[arg(long)]
+        max_jobs: u32,
+    },
+}
+
+fn tenant_json(t: &pb::Tenant) -> Value {
+    json!({
+        "name": t.name,
+        "created_unix": t.created_unix,
+        "revoked": t.revoked,
+        "max_running_jobs": t.max_running_jobs,
+        "own_max_running_jobs": t.own_max_running_jobs,
+    })
 }
 
 /// Runs `sovra tenant …`.
@@ -304,8 +326,13 @@ pub async fn tenant(cmd: TenantCommand, conn: &ConnectArgs) -> Result<()> {
     match cmd {
         TenantCommand::Add { .. } | TenantCommand::RotateToken { .. } => {
             let r = match cmd {
-                TenantCommand::Add { name } => {
-                    client.add_tenant(pb::AddTenantRequest { name }).await
+                TenantCommand::Add { name, max_jobs } => {
+                    client
+                        .add_tenant(pb::AddTenantRequest {
+                            name,
+                            max_running_jobs: max_jobs.unwrap_or(0),
+                        })
+                        .await
                 }
                 TenantCommand::RotateToken { name } => {
                     client.rotate_tenant_token(pb::TenantRef { name }).await
@@ -327,19 +354,20 @@ pub async fn tenant(cmd: TenantCommand, conn: &ConnectArgs) -> Result<()> {
                 .tenants;
             emit(
                 conn.json,
-                Value::Array(
-                    list.iter()
-                        .map(|t| json!({"name": t.name, "created_unix": t.created_unix, "revoked": t.revoked}))
-                        .collect(),
-                ),
+                Value::Array(list.iter().map(tenant_json).collect()),
                 || {
                     table(
-                        &["tenant", "state"],
+                        &["tenant", "state", "max jobs"],
                         &list
                             .iter()
                             .map(|t| {
                                 let state = if t.revoked { "revoked" } else { "active" };
-                                vec![t.name.clone(), state.into()]
+                                let limit = if t.own_max_running_jobs == 0 {
+                                    format!("{} (default)", t.max_running_jobs)
+                                } else {
+                                    t.max_running_jobs.to_string()
+                                };
+                                vec![t.name.clone(), state.into(), limit]
                             })
                             .collect::<Vec<_>>(),
                     );
@@ -352,11 +380,25 @@ pub async fn tenant(cmd: TenantCommand, conn: &ConnectArgs) -> Result<()> {
                 .await
                 .map_err(status)?
                 .into_inner();
-            emit(
-                conn.json,
-                json!({"name": t.name, "created_unix": t.created_unix, "revoked": t.revoked}),
-                || println!("tenant {} revoked; its token no longer works", t.name),
-            );
+            emit(conn.json, tenant_json(&t), || {
+                println!("tenant {} revoked; its token no longer works", t.name)
+            });
+        }
+        TenantCommand::Limit { name, max_jobs } => {
+            let t = client
+                .set_tenant_limit(pb::SetTenantLimitRequest {
+                    name,
+                    max_running_jobs: max_jobs,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            emit(conn.json, tenant_json(&t), || {
+                println!(
+                    "tenant {} may run {} jobs at once",
+                    t.name, t.max_running_jobs
+                )
+            });
         }
     }
     Ok(())

@@ -243,6 +243,23 @@ fn operator_workflow_survives_a_coordinator_sigkill() {
             .iter()
             .all(|s| s["state"] == "ready")
     });
+    // Tenants' limits of jobs at once, set at creation or later, survive the restart below.
+    cluster.ok(&["tenant", "add", "beta", "--max-jobs", "3"]);
+    cluster.ok(&["tenant", "limit", "acme", "--max-jobs", "5"]);
+    let limits: Vec<(String, u64, u64)> = cluster
+        .json(&["tenant", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["name"].as_str().unwrap().to_string(),
+                t["max_running_jobs"].as_u64().unwrap(),
+                t["own_max_running_jobs"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(limits, [("acme".into(), 5, 5), ("beta".into(), 3, 3)]);
     let before = [
         cluster.json(&["provider", "list"]),
         cluster.json(&["tenant", "list"]),

@@ -33,6 +33,9 @@ pub enum CoordinatorError {
     /// The request cannot be served in the current state (e.g. a placement is infeasible).
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A quota is used up (a tenant's jobs running at once).
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// The data dir could not be read or written.
     #[error("{0}")]
     Io(String),
@@ -84,6 +87,7 @@ impl From<CoordinatorError> for tonic::Status {
             CoordinatorError::NotFound { .. } => tonic::Status::not_found(message),
             CoordinatorError::AlreadyExists { .. } => tonic::Status::already_exists(message),
             CoordinatorError::FailedPrecondition(_) => tonic::Status::failed_precondition(message),
+            CoordinatorError::ResourceExhausted(_) => tonic::Status::resource_exhausted(message),
             CoordinatorError::Io(_)
             | CoordinatorError::Store(_)
             | CoordinatorError::Internal(_) => tonic::Status::internal(message),

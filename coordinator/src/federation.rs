@@ -54,6 +54,8 @@ pub struct FederationConfig {
     pub lease: Duration,
     /// Tokens of KV cache reserved per layer a worker holds, when planning.
     pub kv_reserve_tokens: u64,
+    /// Most jobs a tenant may run at once, unless its own limit says otherwise.
+    pub tenant_max_running_jobs: u32,
     /// Validity of worker certificates, days.
     pub worker_cert_days: u32,
     /// A job that shows no progress (a token, or a chunk of its prompt run on a stage) for
@@ -68,6 +70,7 @@ impl Default for FederationConfig {
             heartbeat_interval: Duration::from_secs(1),
             lease: Duration::from_secs(5),
             kv_reserve_tokens: 4096,
+            tenant_max_running_jobs: 64,
             worker_cert_days: 365,
             job_stall: Duration::from_secs(60),
         }
@@ -166,6 +169,18 @@ pub(crate) struct Live {
     /// (model, worker) → (version, state, message).
     pub(crate) statuses: HashMap<(String, String), (u64, AssignmentState, String)>,
     pub(crate) next_stream: u64,
+}
+
+/// Most jobs a tenant's own limit may allow at once.
+pub const MAX_JOB_LIMIT: u32 = 100_000;
+
+fn check_job_limit(limit: u32) -> Result<(), CoordinatorError> {
+    if limit > MAX_JOB_LIMIT {
+        return Err(CoordinatorError::InvalidArgument(format!(
+            "a tenant may run at most {MAX_JOB_LIMIT} jobs at once, not {limit}"
+        )));
+    }
+    Ok(())
 }
 
 /// The tenant name the operator's jobs are recorded under (no tenant may take it).
@@ -491,8 +506,13 @@ impl Federation {
     }
 
     /// Creates a tenant and returns its API token.
-    pub fn add_tenant(&self, name: &str) -> Result<(TenantRecord, String), CoordinatorError> {
+    pub fn add_tenant(
+        &self,
+        name: &str,
+        max_running_jobs: u32,
+    ) -> Result<(TenantRecord, String), CoordinatorError> {
         validate_name("tenant", name)?;
+        check_job_limit(max_running_jobs)?;
         if name == OPERATOR_NAME {
             return Err(CoordinatorError::InvalidArgument(format!(
                 "`{OPERATOR_NAME}` is the name jobs of the operator are recorded under; choose another"
@@ -504,6 +524,7 @@ impl Federation {
             token_hash: token::hash_secret(&token),
             created_unix: now_unix(),
             revoked: false,
+            max_running_jobs,
         };
         let batch = Batch::new()
             .expect(TENANTS, name, None)
@@ -551,6 +572,31 @@ impl Federation {
         Ok(record)
     }
 
+    /// Sets how many jobs tenant `name` may run at once (0: the coordinator's default). Jobs
+    /// running beyond a lowered limit go on; new ones wait for the count to come down.
+    pub fn set_tenant_limit(
+        &self,
+        name: &str,
+        max_running_jobs: u32,
+    ) -> Result<TenantRecord, CoordinatorError> {
+        check_job_limit(max_running_jobs)?;
+        let mut record = self.tenant(name)?;
+        let before = encode(&record);
+        record.max_running_jobs = max_running_jobs;
+        self.update_tenant(name, before, &record, None)?;
+        info!(tenant = name, max_running_jobs, "tenant limit set");
+        Ok(record)
+    }
+
+    /// The most jobs tenant `t` may run at once.
+    pub fn job_limit_of(&self, t: &TenantRecord) -> u32 {
+        if t.max_running_jobs == 0 {
+            self.config.tenant_max_running_jobs
+        } else {
+            t.max_running_jobs
+        }
+    }
+
     /// Issues a tenant a new API token (lifting a revocation); the old token stops working.
     pub fn rotate_tenant_token(
         &self,
@@ -576,7 +622,7 @@ impl Federation {
         }
     }
 
-    fn tenant(&self, name: &str) -> Result<TenantRecord, CoordinatorError> {
+    pub(crate) fn tenant(&self, name: &str) -> Result<TenantRecord, CoordinatorError> {
         if name == OPERATOR_NAME {
             return Err(CoordinatorError::InvalidArgument(format!(
                 "`{OPERATOR_NAME}` is not a tenant: the operator's token is replaced with `sovra coordinator rotate-token`"

@@ -3,7 +3,7 @@
 //! client and records the job and its audit trail (which worker of which provider in which
 //! country ran which layers). It is not on the per-token path between stages.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -326,6 +326,29 @@ pub(crate) struct JobTable {
     pub(crate) live: HashMap<u64, LiveJob>,
     pub(crate) by_id: HashMap<String, u64>,
     pub(crate) opens: HashMap<(u64, String), OpenReply>,
+    /// Per tenant, the ids of its jobs between their admission and their start (or refusal):
+    /// they count against its limit before they are in `live`.
+    pub(crate) starting: HashMap<String, HashSet<String>>,
+}
+
+/// A tenant's job counted against its limit while it starts; uncounted when dropped (by then
+/// it is in the job table, or it never started).
+struct StartingJob<'a> {
+    fed: &'a Federation,
+    tenant: String,
+    job_id: String,
+}
+
+impl Drop for StartingJob<'_> {
+    fn drop(&mut self) {
+        let mut jobs = self.fed.jobs();
+        if let Some(ids) = jobs.starting.get_mut(&self.tenant) {
+            ids.remove(&self.job_id);
+            if ids.is_empty() {
+                jobs.starting.remove(&self.tenant);
+            }
+        }
+    }
 }
 
 /// Narrows a model's policy with a job's: countries intersect, requirements and exclusions add up.
@@ -405,11 +428,15 @@ impl Federation {
         validate_spec(&spec)?;
         let model = self.model(&spec.model)?;
         let policy = narrow_policy(&model.policy, &crate::validate::clean_policy(&spec.policy)?)?;
+        let job_id = format!("job-{}", token::random_hex(8));
+        let _counted = match caller {
+            Caller::Tenant(t) => Some(self.count_against_limit(t, &job_id)?),
+            Caller::Operator => None,
+        };
         // Until the job is in the job table on its chain (see `placement_gates`).
         let gate = self.placement_gate(&model.name);
         let _starting = gate.read().await;
         let (chain, placement) = self.ready_chain(&model.name, &policy).await?;
-        let job_id = format!("job-{}", token::random_hex(8));
         let tenant = match caller {
             Caller::Operator => crate::federation::OPERATOR_NAME.to_string(),
             Caller::Tenant(t) => t.clone(),
@@ -462,6 +489,46 @@ impl Federation {
             self.finish_job(session, JobState::Failed, None, Some(error));
         }
         Ok((job_id, rx))
+    }
+
+    /// Counts job `job_id` of tenant `tenant` against its limit of jobs at once, or refuses it
+    /// when the tenant runs (or starts) that many already.
+    fn count_against_limit(
+        &self,
+        tenant: &str,
+        job_id: &str,
+    ) -> Result<StartingJob<'_>, CoordinatorError> {
+        let limit = self.job_limit_of(&self.tenant(tenant)?) as usize;
+        let mut jobs = self.jobs();
+        // A job that has just entered the table is still starting: counted once.
+        let mut ids: HashSet<&str> = jobs
+            .live
+            .values()
+            .filter(|j| j.record.tenant == tenant)
+            .map(|j| j.record.id.as_str())
+            .collect();
+        ids.extend(
+            jobs.starting
+                .get(tenant)
+                .into_iter()
+                .flatten()
+                .map(String::as_str),
+        );
+        if ids.len() >= limit {
+            return Err(CoordinatorError::ResourceExhausted(format!(
+                "tenant `{tenant}` runs {} jobs already, its limit at once is {limit}: wait for one to end (the operator sets the limit with `sovra tenant limit`)",
+                ids.len()
+            )));
+        }
+        jobs.starting
+            .entry(tenant.to_string())
+            .or_default()
+            .insert(job_id.to_string());
+        Ok(StartingJob {
+            fed: self,
+            tenant: tenant.to_string(),
+            job_id: job_id.to_string(),
+        })
     }
 
     /// A ready chain of `model` within `policy`, and the placement version it belongs to. When

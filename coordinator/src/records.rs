@@ -53,6 +53,9 @@ pub struct TenantRecord {
     /// Revoked: its token no longer authenticates (until a new one is issued).
     #[serde(default)]
     pub revoked: bool,
+    /// Most jobs it may run at once; 0: the coordinator's default.
+    #[serde(default)]
+    pub max_running_jobs: u32,
 }
 
 /// A one-time join token; its secret is stored only as a hash.

@@ -141,7 +141,8 @@ impl pb::tenants_server::Tenants for ControlPlane {
         request: Request<pb::AddTenantRequest>,
     ) -> Result<Response<pb::AddTenantResponse>, Status> {
         operator(&self.fed, &request)?;
-        let (t, token) = self.fed.add_tenant(&request.into_inner().name)?;
+        let r = request.into_inner();
+        let (t, token) = self.fed.add_tenant(&r.name, r.max_running_jobs)?;
         Ok(Response::new(pb::AddTenantResponse {
             name: t.name,
             token,
@@ -157,7 +158,7 @@ impl pb::tenants_server::Tenants for ControlPlane {
             .fed
             .list_tenants()?
             .into_iter()
-            .map(tenant_pb)
+            .map(|t| tenant_pb(&self.fed, t))
             .collect();
         Ok(Response::new(pb::ListTenantsResponse { tenants }))
     }
@@ -168,7 +169,17 @@ impl pb::tenants_server::Tenants for ControlPlane {
     ) -> Result<Response<pb::Tenant>, Status> {
         operator(&self.fed, &request)?;
         let t = self.fed.revoke_tenant(&request.into_inner().name)?;
-        Ok(Response::new(tenant_pb(t)))
+        Ok(Response::new(tenant_pb(&self.fed, t)))
+    }
+
+    async fn set_tenant_limit(
+        &self,
+        request: Request<pb::SetTenantLimitRequest>,
+    ) -> Result<Response<pb::Tenant>, Status> {
+        operator(&self.fed, &request)?;
+        let r = request.into_inner();
+        let t = self.fed.set_tenant_limit(&r.name, r.max_running_jobs)?;
+        Ok(Response::new(tenant_pb(&self.fed, t)))
     }
 
     async fn rotate_tenant_token(
@@ -184,8 +195,10 @@ impl pb::tenants_server::Tenants for ControlPlane {
     }
 }
 
-fn tenant_pb(t: TenantRecord) -> pb::Tenant {
+fn tenant_pb(fed: &Federation, t: TenantRecord) -> pb::Tenant {
     pb::Tenant {
+        max_running_jobs: fed.job_limit_of(&t),
+        own_max_running_jobs: t.max_running_jobs,
         name: t.name,
         created_unix: t.created_unix,
         revoked: t.revoked,

@@ -128,7 +128,10 @@ impl TestFederation {
     /// Adds a tenant and returns its token.
     pub async fn add_tenant(&self, name: &str) -> String {
         pb::tenants_client::TenantsClient::new(self.operator().await)
-            .add_tenant(pb::AddTenantRequest { name: name.into() })
+            .add_tenant(pb::AddTenantRequest {
+                name: name.into(),
+                ..Default::default()
+            })
             .await
             .expect("add tenant")
             .into_inner()

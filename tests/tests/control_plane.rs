@@ -178,6 +178,7 @@ async fn tenant_tokens_cannot_run_operator_commands() {
     let tenant = pb::tenants_client::TenantsClient::new(fed.operator().await)
         .add_tenant(pb::AddTenantRequest {
             name: "acme".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -197,6 +198,7 @@ async fn tenant_tokens_cannot_run_operator_commands() {
     let err = pb::tenants_client::TenantsClient::new(as_tenant.clone())
         .add_tenant(pb::AddTenantRequest {
             name: "evil".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -219,7 +221,8 @@ async fn tenant_tokens_cannot_run_operator_commands() {
     assert_eq!(
         tenants
             .add_tenant(pb::AddTenantRequest {
-                name: "acme".into()
+                name: "acme".into(),
+                ..Default::default()
             })
             .await
             .unwrap_err()
@@ -229,7 +232,8 @@ async fn tenant_tokens_cannot_run_operator_commands() {
     assert_eq!(
         tenants
             .add_tenant(pb::AddTenantRequest {
-                name: "Bad Name".into()
+                name: "Bad Name".into(),
+                ..Default::default()
             })
             .await
             .unwrap_err()

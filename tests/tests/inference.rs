@@ -164,6 +164,7 @@ async fn cancel_frees_every_stage_and_tenants_see_only_their_jobs() {
     let other = pb::tenants_client::TenantsClient::new(fed.operator().await)
         .add_tenant(pb::AddTenantRequest {
             name: "globex".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -105,6 +105,7 @@ async fn thousands_of_jobs_list_in_pages_newest_first() {
     let acme = pb::tenants_client::TenantsClient::new(fed.operator().await)
         .add_tenant(pb::AddTenantRequest {
             name: "acme".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
