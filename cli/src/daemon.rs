@@ -39,6 +39,9 @@ pub struct CoordinatorStartArgs {
     /// Tokens of KV cache reserved per layer when planning placements.
     #[arg(long, default_value_t = 4096)]
     pub kv_reserve_tokens: u64,
+    /// Jobs a tenant may run at once unless its own limit (`sovra tenant limit`) says otherwise.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub tenant_max_jobs: u32,
     /// Threads of the coordinator's runtime (default: one per core). One suits a coordinator
     /// that shares a host's cores with workers, as in the demo: each token event is then
     /// handled on one thread instead of waking a second one.
@@ -72,6 +75,7 @@ pub async fn coordinator_start(args: CoordinatorStartArgs) -> Result<()> {
             heartbeat_interval: args.heartbeat,
             lease: args.lease,
             kv_reserve_tokens: args.kv_reserve_tokens,
+            tenant_max_running_jobs: args.tenant_max_jobs,
             ..FederationConfig::default()
         },
     };
