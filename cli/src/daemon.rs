@@ -47,6 +47,10 @@ pub struct CoordinatorStartArgs {
     /// handled on one thread instead of waking a second one.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub io_threads: Option<u16>,
+    /// Also serve the OpenAI-compatible HTTP API (over TLS, with the coordinator's
+    /// certificate) on this address, e.g. 0.0.0.0:8443.
+    #[arg(long, env = "SOVRA_HTTP")]
+    pub http: Option<SocketAddr>,
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
@@ -83,6 +87,14 @@ pub async fn coordinator_start(args: CoordinatorStartArgs) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
+    let http = match args.http {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding {a} for the HTTP API"))?,
+        ),
+        None => None,
+    };
     let fed = server::open(&config)?;
     let addr = listener.local_addr()?;
     eprintln!(
@@ -98,7 +110,33 @@ pub async fn coordinator_start(args: CoordinatorStartArgs) -> Result<()> {
         );
     }
     println!("https://{addr}");
-    server::run(fed, listener, shutdown_signal()).await?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let api = match http {
+        Some(l) => {
+            eprintln!(
+                "OpenAI-compatible API on https://{}/v1 (a tenant's token is its API key)",
+                l.local_addr()?
+            );
+            let fed = fed.clone();
+            let mut stopped = stopped.clone();
+            Some(tokio::spawn(sovra_coordinator::openai::serve(
+                fed,
+                l,
+                async move {
+                    let _ = stopped.changed().await;
+                },
+            )))
+        }
+        None => None,
+    };
+    server::run(fed, listener, async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    })
+    .await?;
+    if let Some(api) = api {
+        api.await??;
+    }
     eprintln!("sovra coordinator stopped");
     Ok(())
 }

@@ -101,6 +101,21 @@ impl TestFederation {
         }
     }
 
+    /// Serves the OpenAI-compatible HTTP API on a free loopback port (until the test ends);
+    /// returns its `host:port`.
+    pub async fn start_http_api(&self) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        tokio::spawn(sovra_coordinator::openai::serve(
+            self.fed.clone(),
+            listener,
+            std::future::pending(),
+        ));
+        addr
+    }
+
     /// A channel carrying `token`.
     pub async fn channel(&self, token: Option<&str>) -> AuthChannel {
         connect(&self.url, &self.ca_pem, None, token)
