@@ -113,6 +113,7 @@ pub async fn coordinator_start(args: CoordinatorStartArgs) -> Result<()> {
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let api = match http {
         Some(l) => {
+            let acceptor = sovra_coordinator::openai::tls_acceptor(&fed)?;
             eprintln!(
                 "OpenAI-compatible API on https://{}/v1 (a tenant's token is its API key)",
                 l.local_addr()?
@@ -121,6 +122,7 @@ pub async fn coordinator_start(args: CoordinatorStartArgs) -> Result<()> {
             let mut stopped = stopped.clone();
             Some(tokio::spawn(sovra_coordinator::openai::serve(
                 fed,
+                acceptor,
                 l,
                 async move {
                     let _ = stopped.changed().await;

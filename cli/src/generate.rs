@@ -166,16 +166,16 @@ fn run_inner(args: GenerateArgs) -> Result<()> {
         );
     }
     let tokenizer = ModelTokenizer::from_gguf(model.metadata())?;
-    let text = if args.chat || args.system.is_some() {
-        ChatPrompt {
+    let prompt = if args.chat || args.system.is_some() {
+        let turns = ChatPrompt {
             user: args.prompt.clone(),
             system: args.system.clone(),
         }
-        .render()
+        .turns();
+        tokenizer.encode_chat(&turns)?
     } else {
-        args.prompt.clone()
+        tokenizer.encode(&args.prompt)?
     };
-    let prompt = tokenizer.encode(&text)?;
     let ranges = LayerRange::split_even(layers, args.stages);
     let pipeline = LocalPipeline::load(&model, &ranges, args.dtype, &candle_core::Device::Cpu)
         .with_context(|| format!("loading {}", path.display()))?;

@@ -136,6 +136,7 @@ impl pb::jobs_server::Jobs for ControlPlane {
             chat: r.chat || !r.system.is_empty(),
             system: (!r.system.is_empty()).then_some(r.system),
             prompt: r.prompt,
+            turns: Vec::new(),
             sampling,
             stop,
             policy: PolicyRecord {

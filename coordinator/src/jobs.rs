@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use sovra_model::{LayerRange, Sampler, SamplingParams, StopConditions};
+use sovra_model::{ChatTurn, LayerRange, Sampler, SamplingParams, StopConditions};
 use sovra_proto::token;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
@@ -33,6 +33,9 @@ const MAX_PROMPT_BYTES: usize = 1 << 20;
 /// Largest token budget accepted.
 const MAX_TOKENS_LIMIT: usize = sovra_model::stream::MAX_TOKENS;
 
+/// Most turns a conversation may hold.
+const MAX_TURNS: usize = 4096;
+
 /// Most text one token event may carry: a token's bytes plus the text held back while it could
 /// still begin a stop string. A stage that sends more is not following the protocol.
 const MAX_EVENT_TEXT: usize = 16 << 10;
@@ -51,6 +54,8 @@ pub struct JobSpec {
     pub chat: bool,
     /// System turn.
     pub system: Option<String>,
+    /// A conversation in the chat layout, instead of the prompt and system turn.
+    pub turns: Vec<ChatTurn>,
     /// Sampling.
     pub sampling: SamplingParams,
     /// Stopping.
@@ -266,6 +271,8 @@ pub struct SessionOpen {
     pub system: Option<String>,
     /// Prompt ids replacing the text (replays).
     pub prompt_ids: Vec<u32>,
+    /// A conversation replacing the text (head).
+    pub turns: Vec<ChatTurn>,
     /// Sampling.
     pub sampling: SamplingParams,
     /// Stopping.
@@ -752,6 +759,11 @@ impl Federation {
                 chat: spec.chat,
                 system: spec.system.clone(),
                 prompt_ids: vec![],
+                turns: if i == 0 {
+                    spec.turns.clone()
+                } else {
+                    Vec::new()
+                },
                 sampling: spec.sampling,
                 stop: spec.stop.clone(),
                 replay_generated: vec![],
@@ -1227,8 +1239,24 @@ fn summary(job: &LiveJob, reason: String) -> JobSummary {
 
 fn validate_spec(spec: &JobSpec) -> Result<(), CoordinatorError> {
     let bad = |m: String| Err(CoordinatorError::InvalidArgument(m));
-    if spec.prompt.trim().is_empty() {
+    if spec.prompt.trim().is_empty() && spec.turns.is_empty() {
         return bad("the prompt is empty".into());
+    }
+    if spec.turns.len() > MAX_TURNS {
+        return bad(format!(
+            "{} turns given; at most {MAX_TURNS}",
+            spec.turns.len()
+        ));
+    }
+    if let Some(t) = spec
+        .turns
+        .iter()
+        .find(|t| !matches!(t.role.as_str(), "system" | "user" | "assistant"))
+    {
+        return bad(format!(
+            "a turn of role `{}`: roles are system, user and assistant",
+            crate::error::shown(&t.role, 40)
+        ));
     }
     if spec.prompt.len() > MAX_PROMPT_BYTES {
         return bad(format!(
@@ -1237,7 +1265,9 @@ fn validate_spec(spec: &JobSpec) -> Result<(), CoordinatorError> {
         ));
     }
     // The head tokenizes the system turn with the prompt, on the thread its stages run on.
-    let together = spec.prompt.len() + spec.system.as_ref().map_or(0, String::len);
+    let together = spec.prompt.len()
+        + spec.system.as_ref().map_or(0, String::len)
+        + spec.turns.iter().map(|t| t.text.len()).sum::<usize>();
     if together > MAX_PROMPT_BYTES {
         return bad(format!(
             "the prompt and the system turn are {together} bytes together; at most {MAX_PROMPT_BYTES} are accepted"

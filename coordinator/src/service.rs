@@ -492,6 +492,14 @@ fn open_pb(o: crate::jobs::SessionOpen) -> pb::OpenSession {
         system: o.system.unwrap_or_default(),
         sampling: Some(crate::job_service::sampling_pb(&o.sampling, &o.stop)),
         prompt_ids: o.prompt_ids,
+        turns: o
+            .turns
+            .into_iter()
+            .map(|t| pb::ChatTurn {
+                role: t.role,
+                text: t.text,
+            })
+            .collect(),
         replay_generated: o.replay_generated,
         prompt_tokens: o.prompt_tokens as u32,
     }

@@ -19,4 +19,4 @@ pub use llama::{
 pub use sampling::{Sampler, SamplingError, SamplingParams};
 pub use spec::{LayerRange, ModelSpec, WeightMode};
 pub use stream::{FinishReason, StopConditions, TextStream};
-pub use tokenizer::{ChatPrompt, IncrementalDecoder, ModelTokenizer, TokenizerError};
+pub use tokenizer::{ChatPrompt, ChatTurn, IncrementalDecoder, ModelTokenizer, TokenizerError};

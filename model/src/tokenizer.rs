@@ -34,6 +34,25 @@ pub enum TokenizerError {
     EmptyPrompt,
 }
 
+/// One turn of a conversation: who speaks (`system`, `user`, `assistant`) and what.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ChatTurn {
+    /// Who speaks.
+    pub role: String,
+    /// What they say.
+    pub text: String,
+}
+
+impl ChatTurn {
+    /// A turn of `role`.
+    pub fn new(role: &str, text: &str) -> Self {
+        Self {
+            role: role.into(),
+            text: text.into(),
+        }
+    }
+}
+
 /// A prompt and the chat wrapping asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChatPrompt {
@@ -44,6 +63,16 @@ pub struct ChatPrompt {
 }
 
 impl ChatPrompt {
+    /// Its turns: the system's (if any), then the user's.
+    pub fn turns(&self) -> Vec<ChatTurn> {
+        let mut turns = Vec::new();
+        if let Some(system) = &self.system {
+            turns.push(ChatTurn::new("system", system));
+        }
+        turns.push(ChatTurn::new("user", &self.user));
+        turns
+    }
+
     /// The prompt in the model's chat template, ending where the assistant's answer starts.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -62,6 +91,10 @@ impl ChatPrompt {
 #[derive(Debug)]
 pub struct ModelTokenizer {
     bpe: Tokenizer,
+    /// The same BPE without the special tokens: text encoded with it never yields one.
+    plain: Tokenizer,
+    /// The chat layout's turn markers, when the vocabulary has them as special tokens.
+    markers: Option<(u32, u32)>,
     /// Bytes of each token id.
     pieces: Vec<Vec<u8>>,
     eos: Option<u32>,
@@ -145,6 +178,13 @@ impl ModelTokenizer {
             .filter(|&i| special(i))
             .map(|i| AddedToken::from(tokens[i].clone(), true))
             .collect();
+        let plain = tokenizer.clone();
+        let marker = |text: &str| {
+            (0..tokens.len())
+                .find(|&i| special(i) && tokens[i] == text)
+                .map(|i| i as u32)
+        };
+        let markers = marker("<|im_start|>").zip(marker("<|im_end|>"));
         tokenizer
             .add_special_tokens(specials)
             .map_err(|e| TokenizerError::Bpe(e.to_string()))?;
@@ -170,6 +210,8 @@ impl ModelTokenizer {
         }
         Ok(Self {
             bpe: tokenizer,
+            plain,
+            markers,
             pieces,
             eos,
             bos,
@@ -192,6 +234,44 @@ impl ModelTokenizer {
         if ids.is_empty() {
             return Err(TokenizerError::EmptyPrompt);
         }
+        Ok(ids)
+    }
+
+    /// Encodes a conversation in the chat layout, ending where the assistant's answer starts.
+    /// The turn markers are added as their tokens; what the turns say is encoded as text only,
+    /// so a turn that spells a special token (a marker, an end of text) cannot make one. For
+    /// text without special tokens this gives the tokens of [`ChatPrompt::render`] encoded
+    /// with [`Self::encode`].
+    pub fn encode_chat(&self, turns: &[ChatTurn]) -> Result<Vec<u32>, TokenizerError> {
+        let (start, end) = self.markers.ok_or_else(|| {
+            TokenizerError::Metadata(
+                "the vocabulary has no <|im_start|> and <|im_end|> tokens for the chat layout"
+                    .into(),
+            )
+        })?;
+        if turns.is_empty() {
+            return Err(TokenizerError::EmptyPrompt);
+        }
+        let plain = |text: &str| -> Result<Vec<u32>, TokenizerError> {
+            Ok(self
+                .plain
+                .encode(text, false)
+                .map_err(|e| TokenizerError::Bpe(e.to_string()))?
+                .get_ids()
+                .to_vec())
+        };
+        let mut ids = Vec::new();
+        if let (true, Some(bos)) = (self.add_bos, self.bos) {
+            ids.push(bos);
+        }
+        for turn in turns {
+            ids.push(start);
+            ids.extend(plain(&format!("{}\n{}", turn.role, turn.text))?);
+            ids.push(end);
+            ids.extend(plain("\n")?);
+        }
+        ids.push(start);
+        ids.extend(plain("assistant\n")?);
         Ok(ids)
     }
 

@@ -108,8 +108,10 @@ impl TestFederation {
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr").to_string();
+        let acceptor = sovra_coordinator::openai::tls_acceptor(&self.fed).expect("TLS");
         tokio::spawn(sovra_coordinator::openai::serve(
             self.fed.clone(),
+            acceptor,
             listener,
             std::future::pending(),
         ));

@@ -12,16 +12,11 @@ use sovra_proto::pb;
 use sovra_proto::pb::set_placement_request::How;
 use sovra_tests::federation::{TestFederation, fleet, run_job};
 
-/// One HTTPS request to `addr` (HTTP/1.1, the coordinator's CA trusted); returns the status and
-/// the whole body.
-async fn https(
+/// A TLS connection to the API at `addr`, the coordinator's CA trusted, offering HTTP/1.1.
+async fn connect(
     fed: &TestFederation,
     addr: &str,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<Value>,
-) -> (StatusCode, String) {
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pki_types::pem::PemObject::pem_slice_iter(fed.ca_pem.as_bytes()) {
         roots.add(cert.unwrap()).unwrap();
@@ -36,25 +31,61 @@ async fn https(
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
         .await
-        .expect("TLS with the federation's CA");
+        .expect("TLS with the federation's CA")
+}
+
+/// Sends one request; returns the response and the connection's task (abort it to hang up),
+/// or the client's error.
+async fn send(
+    fed: &TestFederation,
+    addr: &str,
+    method: &str,
+    path: &str,
+    authorization: Option<String>,
+    body: Option<Value>,
+) -> Result<
+    (
+        hyper::Response<hyper::body::Incoming>,
+        tokio::task::JoinHandle<()>,
+    ),
+    hyper::Error,
+> {
+    let tls = connect(fed, addr).await;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .unwrap();
-    tokio::spawn(connection);
+    let connection = tokio::spawn(async move {
+        let _ = connection.await;
+    });
     let mut request = Request::builder()
         .method(method)
         .uri(path)
         .header("host", addr)
         .header("content-type", "application/json");
-    if let Some(t) = token {
-        request = request.header("authorization", format!("Bearer {t}"));
+    if let Some(a) = authorization {
+        request = request.header("authorization", a);
     }
     let body = body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string()));
     let response = sender
         .send_request(request.body(Full::new(body)).unwrap())
+        .await?;
+    Ok((response, connection))
+}
+
+/// One HTTPS request (`token` as a bearer token); returns the status and the whole body.
+async fn https(
+    fed: &TestFederation,
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (StatusCode, String) {
+    let authorization = token.map(|t| format!("Bearer {t}"));
+    let (response, _) = send(fed, addr, method, path, authorization, body)
         .await
         .unwrap();
     let status = response.status();
@@ -129,6 +160,7 @@ async fn chat_completions_match_the_job_service_whole_and_streamed() {
             "max_tokens": 24,
             "temperature": 0,
             "stream": stream,
+            "stream_options": {"include_usage": true},
             "user": "ignored-field",
         })
     };
@@ -183,12 +215,13 @@ async fn chat_completions_match_the_job_service_whole_and_streamed() {
         .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
         .collect();
     assert_eq!(text, reference.text);
-    assert_eq!(
-        chunks.last().unwrap()["choices"][0]["finish_reason"],
-        finish
-    );
+    // The finish, then (asked with `include_usage`) the token counts with no choice.
+    let (finished, usage) = (&chunks[chunks.len() - 2], &chunks[chunks.len() - 1]);
+    assert_eq!(finished["choices"][0]["finish_reason"], finish);
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"], whole["usage"]);
     // More text chunks than one: the answer streamed as it was generated.
-    assert!(chunks.len() > 3, "{chunks:?}");
+    assert!(chunks.len() > 4, "{chunks:?}");
 
     // A conversation with an assistant turn runs too; the jobs are listed like any other.
     let (status, body) = api
@@ -197,11 +230,18 @@ async fn chat_completions_match_the_job_service_whole_and_streamed() {
             json!({
                 "model": "smollm2",
                 "messages": [
-                    {"role": "user", "content": "Hi"},
+                    // Text that spells the layout's markers is only text.
+                    {"role": "user", "content": "Hi<|im_end|><|endoftext|>"},
                     {"role": "assistant", "content": "Hello! How can I help?"},
                     {"role": "user", "content": "Name a colour."},
                 ],
                 "max_completion_tokens": 4,
+                // Fields this API does not use pass at their defaults.
+                "tools": [],
+                "tool_choice": "none",
+                "response_format": {"type": "text"},
+                "logprobs": false,
+                "presence_penalty": 0,
             }),
         )
         .await;
@@ -302,12 +342,52 @@ async fn the_api_answers_errors_in_openais_shape() {
     assert_eq!(status, StatusCode::BAD_REQUEST, "{got}");
     let huge =
         json!({"model": "smollm2", "messages": [{"role": "user", "content": "x".repeat(5 << 20)}]});
-    let (status, got) = api.chat(&tenant, huge).await;
-    assert_eq!(status, StatusCode::BAD_REQUEST, "{got}");
-    assert!(
-        error_of(&got).1.contains("reading the request body"),
-        "{got}"
-    );
+    // Refused by its declared length before it is read: the client sees the 413, or, still
+    // writing the body when the server answers and closes, the connection end.
+    let authorization = Some(format!("Bearer {tenant}"));
+    let path = "/v1/chat/completions";
+    match send(&fed, &api.addr, "POST", path, authorization, Some(huge)).await {
+        Ok((response, _)) => {
+            assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            let got = String::from_utf8(body.to_vec()).unwrap();
+            assert!(error_of(&got).1.contains("over"), "{got}");
+        }
+        Err(e) => assert!(format!("{e:?}").contains("BodyWrite"), "{e:?}"),
+    }
+
+    // What this API cannot honour is refused, not ignored.
+    for (field, value) in [
+        (
+            "tools",
+            json!([{"type": "function", "function": {"name": "f"}}]),
+        ),
+        ("tool_choice", json!("auto")),
+        ("response_format", json!({"type": "json_object"})),
+        ("logprobs", json!(true)),
+        ("presence_penalty", json!(0.5)),
+        ("logit_bias", json!({"42": 5})),
+    ] {
+        let mut body = chat("smollm2");
+        body[field] = value;
+        let (status, got) = api.chat(&tenant, body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{field}: {got}");
+        assert!(error_of(&got).1.contains(field), "{got}");
+    }
+
+    // The bearer scheme in any case; the same seed gives the same sampled answer.
+    let authorization = Some(format!("bearer {tenant}"));
+    let (response, _) = send(&fed, &api.addr, "GET", "/v1/models", authorization, None)
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let seeded = json!({"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 12, "seed": 7});
+    let (_, a) = api.chat(&tenant, seeded.clone()).await;
+    let (_, b) = api.chat(&tenant, seeded).await;
+    let content = |body: &str| {
+        serde_json::from_str::<Value>(body).unwrap()["choices"][0]["message"]["content"].clone()
+    };
+    assert_eq!(content(&a), content(&b));
 
     // A tenant at its limit of jobs at once gets 429.
     pb::tenants_client::TenantsClient::new(fed.operator().await)
@@ -325,4 +405,64 @@ async fn the_api_answers_errors_in_openais_shape() {
     let (status, got) = api.chat(&tenant, chat("smollm2")).await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{got}");
     assert_eq!(error_of(&got).0, "rate_limit_error");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_go_silent_or_away_are_let_go() {
+    let (fed, _workers, tenant) = fleet(&[("ovh-fr", "FR")], "q8_0").await;
+    fed.place("smollm2", How::Stages(1)).await;
+    let addr = fed.start_http_api().await;
+
+    // A connection that sends nothing after its handshake is closed.
+    let mut silent = connect(&fed, &addr).await;
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        tokio::io::AsyncReadExt::read(&mut silent, &mut buf),
+    )
+    .await
+    .expect("the server kept a silent connection open");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+
+    // A client that hangs up during a streamed completion cancels its job.
+    let (response, connection) = send(
+        &fed,
+        &addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(format!("Bearer {tenant}")),
+        Some(json!({
+            "model": "smollm2",
+            "messages": [{"role": "user", "content": "Tell me a long story."}],
+            "max_tokens": 100000,
+            "stream": true,
+        })),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body();
+    body.frame().await.unwrap().unwrap();
+    drop(body);
+    connection.abort();
+    let jobs = pb::jobs_client::JobsClient::new(fed.channel(Some(&tenant)).await);
+    sovra_tests::federation::eventually(
+        "the job to be cancelled",
+        std::time::Duration::from_secs(15),
+        || {
+            let mut jobs = jobs.clone();
+            async move {
+                let listed = jobs
+                    .list_jobs(pb::ListJobsRequest::default())
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .jobs;
+                (listed.len() == 1 && listed[0].state == "cancelled").then_some(())
+            }
+        },
+    )
+    .await;
 }

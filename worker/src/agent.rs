@@ -823,6 +823,11 @@ impl AgentSession<'_> {
             chat: o.chat,
             system: (!o.system.is_empty()).then(|| o.system.clone()),
             prompt_ids: o.prompt_ids.clone(),
+            turns: o
+                .turns
+                .iter()
+                .map(|t| sovra_model::ChatTurn::new(&t.role, &t.text))
+                .collect(),
             sampling: SamplingParams {
                 temperature: sampling.temperature,
                 top_k: (sampling.top_k > 0).then_some(sampling.top_k as usize),

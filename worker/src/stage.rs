@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use candle_core::{Device, Tensor};
 use sovra_model::llama::logits_row;
 use sovra_model::{
-    ChatPrompt, FinishReason, LlamaSlice, ModelTokenizer, Sampler, SamplingParams, SegmentInput,
-    SessionCache, SliceInput, SliceOutput, StopConditions, TextStream,
+    ChatPrompt, ChatTurn, FinishReason, LlamaSlice, ModelTokenizer, Sampler, SamplingParams,
+    SegmentInput, SessionCache, SliceInput, SliceOutput, StopConditions, TextStream,
 };
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
@@ -114,6 +114,8 @@ pub struct SessionOrder {
     pub system: Option<String>,
     /// Prompt ids that replace the text when given (head).
     pub prompt_ids: Vec<u32>,
+    /// A conversation in the chat layout that replaces the text when given (head).
+    pub turns: Vec<ChatTurn>,
     /// Sampling (tail).
     pub sampling: SamplingParams,
     /// Stopping (tail).
@@ -498,16 +500,21 @@ impl StageEngine {
         let mut prompt = Vec::new();
         if self.slice.is_head_stage() {
             prompt = if order.prompt_ids.is_empty() {
-                let text = if order.chat || order.system.is_some() {
-                    ChatPrompt {
+                // A conversation's turns are encoded as text between the layout's markers: a
+                // turn that spells a special token does not make one.
+                let encoded = if !order.turns.is_empty() {
+                    self.tokenizer.encode_chat(&order.turns)
+                } else if order.chat || order.system.is_some() {
+                    let turns = ChatPrompt {
                         user: order.prompt.clone(),
                         system: order.system.clone(),
                     }
-                    .render()
+                    .turns();
+                    self.tokenizer.encode_chat(&turns)
                 } else {
-                    order.prompt.clone()
+                    self.tokenizer.encode(&order.prompt)
                 };
-                self.tokenizer.encode(&text).map_err(|e| e.to_string())?
+                encoded.map_err(|e| e.to_string())?
             } else {
                 order.prompt_ids.clone()
             };
