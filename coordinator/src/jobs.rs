@@ -322,8 +322,28 @@ fn audit_of(chain: &ChainStages, attempt: u32, from_token: usize) -> Vec<AuditSt
         .collect()
 }
 
-/// A stage's answer to an opening: the prompt ids (head) or the refusal.
-type OpenReply = oneshot::Sender<Result<Vec<u32>, String>>;
+/// A stage's answer to an opening: the prompt ids (head) or the refusal, and whether the
+/// request itself is at fault.
+type OpenReply = oneshot::Sender<Result<Vec<u32>, (String, bool)>>;
+
+/// Why a job could not be started on a chain: the session it was registered under (to end it
+/// through `finish_job`), why, and whether the request itself is at fault (no chain would run
+/// it).
+pub(crate) struct LaunchFailed {
+    pub(crate) session: u64,
+    pub(crate) error: String,
+    pub(crate) bad_request: bool,
+}
+
+impl From<(u64, String)> for LaunchFailed {
+    fn from((session, error): (u64, String)) -> Self {
+        Self {
+            session,
+            error,
+            bad_request: false,
+        }
+    }
+}
 /// The stages of a chain a job runs on.
 pub(crate) type ChainStages = Vec<(WorkerRecord, ProviderRecord, LayerRange)>;
 
@@ -492,8 +512,18 @@ impl Federation {
             progress: Instant::now(),
             persisted: Instant::now(),
         };
-        if let Err((session, error)) = self.launch(job, chain, &placement).await {
-            self.finish_job(session, JobState::Failed, None, Some(error));
+        if let Err(failed) = self.launch(job, chain, &placement).await {
+            self.finish_job(
+                failed.session,
+                JobState::Failed,
+                None,
+                Some(failed.error.clone()),
+            );
+            // A prompt no stage would take is the request's fault: said as such (its record
+            // shows it failed, with why).
+            if failed.bad_request {
+                return Err(CoordinatorError::InvalidArgument(failed.error));
+            }
         }
         Ok((job_id, rx))
     }
@@ -613,7 +643,7 @@ impl Federation {
         mut job: LiveJob,
         chain: ChainStages,
         placement: &PlacementRecord,
-    ) -> Result<(), (u64, String)> {
+    ) -> Result<(), LaunchFailed> {
         let session = new_session_id();
         let worker_ids: Vec<String> = chain.iter().map(|(w, _, _)| w.id.clone()).collect();
         job.stages = worker_ids.clone();
@@ -676,18 +706,22 @@ impl Federation {
             jobs.by_id.insert(job_id.clone(), session);
             jobs.live.insert(session, job);
             if self.model(&model).is_err() {
-                return Err((session, format!("model `{model}` was removed")));
+                return Err((session, format!("model `{model}` was removed")).into());
             }
             // Likewise for `revoke_tenant`, which writes the revocation before it looks for
             // the tenant's jobs.
             if self.tenant_revoked(&tenant) {
-                return Err((session, format!("tenant `{tenant}` was revoked")));
+                return Err((session, format!("tenant `{tenant}` was revoked")).into());
             }
         }
         let prompt_ids = self
             .open_everywhere(session, &worker_ids, opens)
             .await
-            .map_err(|e| (session, e))?;
+            .map_err(|(error, bad_request)| LaunchFailed {
+                session,
+                error,
+                bad_request,
+            })?;
         if prompt_ids.len() > context {
             return Err((
                 session,
@@ -696,12 +730,13 @@ impl Federation {
                     worker_ids[0],
                     prompt_ids.len()
                 ),
-            ));
+            )
+                .into());
         }
         {
             let mut jobs = self.jobs();
             let Some(job) = jobs.live.get_mut(&session) else {
-                return Err((session, "the job ended while it was being opened".into()));
+                return Err((session, "the job ended while it was being opened".into()).into());
             };
             if !replay {
                 job.record.prompt_tokens = prompt_ids.len();
@@ -720,11 +755,11 @@ impl Federation {
             // lock, so the final record of a job that ends now cannot come first.
             self.store()
                 .apply(Batch::new().put(JOBS, &job_id, encode(&job.record)))
-                .map_err(|e| (session, format!("recording the job: {e}")))?;
+                .map_err(|e| LaunchFailed::from((session, format!("recording the job: {e}"))))?;
         }
         self.store()
             .flush()
-            .map_err(|e| (session, format!("recording the job: {e}")))?;
+            .map_err(|e| LaunchFailed::from((session, format!("recording the job: {e}"))))?;
         self.send_to(&worker_ids[0], AgentCommand::StartSession(session));
         info!(job = %job_id, session, stages = worker_ids.len(), replay, "job running");
         Ok(())
@@ -778,7 +813,7 @@ impl Federation {
         session: u64,
         workers: &[String],
         opens: Vec<SessionOpen>,
-    ) -> Result<Vec<u32>, String> {
+    ) -> Result<Vec<u32>, (String, bool)> {
         let result = self.open_all(session, workers, opens).await;
         if result.is_err() {
             self.jobs().opens.retain(|(s, _), _| *s != session);
@@ -791,13 +826,13 @@ impl Federation {
         session: u64,
         workers: &[String],
         opens: Vec<SessionOpen>,
-    ) -> Result<Vec<u32>, String> {
+    ) -> Result<Vec<u32>, (String, bool)> {
         let mut answers = Vec::new();
         for (worker, open) in workers.iter().zip(opens) {
             let (tx, rx) = oneshot::channel();
             self.jobs().opens.insert((session, worker.clone()), tx);
             if !self.send_to(worker, AgentCommand::OpenSession(Box::new(open))) {
-                return Err(format!("worker {worker} is not connected"));
+                return Err((format!("worker {worker} is not connected"), false));
             }
             answers.push((worker.clone(), rx));
         }
@@ -810,14 +845,13 @@ impl Federation {
                 Ok(Ok(Ok(_))) => {}
                 Ok(Ok(Err(e))) => return Err(e),
                 Ok(Err(_)) => {
-                    return Err(format!(
-                        "worker {worker} went away while opening the session"
-                    ));
+                    let why = format!("worker {worker} went away while opening the session");
+                    return Err((why, false));
                 }
                 Err(_) => {
-                    return Err(format!(
-                        "worker {worker} did not open the session within {OPEN_TIMEOUT:?}"
-                    ));
+                    let why =
+                        format!("worker {worker} did not open the session within {OPEN_TIMEOUT:?}");
+                    return Err((why, false));
                 }
             }
         }
@@ -825,7 +859,12 @@ impl Federation {
     }
 
     /// A stage's answer to an opening.
-    pub fn session_opened(&self, worker: &str, session: u64, result: Result<Vec<u32>, String>) {
+    pub fn session_opened(
+        &self,
+        worker: &str,
+        session: u64,
+        result: Result<Vec<u32>, (String, bool)>,
+    ) {
         if let Some(tx) = self.jobs().opens.remove(&(session, worker.to_string())) {
             let _ = tx.send(result);
         }

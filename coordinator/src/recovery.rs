@@ -64,7 +64,11 @@ impl Federation {
                 };
                 match self.launch(job, chain, &placement).await {
                     Ok(()) => return,
-                    Err((new_session, error)) => {
+                    Err(crate::jobs::LaunchFailed {
+                        session: new_session,
+                        error,
+                        ..
+                    }) => {
                         let Some(mut again) = self.take_job(new_session) else {
                             return;
                         };

@@ -396,7 +396,7 @@ fn handle_agent_message(
             let result = if o.error.is_empty() {
                 Ok(o.prompt_ids)
             } else {
-                Err(clip(&o.error))
+                Err((clip(&o.error), o.bad_request))
             };
             fed.session_opened(worker, o.session, result);
         }

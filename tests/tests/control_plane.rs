@@ -434,6 +434,7 @@ async fn a_stage_that_breaks_the_session_protocol_fails_its_job_with_a_reason() 
                 error: String::new(),
                 prompt_tokens: prompt_ids.len() as u32,
                 prompt_ids,
+                bad_request: false,
             }))
             .await;
         (session, job)

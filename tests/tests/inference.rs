@@ -317,10 +317,12 @@ async fn job_policies_narrow_the_model_and_bad_requests_are_refused() {
             .code(),
         Code::NotFound
     );
+    // A prompt longer than the context is the request's fault: said as such.
     let long = chat_request(&"word ".repeat(9000), 4, 0.0, 0);
     let err = run_job(fed.channel(Some(&tenant)).await, long)
         .await
         .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("context"), "{}", err.message());
     // The federation keeps serving after every refusal.
     let ok = run_job(

@@ -356,6 +356,12 @@ async fn the_api_answers_errors_in_openais_shape() {
         Err(e) => assert!(format!("{e:?}").contains("BodyWrite"), "{e:?}"),
     }
 
+    // A conversation longer than the model's context is the request's fault.
+    let long = json!({"model": "smollm2", "messages": [{"role": "user", "content": "word ".repeat(9000)}]});
+    let (status, got) = api.chat(&tenant, long).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{got}");
+    assert!(error_of(&got).1.contains("context"), "{got}");
+
     // What this API cannot honour is refused, not ignored.
     for (field, value) in [
         (

@@ -30,7 +30,7 @@ use crate::quic::TlsIdentity;
 use crate::speed::{DeviceInfo, cpu_device, measure_speed_gflops};
 use crate::stage::{
     EngineInput, EngineOutput, EngineStats, INPUT_BUDGET_BYTES, InputBudget, MemoryLedger, Peer,
-    SessionOrder, StageEngine,
+    Refusal, SessionOrder, StageEngine,
 };
 
 /// Forwards a worker times at start; its speed is the best of them.
@@ -786,10 +786,11 @@ impl AgentSession<'_> {
     /// Prepares this worker's stage of a session and answers the coordinator.
     fn open_session(&self, o: pb::OpenSession, tx: mpsc::Sender<pb::AgentMessage>) {
         let session_id = o.session;
-        let answer = move |error: String, prompt_ids: Vec<u32>| pb::AgentMessage {
+        let answer = move |refusal: Refusal, prompt_ids: Vec<u32>| pb::AgentMessage {
             kind: Some(pb::agent_message::Kind::SessionOpened(pb::SessionOpened {
                 session: session_id,
-                error,
+                error: refusal.message,
+                bad_request: refusal.bad_request,
                 prompt_tokens: prompt_ids.len() as u32,
                 prompt_ids,
             })),
@@ -797,7 +798,7 @@ impl AgentSession<'_> {
         let loaded = lock(&self.slices).get(&o.model).cloned();
         let Some(loaded) = loaded else {
             let msg = answer(
-                format!("model {} is not loaded on this worker", o.model),
+                format!("model {} is not loaded on this worker", o.model).into(),
                 vec![],
             );
             tokio::spawn(async move { tx.send(msg).await });
@@ -866,12 +867,12 @@ impl AgentSession<'_> {
         );
         tokio::spawn(async move {
             let msg = match reply_rx.await {
-                Ok(Ok(ids)) => answer(String::new(), ids),
+                Ok(Ok(ids)) => answer(String::new().into(), ids),
                 Ok(Err(e)) => {
                     close_session(&sessions, &slices, &plane, session);
                     answer(e, vec![])
                 }
-                Err(_) => answer("the stage engine stopped".into(), vec![]),
+                Err(_) => answer("the stage engine stopped".to_string().into(), vec![]),
             };
             let _ = tx.send(msg).await;
         });

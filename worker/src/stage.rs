@@ -126,11 +126,33 @@ pub struct SessionOrder {
     pub prompt_tokens: usize,
 }
 
+/// Why a stage refused to open a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// What is wrong.
+    pub message: String,
+    /// The request itself is at fault (its prompt is empty or too long for the model): no
+    /// stage anywhere would take it.
+    pub bad_request: bool,
+}
+
+impl From<String> for Refusal {
+    fn from(message: String) -> Self {
+        Self {
+            message,
+            bad_request: false,
+        }
+    }
+}
+
 /// Orders and frames for the engine.
 #[derive(Debug)]
 pub enum EngineInput {
     /// Prepare a session; the reply carries the prompt ids (head) or the refusal.
-    Open(Box<SessionOrder>, oneshot::Sender<Result<Vec<u32>, String>>),
+    Open(
+        Box<SessionOrder>,
+        oneshot::Sender<Result<Vec<u32>, Refusal>>,
+    ),
     /// Start generating (head).
     Start(u64),
     /// Drop a session.
@@ -493,9 +515,13 @@ impl StageEngine {
         }
     }
 
-    fn open(&mut self, order: SessionOrder) -> Result<Vec<u32>, String> {
+    fn open(&mut self, order: SessionOrder) -> Result<Vec<u32>, Refusal> {
+        let bad_request = |message: String| Refusal {
+            message,
+            bad_request: true,
+        };
         if self.sessions.contains_key(&order.session) {
-            return Err(format!("session {} is already open", order.session));
+            return Err(format!("session {} is already open", order.session).into());
         }
         let mut prompt = Vec::new();
         if self.slice.is_head_stage() {
@@ -514,29 +540,31 @@ impl StageEngine {
                 } else {
                     self.tokenizer.encode(&order.prompt)
                 };
-                encoded.map_err(|e| e.to_string())?
+                encoded.map_err(|e| bad_request(e.to_string()))?
             } else {
                 order.prompt_ids.clone()
             };
             let context = self.slice.spec().context_length;
             if prompt.len() >= context {
-                return Err(crate::generate::GenerateError::PromptTooLong {
-                    prompt: prompt.len(),
-                    context,
-                }
-                .to_string());
+                return Err(bad_request(
+                    crate::generate::GenerateError::PromptTooLong {
+                        prompt: prompt.len(),
+                        context,
+                    }
+                    .to_string(),
+                ));
             }
             if let Some(&bad) = prompt
                 .iter()
                 .find(|&&t| t as usize >= self.slice.spec().vocab_size)
             {
-                return Err(format!("prompt token {bad} is outside the vocabulary"));
+                return Err(format!("prompt token {bad} is outside the vocabulary").into());
             }
         }
         let tail = if self.slice.is_tail_stage() {
-            let sampler = Sampler::new(order.sampling).map_err(|e| e.to_string())?;
+            let sampler = Sampler::new(order.sampling).map_err(|e| bad_request(e.to_string()))?;
             if order.stop.max_tokens == 0 {
-                return Err("max tokens must be at least 1".into());
+                return Err(bad_request("max tokens must be at least 1".into()));
             }
             Some(self.tail_state(sampler, &order))
         } else {
