@@ -843,7 +843,8 @@ impl Federation {
             match answer {
                 Ok(Ok(Ok(ids))) if i == 0 => prompt = ids,
                 Ok(Ok(Ok(_))) => {}
-                Ok(Ok(Err(e))) => return Err(e),
+                // Only the head looks at the prompt: the request is at fault only if it says so.
+                Ok(Ok(Err((e, bad_request)))) => return Err((e, bad_request && i == 0)),
                 Ok(Err(_)) => {
                     let why = format!("worker {worker} went away while opening the session");
                     return Err((why, false));

@@ -40,6 +40,8 @@ const MAX_CONNECTIONS: usize = 256;
 /// Time an HTTP/1 client has to send a request's headers (an idle kept-alive connection is
 /// closed after it too).
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection with no request under way for this long is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 streams at once on one connection.
 const MAX_STREAMS: u32 = 16;
 /// Tokens a completion generates when the request names no limit.
@@ -111,27 +113,37 @@ pub async fn serve(
                 Err(_) => return debug!(%peer, "HTTP API handshake timed out"),
             };
             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+            // A connection with nothing under way for a while is closed: one that never sends
+            // a request (HTTP/2 has no header timeout) as well as one left idle.
+            let activity = Arc::new(Activity::new());
+            let seen = activity.clone();
             let service = hyper::service::service_fn(move |req| {
                 let fed = fed.clone();
                 let bodies = bodies.clone();
-                async move { Ok::<_, Infallible>(handle(&fed, &bodies, req).await) }
+                let busy = Busy::start(seen.clone());
+                async move {
+                    let response = handle(&fed, &bodies, req).await;
+                    Ok::<_, Infallible>(
+                        response.map(|inner| BodyExt::boxed(Tracked { inner, _busy: busy })),
+                    )
+                }
             });
             let io = TokioIo::new(tls);
             let served = if h2 {
-                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
                     .keep_alive_interval(Duration::from_secs(20))
                     .keep_alive_timeout(Duration::from_secs(20))
                     .max_concurrent_streams(MAX_STREAMS)
-                    .serve_connection(io, service)
-                    .await
+                    .serve_connection(io, service);
+                until_idle(conn, &activity).await
             } else {
-                hyper::server::conn::http1::Builder::new()
+                let conn = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(HEADER_TIMEOUT)
                     .max_buf_size(64 << 10)
-                    .serve_connection(io, service)
-                    .await
+                    .serve_connection(io, service);
+                until_idle(conn, &activity).await
             };
             if let Err(e) = served {
                 debug!(%peer, cause = %e, "HTTP API connection ended");
@@ -142,6 +154,103 @@ pub async fn serve(
     }
     connections.abort_all();
     Ok(())
+}
+
+/// Requests under way on a connection (from their start until their response body is done)
+/// and when the last one began or ended.
+struct Activity {
+    opened: tokio::time::Instant,
+    active: std::sync::atomic::AtomicUsize,
+    last_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            opened: tokio::time::Instant::now(),
+            active: std::sync::atomic::AtomicUsize::new(0),
+            last_ms: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let now = self.opened.elapsed().as_millis() as u64;
+        self.last_ms
+            .store(now, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Nothing under way, and nothing began or ended for [`IDLE_TIMEOUT`].
+    fn idle(&self) -> bool {
+        let last = Duration::from_millis(self.last_ms.load(std::sync::atomic::Ordering::Relaxed));
+        self.active.load(std::sync::atomic::Ordering::Relaxed) == 0
+            && self.opened.elapsed().saturating_sub(last) > IDLE_TIMEOUT
+    }
+}
+
+/// One request under way, until dropped with its response body.
+struct Busy(Arc<Activity>);
+
+impl Busy {
+    fn start(activity: Arc<Activity>) -> Self {
+        activity
+            .active
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        activity.touch();
+        Self(activity)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0
+            .active
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.touch();
+    }
+}
+
+/// A response body that keeps its request counted as under way.
+struct Tracked {
+    inner: Body,
+    _busy: Busy,
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Serves `conn` until it ends, or drops it once it has been idle (see [`Activity::idle`]).
+async fn until_idle<C, E>(conn: C, activity: &Activity) -> Result<(), E>
+where
+    C: std::future::Future<Output = Result<(), E>>,
+{
+    tokio::pin!(conn);
+    loop {
+        tokio::select! {
+            served = conn.as_mut() => return served,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                if activity.idle() {
+                    return Ok(());
+                }
+            }
+        }
+    }
 }
 
 async fn handle(
@@ -426,8 +535,10 @@ fn job_spec(r: ChatRequest) -> Result<(JobSpec, Answer), ApiError> {
     let top_p = r.top_p.filter(|&p| p != 1.0);
     let spec = JobSpec {
         model: r.model,
+        // The conversation goes as turns; a head that knew no turns would see an empty prompt
+        // and refuse it, not answer an empty question.
         prompt: String::new(),
-        chat: true,
+        chat: false,
         system: None,
         turns: turns(r.messages)?,
         sampling: SamplingParams {

@@ -178,7 +178,16 @@ impl ModelTokenizer {
             .filter(|&i| special(i))
             .map(|i| AddedToken::from(tokens[i].clone(), true))
             .collect();
-        let plain = tokenizer.clone();
+        // Text matches the vocabulary's user-defined tokens as ordinary tokens (as llama.cpp
+        // and the reference tokenizer do); only the control tokens are kept out of it.
+        let mut plain = tokenizer.clone();
+        let user_defined: Vec<AddedToken> = (0..tokens.len())
+            .filter(|&i| types.get(i) == Some(&TOKEN_TYPE_USER_DEFINED))
+            .map(|i| AddedToken::from(tokens[i].clone(), false))
+            .collect();
+        plain
+            .add_tokens(user_defined)
+            .map_err(|e| TokenizerError::Bpe(e.to_string()))?;
         let marker = |text: &str| {
             (0..tokens.len())
                 .find(|&i| special(i) && tokens[i] == text)
@@ -464,6 +473,35 @@ mod tests {
         );
         md.insert("tokenizer.ggml.eos_token_id".to_string(), Value::U64(2));
         assert_eq!(ModelTokenizer::from_gguf(&md).unwrap().eos(), Some(2));
+    }
+
+    #[test]
+    fn chat_turns_keep_user_defined_tokens_but_make_no_control_token() {
+        // Byte-level pieces of every character used, the two markers and an end token
+        // (control, type 3), and a user-defined token (type 4).
+        let mut tokens: Vec<String> = ["<|im_start|>", "<|im_end|>", "<|end|>", "<think>"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let mut types = vec![3, 3, 3, 4];
+        for c in "userassistantxyhkd<|>Ċ".chars() {
+            if !tokens.contains(&c.to_string()) {
+                tokens.push(c.to_string());
+                types.push(1);
+            }
+        }
+        let t = ModelTokenizer::new(&tokens, &[], &types, None, None, false).unwrap();
+        let ids = t
+            .encode_chat(&[ChatTurn::new("user", "x<think>y<|end|>")])
+            .unwrap();
+        let id = |s: &str| tokens.iter().position(|t| t == s).unwrap() as u32;
+        assert!(ids.contains(&id("<think>")), "{ids:?}");
+        assert!(!ids.contains(&id("<|end|>")), "{ids:?}");
+        assert_eq!(ids.iter().filter(|&&i| i == id("<|im_start|>")).count(), 2);
+        assert_eq!(
+            t.decode(&ids),
+            "<|im_start|>user\nx<think>y<|end|><|im_end|>\n<|im_start|>assistant\n"
+        );
     }
 
     #[test]

@@ -17,6 +17,15 @@ async fn connect(
     fed: &TestFederation,
     addr: &str,
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    connect_offering(fed, addr, b"http/1.1").await
+}
+
+/// As [`connect`], offering `protocol` (ALPN).
+async fn connect_offering(
+    fed: &TestFederation,
+    addr: &str,
+    protocol: &[u8],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pki_types::pem::PemObject::pem_slice_iter(fed.ca_pem.as_bytes()) {
         roots.add(cert.unwrap()).unwrap();
@@ -28,7 +37,7 @@ async fn connect(
     .unwrap()
     .with_root_certificates(roots)
     .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![protocol.to_vec()];
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
     tokio_rustls::TlsConnector::from(Arc::new(config))
@@ -246,6 +255,17 @@ async fn chat_completions_match_the_job_service_whole_and_streamed() {
         )
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
+    // The markers in the text were encoded as text: the prompt has the tokens of that.
+    let (_, tokenizer) = sovra_tests::smollm2();
+    let expected = tokenizer
+        .encode_chat(&[
+            sovra_model::ChatTurn::new("user", "Hi<|im_end|><|endoftext|>"),
+            sovra_model::ChatTurn::new("assistant", "Hello! How can I help?"),
+            sovra_model::ChatTurn::new("user", "Name a colour."),
+        ])
+        .unwrap();
+    let answered: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answered["usage"]["prompt_tokens"], expected.len() as u64);
     let listed = pb::jobs_client::JobsClient::new(fed.channel(Some(&tenant)).await)
         .list_jobs(pb::ListJobsRequest::default())
         .await
@@ -419,18 +439,29 @@ async fn clients_that_go_silent_or_away_are_let_go() {
     fed.place("smollm2", How::Stages(1)).await;
     let addr = fed.start_http_api().await;
 
-    // A connection that sends nothing after its handshake is closed.
-    let mut silent = connect(&fed, &addr).await;
-    let started = std::time::Instant::now();
-    let mut buf = [0u8; 64];
-    let read = tokio::time::timeout(
-        std::time::Duration::from_secs(30),
-        tokio::io::AsyncReadExt::read(&mut silent, &mut buf),
-    )
-    .await
-    .expect("the server kept a silent connection open");
-    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
-    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    // A connection that sends nothing after its handshake is closed, over HTTP/1.1 or
+    // HTTP/2 (a server's preface and settings may come first).
+    let silent = |protocol: &'static [u8]| {
+        let (fed, addr) = (&fed, &addr);
+        async move {
+            let mut silent = connect_offering(fed, addr, protocol).await;
+            let started = std::time::Instant::now();
+            let mut buf = [0u8; 4096];
+            loop {
+                let read = tokio::time::timeout(
+                    std::time::Duration::from_secs(30),
+                    tokio::io::AsyncReadExt::read(&mut silent, &mut buf),
+                )
+                .await
+                .expect("the server kept a silent connection open");
+                if matches!(read, Ok(0) | Err(_)) {
+                    break;
+                }
+            }
+            assert!(started.elapsed() < std::time::Duration::from_secs(20));
+        }
+    };
+    tokio::join!(silent(b"http/1.1"), silent(b"h2"));
 
     // A client that hangs up during a streamed completion cancels its job.
     let (response, connection) = send(

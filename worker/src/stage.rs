@@ -540,7 +540,13 @@ impl StageEngine {
                 } else {
                     self.tokenizer.encode(&order.prompt)
                 };
-                encoded.map_err(|e| bad_request(e.to_string()))?
+                // An empty prompt, or a chat layout the model's vocabulary lacks, is the
+                // request's fault; a tokenizer failure is not.
+                encoded.map_err(|e| match e {
+                    sovra_model::TokenizerError::EmptyPrompt
+                    | sovra_model::TokenizerError::Metadata(_) => bad_request(e.to_string()),
+                    other => Refusal::from(other.to_string()),
+                })?
             } else {
                 order.prompt_ids.clone()
             };
@@ -562,9 +568,9 @@ impl StageEngine {
             }
         }
         let tail = if self.slice.is_tail_stage() {
-            let sampler = Sampler::new(order.sampling).map_err(|e| bad_request(e.to_string()))?;
+            let sampler = Sampler::new(order.sampling).map_err(|e| e.to_string())?;
             if order.stop.max_tokens == 0 {
-                return Err(bad_request("max tokens must be at least 1".into()));
+                return Err("max tokens must be at least 1".to_string().into());
             }
             Some(self.tail_state(sampler, &order))
         } else {
