@@ -33,6 +33,9 @@ use crate::records::PolicyRecord;
 const MAX_BODY: usize = 4 << 20;
 /// Request bodies read at once (each up to [`MAX_BODY`]); more wait their turn.
 const BODIES_AT_ONCE: usize = 32;
+/// Of those, the most one caller (a tenant, or the operator) may send at once; one more is
+/// refused at once (429), so one caller's slow bodies cannot keep the others waiting.
+const BODIES_PER_CALLER: usize = 8;
 /// Time a client has to send its request body (waiting for its turn included).
 const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Connections served at once; more are closed as they come.
@@ -84,7 +87,7 @@ pub async fn serve(
     tokio::pin!(shutdown);
     let mut connections = tokio::task::JoinSet::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let bodies = Arc::new(tokio::sync::Semaphore::new(BODIES_AT_ONCE));
+    let bodies = Arc::new(Bodies::default());
     loop {
         let (tcp, peer) = tokio::select! {
             _ = &mut shutdown => break,
@@ -253,11 +256,68 @@ where
     }
 }
 
-async fn handle(
-    fed: &Federation,
-    bodies: &tokio::sync::Semaphore,
-    req: Request<Incoming>,
-) -> Response<Body> {
+/// The request bodies being read: at most [`BODIES_AT_ONCE`], [`BODIES_PER_CALLER`] a caller.
+struct Bodies {
+    slots: tokio::sync::Semaphore,
+    per_caller: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+}
+
+impl Default for Bodies {
+    fn default() -> Self {
+        Self {
+            slots: tokio::sync::Semaphore::new(BODIES_AT_ONCE),
+            per_caller: Default::default(),
+        }
+    }
+}
+
+/// A caller's share of [`Bodies`], given back when dropped.
+struct BodyShare<'a> {
+    bodies: &'a Bodies,
+    caller: String,
+}
+
+impl Bodies {
+    /// Counts one more body of `caller`, or refuses it when the caller sends its share.
+    fn share(&self, caller: &Caller) -> Result<BodyShare<'_>, ApiError> {
+        let caller = match caller {
+            Caller::Operator => crate::federation::OPERATOR_NAME.to_string(),
+            Caller::Tenant(t) => t.clone(),
+        };
+        let mut counts = self.per_caller.lock().unwrap_or_else(|p| p.into_inner());
+        let count = counts.entry(caller.clone()).or_default();
+        if *count >= BODIES_PER_CALLER {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                format!("{BODIES_PER_CALLER} request bodies of yours are being received already"),
+            ));
+        }
+        *count += 1;
+        Ok(BodyShare {
+            bodies: self,
+            caller,
+        })
+    }
+}
+
+impl Drop for BodyShare<'_> {
+    fn drop(&mut self) {
+        let mut counts = self
+            .bodies
+            .per_caller
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = counts.get_mut(&self.caller) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.caller);
+            }
+        }
+    }
+}
+
+async fn handle(fed: &Federation, bodies: &Bodies, req: Request<Incoming>) -> Response<Body> {
     // `Authorization: Bearer <token>`, the scheme in any case.
     let bearer = req
         .headers()
@@ -271,6 +331,12 @@ async fn handle(
             Ok(_) => models(fed),
             Err(e) => Err(e.into()),
         },
+        (&Method::GET, path) if path.starts_with("/v1/models/") => {
+            match fed.authenticate(bearer.as_deref()) {
+                Ok(_) => model(fed, &path["/v1/models/".len()..]),
+                Err(e) => Err(e.into()),
+            }
+        }
         (&Method::POST, "/v1/chat/completions") => match fed.authenticate(bearer.as_deref()) {
             Ok(caller) => chat(fed, &caller, bodies, req).await,
             Err(e) => Err(e.into()),
@@ -284,7 +350,7 @@ async fn handle(
             StatusCode::NOT_FOUND,
             "invalid_request_error",
             format!(
-                "no such endpoint `{}`: this API serves GET /v1/models and POST /v1/chat/completions",
+                "no such endpoint `{}`: this API serves GET /v1/models, GET /v1/models/{{id}} and POST /v1/chat/completions",
                 crate::error::shown(path, 200)
             ),
         )),
@@ -359,16 +425,26 @@ fn json_response(status: StatusCode, body: &Value) -> Response<Body> {
         .expect("a valid response")
 }
 
+fn model_json(name: &str) -> Value {
+    json!({"id": name, "object": "model", "created": 0, "owned_by": "sovra"})
+}
+
 fn models(fed: &Federation) -> Result<Response<Body>, ApiError> {
     let data: Vec<Value> = fed
         .list_models()?
         .into_iter()
-        .map(|m| json!({"id": m.name, "object": "model", "created": 0, "owned_by": "sovra"}))
+        .map(|m| model_json(&m.name))
         .collect();
     Ok(json_response(
         StatusCode::OK,
         &json!({"object": "list", "data": data}),
     ))
+}
+
+/// One model, by name (`GET /v1/models/{id}`).
+fn model(fed: &Federation, name: &str) -> Result<Response<Body>, ApiError> {
+    let m = fed.model(name)?;
+    Ok(json_response(StatusCode::OK, &model_json(&m.name)))
 }
 
 /// A chat completion request; fields this API does not use are ignored.
@@ -575,7 +651,7 @@ fn finish_reason(reason: &str) -> &'static str {
 async fn chat(
     fed: &Federation,
     caller: &Caller,
-    bodies: &tokio::sync::Semaphore,
+    bodies: &Bodies,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
     let too_large = || {
@@ -593,8 +669,9 @@ async fn chat(
     if declared.is_some_and(|n| n > MAX_BODY as u64) {
         return Err(too_large());
     }
+    let share = bodies.share(caller)?;
     let read = async {
-        let _turn = bodies.acquire().await;
+        let _turn = bodies.slots.acquire().await;
         Limited::new(req.into_body(), MAX_BODY).collect().await
     };
     let body = match tokio::time::timeout(BODY_TIMEOUT, read).await {
@@ -612,6 +689,7 @@ async fn chat(
         Ok(Err(e)) => return Err(ApiError::invalid(format!("reading the request body: {e}"))),
         Ok(Ok(body)) => body.to_bytes(),
     };
+    drop(share);
     let request: ChatRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::invalid(format!("the request is not a chat completion: {e}")))?;
     let (spec, answer) = job_spec(request)?;

@@ -123,6 +123,34 @@ impl Api<'_> {
     }
 }
 
+/// Starts a chat request whose body never comes (until the returned sender is dropped).
+async fn hold_body(
+    fed: &TestFederation,
+    addr: &str,
+    token: &str,
+) -> (
+    tokio::task::JoinHandle<Option<StatusCode>>,
+    tokio::sync::mpsc::Sender<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>,
+) {
+    let tls = connect(fed, addr).await;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let request = Request::builder()
+        .method("POST")
+        .uri("/v1/chat/completions")
+        .header("host", addr)
+        .header("authorization", format!("Bearer {token}"))
+        .body(body)
+        .unwrap();
+    let waiting =
+        tokio::spawn(async move { sender.send_request(request).await.ok().map(|r| r.status()) });
+    (waiting, tx)
+}
+
 fn error_of(body: &str) -> (String, String) {
     let v: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{body}: {e}"));
     (
@@ -289,6 +317,33 @@ async fn the_api_answers_errors_in_openais_shape() {
     assert_eq!(status, StatusCode::OK, "{body}");
     let models: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(models["data"][0]["id"], "smollm2");
+    let one = "/v1/models/smollm2";
+    let (status, body) = https(&fed, &api.addr, "GET", one, Some(&tenant), None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["id"],
+        "smollm2"
+    );
+    let none = "/v1/models/gpt-9";
+    let (status, body) = https(&fed, &api.addr, "GET", none, Some(&tenant), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+
+    // A tenant sending 8 bodies that do not come gets a 429 for a ninth at once; once they
+    // are gone, it is served again.
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(hold_body(&fed, &api.addr, &tenant).await);
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let (status, got) = api.chat(&tenant, chat("smollm2")).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{got}");
+    assert!(error_of(&got).1.contains("request bodies"), "{got}");
+    for (waiting, body) in held {
+        drop(body);
+        assert_eq!(waiting.await.unwrap(), Some(StatusCode::BAD_REQUEST));
+    }
+    let (status, got) = api.chat(&tenant, chat("smollm2")).await;
+    assert_eq!(status, StatusCode::OK, "{got}");
 
     for (token, path, body, expect, kind) in [
         (
