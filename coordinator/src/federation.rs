@@ -86,6 +86,16 @@ pub enum Caller {
     Tenant(String),
 }
 
+impl Caller {
+    /// The name its jobs are recorded under.
+    pub fn name(&self) -> &str {
+        match self {
+            Caller::Operator => OPERATOR_NAME,
+            Caller::Tenant(t) => t,
+        }
+    }
+}
+
 /// An order for a worker, sent over its agent stream.
 #[derive(Debug, Clone, PartialEq)]
 pub enum AgentCommand {

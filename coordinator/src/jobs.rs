@@ -464,13 +464,9 @@ impl Federation {
         let gate = self.placement_gate(&model.name);
         let _starting = gate.read().await;
         let (chain, placement) = self.ready_chain(&model.name, &policy).await?;
-        let tenant = match caller {
-            Caller::Operator => crate::federation::OPERATOR_NAME.to_string(),
-            Caller::Tenant(t) => t.clone(),
-        };
         let record = JobRecord {
             id: job_id.clone(),
-            tenant,
+            tenant: caller.name().to_string(),
             model: model.name.clone(),
             state: JobState::Running,
             policy,

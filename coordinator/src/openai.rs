@@ -6,6 +6,8 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -163,30 +165,28 @@ pub async fn serve(
 /// and when the last one began or ended.
 struct Activity {
     opened: tokio::time::Instant,
-    active: std::sync::atomic::AtomicUsize,
-    last_ms: std::sync::atomic::AtomicU64,
+    active: AtomicUsize,
+    last_ms: AtomicU64,
 }
 
 impl Activity {
     fn new() -> Self {
         Self {
             opened: tokio::time::Instant::now(),
-            active: std::sync::atomic::AtomicUsize::new(0),
-            last_ms: std::sync::atomic::AtomicU64::new(0),
+            active: AtomicUsize::new(0),
+            last_ms: AtomicU64::new(0),
         }
     }
 
     fn touch(&self) {
         let now = self.opened.elapsed().as_millis() as u64;
-        self.last_ms
-            .store(now, std::sync::atomic::Ordering::Relaxed);
+        self.last_ms.store(now, Relaxed);
     }
 
     /// Nothing under way, and nothing began or ended for [`IDLE_TIMEOUT`].
     fn idle(&self) -> bool {
-        let last = Duration::from_millis(self.last_ms.load(std::sync::atomic::Ordering::Relaxed));
-        self.active.load(std::sync::atomic::Ordering::Relaxed) == 0
-            && self.opened.elapsed().saturating_sub(last) > IDLE_TIMEOUT
+        let last = Duration::from_millis(self.last_ms.load(Relaxed));
+        self.active.load(Relaxed) == 0 && self.opened.elapsed().saturating_sub(last) > IDLE_TIMEOUT
     }
 }
 
@@ -195,9 +195,7 @@ struct Busy(Arc<Activity>);
 
 impl Busy {
     fn start(activity: Arc<Activity>) -> Self {
-        activity
-            .active
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        activity.active.fetch_add(1, Relaxed);
         activity.touch();
         Self(activity)
     }
@@ -205,9 +203,7 @@ impl Busy {
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        self.0
-            .active
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.active.fetch_sub(1, Relaxed);
         self.0.touch();
     }
 }
@@ -280,10 +276,7 @@ struct BodyShare<'a> {
 impl Bodies {
     /// Counts one more body of `caller`, or refuses it when the caller sends its share.
     fn share(&self, caller: &Caller) -> Result<BodyShare<'_>, ApiError> {
-        let caller = match caller {
-            Caller::Operator => crate::federation::OPERATOR_NAME.to_string(),
-            Caller::Tenant(t) => t.clone(),
-        };
+        let caller = caller.name().to_string();
         let mut counts = self.per_caller.lock().unwrap_or_else(|p| p.into_inner());
         let count = counts.entry(caller.clone()).or_default();
         if *count >= BODIES_PER_CALLER {
@@ -326,21 +319,19 @@ async fn handle(fed: &Federation, bodies: &Bodies, req: Request<Incoming>) -> Re
         .and_then(|v| v.trim().split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, t)| t.trim().to_string());
-    let result = match (req.method(), req.uri().path()) {
-        (&Method::GET, "/v1/models") => match fed.authenticate(bearer.as_deref()) {
-            Ok(_) => models(fed),
-            Err(e) => Err(e.into()),
-        },
-        (&Method::GET, path) if path.starts_with("/v1/models/") => {
+    let path = req.uri().path().to_string();
+    let result = match (req.method(), path.as_str()) {
+        (&Method::GET, "/v1/models") | (&Method::POST, "/v1/chat/completions") => {
             match fed.authenticate(bearer.as_deref()) {
-                Ok(_) => model(fed, &path["/v1/models/".len()..]),
                 Err(e) => Err(e.into()),
+                Ok(_) if req.method() == Method::GET => models(fed),
+                Ok(caller) => chat(fed, &caller, bodies, req).await,
             }
         }
-        (&Method::POST, "/v1/chat/completions") => match fed.authenticate(bearer.as_deref()) {
-            Ok(caller) => chat(fed, &caller, bodies, req).await,
-            Err(e) => Err(e.into()),
-        },
+        (&Method::GET, path) if path.starts_with("/v1/models/") => fed
+            .authenticate(bearer.as_deref())
+            .map_err(ApiError::from)
+            .and_then(|_| model(fed, &path["/v1/models/".len()..])),
         (_, "/v1/models" | "/v1/chat/completions") => Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "invalid_request_error",

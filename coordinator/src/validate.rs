@@ -68,13 +68,19 @@ pub fn validate_name(kind: &str, name: &str) -> Result<(), CoordinatorError> {
 /// Most entries a list of a policy or of a provider's certifications may hold.
 pub const MAX_LIST_ITEMS: usize = 256;
 
-pub(crate) fn clean_list(kind: &str, items: &[String]) -> Result<Vec<String>, CoordinatorError> {
+/// Refuses a list of `kind` entries longer than [`MAX_LIST_ITEMS`].
+fn check_list_len(kind: &str, items: &[String]) -> Result<(), CoordinatorError> {
     if items.len() > MAX_LIST_ITEMS {
         return Err(CoordinatorError::InvalidArgument(format!(
             "{} {kind} entries given; at most {MAX_LIST_ITEMS} are allowed",
             items.len()
         )));
     }
+    Ok(())
+}
+
+pub(crate) fn clean_list(kind: &str, items: &[String]) -> Result<Vec<String>, CoordinatorError> {
+    check_list_len(kind, items)?;
     let mut out: Vec<String> = Vec::new();
     for item in items.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
         if item.len() > 64
@@ -95,12 +101,7 @@ pub(crate) fn clean_list(kind: &str, items: &[String]) -> Result<Vec<String>, Co
 
 /// Normalises a policy (upper-case countries, no duplicates), refusing malformed entries.
 pub fn clean_policy(policy: &PolicyRecord) -> Result<PolicyRecord, CoordinatorError> {
-    if policy.countries.len() > MAX_LIST_ITEMS {
-        return Err(CoordinatorError::InvalidArgument(format!(
-            "{} country entries given; at most {MAX_LIST_ITEMS} are allowed",
-            policy.countries.len()
-        )));
-    }
+    check_list_len("country", &policy.countries)?;
     let countries: Vec<String> = policy
         .countries
         .iter()

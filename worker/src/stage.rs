@@ -750,10 +750,9 @@ impl StageEngine {
                 failed.push((id, format!("frame at position {start} with {rows} rows does not continue the session at {} (context {context})", s.cache.len())));
                 continue;
             }
-            // The positions this forward adds to the cache, taken before it runs. Positions a
-            // session already holds (a replay truncates nothing here) are not taken twice.
-            let held = s.cache.len() as u64 * per_position;
-            let grow = ((start + rows) as u64 * per_position).saturating_sub(held.max(s.kv_taken));
+            // The positions this forward adds to the cache, taken before it runs (what a failed
+            // forward rolled back stays taken, so it is not taken twice).
+            let grow = ((start + rows) as u64 * per_position).saturating_sub(s.kv_taken);
             if let Err(why) = s.ledger.take_kv(grow) {
                 failed.push((id, why));
                 continue;
