@@ -179,6 +179,10 @@ pub struct WorkerStartArgs {
     /// run on threads it does not pin (0.98x). Default: no pinning.
     #[arg(long, env = "SOVRA_CPUS", value_parser = parse_cpus)]
     pub cpus: Option<CoreList>,
+    /// How often to measure again the round trips to the other workers' data planes, which
+    /// the coordinator's planner weighs (a worker that comes up is measured at once).
+    #[arg(long, env = "SOVRA_PROBE_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub probe_interval: Duration,
 }
 
 /// Cores given to `--cpus`.
@@ -217,6 +221,7 @@ pub async fn worker_start(args: WorkerStartArgs) -> Result<()> {
         models_dir: args.models_dir,
         batch_wait: args.batch_wait.unwrap_or_default(),
         cpus: args.cpus.map(|c| c.0),
+        probe_interval: args.probe_interval,
     };
     agent::run(config, shutdown_signal()).await?;
     eprintln!("sovra worker stopped");

@@ -497,6 +497,44 @@ pub async fn worker_list(conn: &ConnectArgs) -> Result<()> {
     Ok(())
 }
 
+/// Runs `sovra worker links`.
+pub async fn worker_links(conn: &ConnectArgs) -> Result<()> {
+    let mut client = pb::workers_client::WorkersClient::new(conn.channel().await?);
+    let links = client
+        .list_links(pb::ListLinksRequest {})
+        .await
+        .map_err(status)?
+        .into_inner()
+        .links;
+    let docs: Vec<Value> = links
+        .iter()
+        .map(|l| {
+            let rtt_us = (l.error.is_empty()).then_some(l.rtt_us);
+            json!({"from": l.from_worker, "to": l.to_worker, "rtt_us": rtt_us, "error": l.error, "age_s": l.age_s})
+        })
+        .collect();
+    emit(conn.json, Value::Array(docs), || {
+        let rows: Vec<Vec<String>> = links
+            .iter()
+            .map(|l| {
+                let rtt = if l.error.is_empty() {
+                    format!("{:.2}", l.rtt_us as f64 / 1000.0)
+                } else {
+                    format!("unreachable: {}", l.error)
+                };
+                vec![
+                    l.from_worker.clone(),
+                    l.to_worker.clone(),
+                    rtt,
+                    format!("{} s ago", l.age_s),
+                ]
+            })
+            .collect();
+        table(&["from", "to", "rtt ms", "measured"], &rows);
+    });
+    Ok(())
+}
+
 /// Arguments of `sovra model add`.
 #[derive(Debug, Args)]
 pub struct ModelAddArgs {

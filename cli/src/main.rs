@@ -136,6 +136,12 @@ enum WorkerCommand {
         #[command(flatten)]
         conn: fed::ConnectArgs,
     },
+    /// The round-trip times the workers measured to each other's data planes (the planner
+    /// prefers chains whose ring of links takes least).
+    Links {
+        #[command(flatten)]
+        conn: fed::ConnectArgs,
+    },
     /// Revoke one worker (a machine decommissioned or compromised): it is refused from then
     /// on, its peers refuse its connections and its jobs move to other chains.
     Revoke {
@@ -300,6 +306,9 @@ fn main() -> ExitCode {
         Command::Worker {
             command: WorkerCommand::List { conn },
         } => block_on(fed::worker_list(&conn)),
+        Command::Worker {
+            command: WorkerCommand::Links { conn },
+        } => block_on(fed::worker_links(&conn)),
         Command::Worker {
             command: WorkerCommand::Revoke { id, conn },
         } => block_on(fed::worker_revoke(id, &conn)),

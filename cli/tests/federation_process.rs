@@ -123,6 +123,10 @@ fn start_worker(cluster: &Cluster, name: &str, threads: &str, token: Option<&str
     cmd.spawn().expect("starting a worker")
 }
 
+fn links(c: &Cluster) -> Vec<Value> {
+    c.json(&["worker", "links"]).as_array().unwrap().clone()
+}
+
 fn workers_up(c: &Cluster) -> Vec<Value> {
     c.json(&["worker", "list"])
         .as_array()
@@ -212,6 +216,16 @@ fn operator_workflow_survives_a_coordinator_sigkill() {
         speed("ovh-fr"),
         speed("ionos-de")
     );
+
+    // Each worker measured its round trip to the other's data plane (loopback: under 50 ms).
+    cluster.wait_for("both links measured", Duration::from_secs(60), |c| {
+        c.json(&["worker", "links"]).as_array().unwrap().len() == 2
+    });
+    for link in links(&cluster) {
+        let rtt = link["rtt_us"].as_u64().unwrap_or(0);
+        assert!(rtt > 0 && rtt < 50_000, "{link}");
+        assert_ne!(link["from"], link["to"]);
+    }
 
     // A tenant token is refused for operator commands, with a one-line reason.
     let out = cluster.cli_as(&tenant_token, &["provider", "list"]);

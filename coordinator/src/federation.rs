@@ -114,6 +114,8 @@ pub enum AgentCommand {
     CloseSession(u64),
     /// Refuse data-plane connections from these workers.
     PeersRevoked(Vec<String>),
+    /// Measure round trips to these workers: (worker id, data-plane address).
+    ProbePeers(Vec<(String, String)>),
 }
 
 /// A slice to load.
@@ -171,6 +173,8 @@ pub(crate) struct LiveWorker {
     pub(crate) last_heartbeat: Instant,
     pub(crate) sessions: u32,
     pub(crate) kv_bytes: u64,
+    /// Its data-plane address (where its peers probe it).
+    pub(crate) addr: String,
 }
 
 #[derive(Default)]
@@ -179,6 +183,8 @@ pub(crate) struct Live {
     /// (model, worker) → (version, state, message).
     pub(crate) statuses: HashMap<(String, String), (u64, AssignmentState, String)>,
     pub(crate) next_stream: u64,
+    /// (from, to) → the round trip `from` last measured to `to`'s data plane.
+    pub(crate) links: HashMap<(String, String), crate::links::LinkSample>,
 }
 
 /// Most jobs a tenant's own limit may allow at once.
@@ -1114,7 +1120,14 @@ impl Federation {
         for c in &mut candidates {
             c.committed_bytes = committed.get(&c.worker.id).copied().unwrap_or(0);
         }
-        placement::plan(model, &candidates, how, self.config.kv_reserve_tokens)
+        let links = self.planner_links();
+        placement::plan(
+            model,
+            &candidates,
+            how,
+            self.config.kv_reserve_tokens,
+            links,
+        )
     }
 
     /// Stores `chains` as the model's next placement (asked for as `requested`; `degraded`

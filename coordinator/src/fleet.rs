@@ -205,9 +205,11 @@ impl Federation {
                 last_heartbeat: Instant::now(),
                 sessions: 0,
                 kv_bytes: 0,
+                addr: record.advertise_addr.clone(),
             },
         );
         drop(live);
+        self.send_probe_lists();
         if replaced {
             // The worker resets its sessions on a new stream: move the jobs it ran.
             self.fail_jobs_on(&record.id, "reconnected and reset its sessions");

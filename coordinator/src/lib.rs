@@ -7,6 +7,7 @@ pub mod federation;
 pub mod fleet;
 pub mod job_service;
 pub mod jobs;
+pub mod links;
 pub mod openai;
 pub mod placement;
 pub mod planner;

@@ -176,11 +176,15 @@ pub fn plan(
     candidates: &[Candidate],
     how: &PlacementRequest,
     kv_reserve_tokens: u64,
+    links: planner::Links,
 ) -> Result<Vec<Vec<StageRecord>>, CoordinatorError> {
     let workers: Vec<WorkerCandidate> = candidates.iter().map(candidate).collect();
     let cost = model_cost(model, kv_reserve_tokens);
     let policy = policy(&model.policy);
-    let config = PlannerConfig::default();
+    let config = PlannerConfig {
+        links,
+        ..PlannerConfig::default()
+    };
     let scope = match policy.describe() {
         d if d.is_empty() => String::new(),
         d if matches!(how, PlacementRequest::Auto) => format!(" under policy {d}"),

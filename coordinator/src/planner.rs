@@ -9,6 +9,7 @@
 //! number of stages, or an explicit assignment). It is a pure function of its
 //! inputs: no I/O, no clock, no randomness.
 
+use std::collections::HashMap;
 use std::fmt;
 
 #[path = "planner_search.rs"]
@@ -79,12 +80,16 @@ pub struct Policy {
 }
 
 /// Tuning of [`plan`].
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PlannerConfig {
     /// Seconds added to each stage's time for receiving its input over the network.
     pub hop_cost_s: f64,
     /// Most replica chains in a plan (0 is taken as 1).
     pub max_chains: usize,
+    /// Measured delays between workers: among chains of the same bottleneck and number of
+    /// stages, the one whose ring (each stage to the next, the tail back to the head) takes
+    /// least per token wins; a link not measured costs `hop_cost_s`.
+    pub links: Links,
 }
 
 impl Default for PlannerConfig {
@@ -92,7 +97,56 @@ impl Default for PlannerConfig {
         Self {
             hop_cost_s: DEFAULT_HOP_COST_S,
             max_chains: DEFAULT_MAX_CHAINS,
+            links: Links::default(),
         }
+    }
+}
+
+/// One-way delay charged for a link measured unreachable: such a chain is avoided whenever
+/// another exists, and still planned when none does (the link may be back by the time a job
+/// runs; a job that finds it down moves on).
+pub const UNREACHABLE_S: f64 = 60.0;
+
+/// Measured delays between workers: what a token's frame takes from one worker to the next,
+/// taken as half the round-trip time the sending worker measured to the other's data plane.
+/// A pair not measured costs the fixed hop cost of [`PlannerConfig`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Links {
+    one_way_s: HashMap<(String, String), f64>,
+}
+
+impl Links {
+    /// Records the round trip `from` measured to `to` (None: unreachable).
+    pub fn insert(&mut self, from: &str, to: &str, rtt_s: Option<f64>) {
+        let one_way = match rtt_s {
+            Some(rtt) if rtt.is_finite() && rtt >= 0.0 => (rtt / 2.0).min(UNREACHABLE_S),
+            _ => UNREACHABLE_S,
+        };
+        self.one_way_s
+            .insert((from.to_string(), to.to_string()), one_way);
+    }
+
+    /// The one-way delay from `from` to `to`, if measured.
+    pub fn one_way_s(&self, from: &str, to: &str) -> Option<f64> {
+        self.one_way_s
+            .get(&(from.to_string(), to.to_string()))
+            .copied()
+    }
+
+    /// Whether no link is known.
+    pub fn is_empty(&self) -> bool {
+        self.one_way_s.is_empty()
+    }
+
+    /// The measured one-way delays around a chain's ring (each stage to the next, the tail
+    /// back to the head), seconds; None when a link of it was not measured. A chain of one
+    /// stage has no link: zero.
+    pub fn ring_s(&self, workers: &[&str]) -> Option<f64> {
+        if workers.len() < 2 {
+            return Some(0.0);
+        }
+        let from = workers.iter().cycle().skip(workers.len() - 1);
+        from.zip(workers).map(|(a, b)| self.one_way_s(a, b)).sum()
     }
 }
 
@@ -300,6 +354,7 @@ fn prepare<'a>(
     model: &'a ModelCost,
     policy: &Policy,
     hop: f64,
+    links: &Links,
 ) -> Result<Ctx<'a>, PlanError> {
     validate_model(model, hop)?;
     let chosen = eligible(workers, policy);
@@ -308,7 +363,7 @@ fn prepare<'a>(
             policy: policy.describe(),
         });
     }
-    let ctx = Ctx::new(model, chosen, hop);
+    let ctx = Ctx::new(model, chosen, hop, links);
     let available = ctx
         .workers
         .iter()
@@ -380,7 +435,7 @@ pub fn plan(
     policy: &Policy,
     cfg: &PlannerConfig,
 ) -> Result<Plan, PlanError> {
-    let ctx = prepare(workers, model, policy, cfg.hop_cost_s)?;
+    let ctx = prepare(workers, model, policy, cfg.hop_cost_s, &cfg.links)?;
     let mut pool: Vec<usize> = (0..ctx.workers.len()).collect();
     let mut chains = Vec::new();
     while chains.len() < cfg.max_chains.max(1) && !pool.is_empty() {
@@ -406,7 +461,7 @@ pub fn plan_with_stages(
     cfg: &PlannerConfig,
     stages: usize,
 ) -> Result<Plan, PlanError> {
-    let ctx = prepare(workers, model, policy, cfg.hop_cost_s)?;
+    let ctx = prepare(workers, model, policy, cfg.hop_cost_s, &cfg.links)?;
     let layers = ctx.layers();
     if stages == 0 || stages > layers {
         let reason = format!("{stages} stages requested for a model of {layers} layers");
@@ -510,7 +565,7 @@ pub fn check_chain(
     validate_model(model, DEFAULT_HOP_COST_S)?;
     check_ranges(model.layers, assignment)?;
     let chosen = assigned_workers(workers, policy, assignment)?;
-    let ctx = Ctx::new(model, chosen, DEFAULT_HOP_COST_S);
+    let ctx = Ctx::new(model, chosen, DEFAULT_HOP_COST_S, &Links::default());
     let plan: Assignment = assignment
         .iter()
         .enumerate()

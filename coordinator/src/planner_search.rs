@@ -2,7 +2,7 @@
 //! (subset) and greedy/beam searches for worker orders, and the latency-optimal
 //! split of the layers over an order.
 
-use super::{Chain, LayerRange, ModelCost, Stage, WorkerCandidate};
+use super::{Chain, LayerRange, Links, ModelCost, Stage, WorkerCandidate};
 use std::cmp::Reverse;
 
 /// Fraction above the minimal bottleneck that a chain may accept to use fewer
@@ -29,10 +29,17 @@ pub(super) struct Ctx<'a> {
     /// `prefix[i]`: bytes of layers `0..i`, KV reserve included.
     pub(super) prefix: Vec<u64>,
     hop: f64,
+    /// `delay[a * n + b]`: measured one-way delay from worker `a` to worker `b`, seconds.
+    delay: Vec<Option<f64>>,
 }
 
 impl<'a> Ctx<'a> {
-    pub(super) fn new(model: &'a ModelCost, workers: Vec<&'a WorkerCandidate>, hop: f64) -> Self {
+    pub(super) fn new(
+        model: &'a ModelCost,
+        workers: Vec<&'a WorkerCandidate>,
+        hop: f64,
+        links: &Links,
+    ) -> Self {
         let mut prefix = Vec::with_capacity(model.layers + 1);
         let mut acc = 0u64;
         prefix.push(acc);
@@ -40,12 +47,35 @@ impl<'a> Ctx<'a> {
             acc = acc.saturating_add(bytes.saturating_add(model.kv_reserve_per_layer));
             prefix.push(acc);
         }
+        let delay = if links.is_empty() {
+            Vec::new()
+        } else {
+            let ids = || workers.iter().map(|w| w.worker_id.as_str());
+            ids()
+                .flat_map(|a| ids().map(move |b| links.one_way_s(a, b)))
+                .collect()
+        };
         Self {
             model,
             workers,
             prefix,
             hop,
+            delay,
         }
+    }
+
+    /// What the measured links of the ring `order` (each stage to the next, the tail back to
+    /// the head) add per token to the latency charged with the fixed hop cost: a link that was
+    /// measured costs its one-way delay instead of the hop. A chain of one stage has no link.
+    pub(super) fn ring_extra(&self, order: &[usize]) -> f64 {
+        let n = self.workers.len();
+        if order.len() < 2 || self.delay.is_empty() {
+            return 0.0;
+        }
+        let from = order.iter().cycle().skip(order.len() - 1);
+        from.zip(order)
+            .map(|(&a, &b)| self.delay[a * n + b].map_or(0.0, |d| d - self.hop))
+            .sum()
     }
 
     pub(super) fn layers(&self) -> usize {
@@ -716,9 +746,10 @@ fn choose(
 ) -> Option<Assignment> {
     let mut best: Option<(Score, Vec<usize>, Cuts)> = None;
     for order in covering_orders(reach, pool, stages, search, MAX_ORDERS) {
-        let Some((score, cuts)) = distribute(ctx, reach, &order) else {
+        let Some(((latency, bottleneck), cuts)) = distribute(ctx, reach, &order) else {
             continue;
         };
+        let score = (latency + ctx.ring_extra(&order), bottleneck);
         if best.as_ref().is_none_or(|(s, ..)| better(score, *s)) {
             best = Some((score, order, cuts));
         }

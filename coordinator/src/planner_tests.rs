@@ -194,6 +194,7 @@ fn arb_cfg() -> impl Strategy<Value = PlannerConfig> {
         |(hop_cost_s, max_chains)| PlannerConfig {
             hop_cost_s,
             max_chains,
+            links: Links::default(),
         },
     )
 }
@@ -276,7 +277,13 @@ fn compare_searches(
     stages: Option<usize>,
     tolerance: f64,
 ) -> Result<(), TestCaseError> {
-    let Ok(ctx) = prepare(workers, model, &Policy::default(), cfg.hop_cost_s) else {
+    let Ok(ctx) = prepare(
+        workers,
+        model,
+        &Policy::default(),
+        cfg.hop_cost_s,
+        &cfg.links,
+    ) else {
         return Ok(());
     };
     let pool: Vec<usize> = (0..ctx.workers.len()).collect();
@@ -762,4 +769,117 @@ fn layer_range_basics() {
     assert!(!r.is_empty());
     assert!(LayerRange::new(5, 5).is_empty());
     assert_eq!(LayerRange::new(6, 5).len(), 0);
+}
+
+/// Links of `ids`: every pair `near_rtt_s` apart, except those into or out of `far`.
+fn links_around(ids: &[&str], far: &str, near_rtt_s: f64, far_rtt_s: f64) -> Links {
+    let mut links = Links::default();
+    for a in ids {
+        for b in ids.iter().filter(|b| *b != a) {
+            let rtt = if *a == far || *b == far {
+                far_rtt_s
+            } else {
+                near_rtt_s
+            };
+            links.insert(a, b, Some(rtt));
+        }
+    }
+    links
+}
+
+fn worker_ids(chain: &Chain) -> Vec<&str> {
+    chain.stages.iter().map(|s| s.worker_id.as_str()).collect()
+}
+
+const LINKED_IDS: [&str; 4] = ["a", "b", "c", "d"];
+
+/// Four equal workers that each hold about half the model, compute tiny next to the hop (the
+/// fewest stages win, two, and the rest make a replica), and their plan without links.
+fn four_halves() -> (Vec<WorkerCandidate>, ModelCost, Plan) {
+    let workers: Vec<_> = LINKED_IDS
+        .iter()
+        .map(|id| worker(id, "FR", 8, 1e6))
+        .collect();
+    let model = uniform_model(12, 1);
+    let plain = plan(
+        &workers,
+        &model,
+        &Policy::default(),
+        &PlannerConfig::default(),
+    );
+    (workers, model, plain.expect("plan"))
+}
+
+#[test]
+fn measured_links_keep_a_far_worker_out_of_the_first_chain() {
+    let (workers, model, plain) = four_halves();
+    let (ids, policy) = (LINKED_IDS, Policy::default());
+    assert_eq!(plain.chains.len(), 2, "{plain:?}");
+    assert!(
+        plain.chains.iter().all(|c| c.stages.len() == 2),
+        "{plain:?}"
+    );
+    // The worker the plan without links put in its first chain is now 80 ms away from all.
+    let far = plain.chains[0].stages[0].worker_id.clone();
+    let cfg = PlannerConfig {
+        links: links_around(&ids, &far, 0.001, 0.080),
+        ..PlannerConfig::default()
+    };
+    let linked = plan(&workers, &model, &policy, &cfg).expect("plan");
+    assert_valid_plan(&linked, &workers, &model, &policy);
+    assert_eq!(linked.chains.len(), 2, "{linked:?}");
+    let first = worker_ids(&linked.chains[0]);
+    assert!(
+        !first.contains(&far.as_str()),
+        "{far} in the first chain: {linked:?}"
+    );
+    let ring = |c: &Chain| {
+        cfg.links
+            .ring_s(&worker_ids(c))
+            .expect("every link measured")
+    };
+    assert!((ring(&linked.chains[0]) - 0.001).abs() < 1e-9);
+    assert!(ring(&linked.chains[1]) > 0.080 - 1e-9);
+    // The bottleneck is the same: the links only choose among equal chains.
+    let slowest = |p: &Plan| p.chains[0].bottleneck_s();
+    assert!((slowest(&linked) - slowest(&plain)).abs() < 1e-9);
+    // An operator's `--stages 2` is held to the same rule.
+    let two = plan_with_stages(&workers, &model, &policy, &cfg, 2).expect("plan");
+    assert!(
+        !worker_ids(&two.chains[0]).contains(&far.as_str()),
+        "{two:?}"
+    );
+}
+
+#[test]
+fn unmeasured_or_even_links_change_nothing() {
+    let (workers, model, plain) = four_halves();
+    let (ids, policy) = (LINKED_IDS, Policy::default());
+    let even = PlannerConfig {
+        links: links_around(&ids, "none", 0.001, 0.001),
+        ..PlannerConfig::default()
+    };
+    let linked = plan(&workers, &model, &policy, &even).expect("plan");
+    let order = |p: &Plan| -> Vec<Vec<String>> {
+        p.chains
+            .iter()
+            .map(|c| c.stages.iter().map(|s| s.worker_id.clone()).collect())
+            .collect()
+    };
+    assert_eq!(order(&linked), order(&plain));
+    // A link measured unreachable is avoided like a far one.
+    let mut down = Links::default();
+    let far = plain.chains[0].stages[1].worker_id.clone();
+    for id in ids.iter().filter(|id| **id != far) {
+        down.insert(id, &far, None);
+    }
+    let cfg = PlannerConfig {
+        links: down,
+        ..PlannerConfig::default()
+    };
+    let avoided = plan(&workers, &model, &policy, &cfg).expect("plan");
+    assert!(
+        !worker_ids(&avoided.chains[0]).contains(&far.as_str()),
+        "{avoided:?}"
+    );
 }

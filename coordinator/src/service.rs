@@ -296,6 +296,26 @@ impl pb::workers_server::Workers for ControlPlane {
         Ok(Response::new(pb::ListWorkersResponse { workers }))
     }
 
+    async fn list_links(
+        &self,
+        request: Request<pb::ListLinksRequest>,
+    ) -> Result<Response<pb::ListLinksResponse>, Status> {
+        operator(&self.fed, &request)?;
+        let links = self
+            .fed
+            .links()
+            .into_iter()
+            .map(|l| pb::Link {
+                from_worker: l.from,
+                to_worker: l.to,
+                rtt_us: l.sample.rtt.map_or(0, |r| r.as_micros() as u64),
+                error: l.sample.error,
+                age_s: l.sample.at.elapsed().as_secs(),
+            })
+            .collect();
+        Ok(Response::new(pb::ListLinksResponse { links }))
+    }
+
     async fn revoke_worker(
         &self,
         request: Request<pb::RevokeWorkerRequest>,
@@ -419,6 +439,7 @@ fn handle_agent_message(
             let message: String = s.message.chars().take(1000).collect();
             fed.assignment_status(worker, &s.model, s.placement_version, state, message);
         }
+        Some(Kind::Latencies(report)) => fed.record_latencies(worker, report),
         Some(Kind::Heartbeat(_)) | Some(Kind::Hello(_)) | Some(Kind::Leaving(_)) | None => {}
     }
     true
@@ -470,6 +491,12 @@ fn command_pb(command: AgentCommand) -> pb::CoordinatorMessage {
         AgentCommand::PeersRevoked(worker_ids) => {
             Kind::PeersRevoked(pb::PeersRevoked { worker_ids })
         }
+        AgentCommand::ProbePeers(peers) => Kind::ProbePeers(pb::ProbePeers {
+            peers: peers
+                .into_iter()
+                .map(|(worker_id, addr)| pb::Peer { worker_id, addr })
+                .collect(),
+        }),
     };
     pb::CoordinatorMessage { kind: Some(kind) }
 }

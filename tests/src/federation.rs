@@ -214,6 +214,16 @@ impl TestFederation {
             .workers
     }
 
+    /// The round trips the workers measured to each other, as the operator lists them.
+    pub async fn links(&self) -> Vec<pb::Link> {
+        pb::workers_client::WorkersClient::new(self.operator().await)
+            .list_links(pb::ListLinksRequest {})
+            .await
+            .expect("list links")
+            .into_inner()
+            .links
+    }
+
     /// Starts a worker with a fresh data dir.
     pub fn start_worker(&self, token: Option<String>, max_memory: Option<u64>) -> TestWorker {
         let data_dir = tempfile::tempdir().expect("tempdir").keep();
@@ -227,16 +237,31 @@ impl TestFederation {
         token: Option<String>,
         max_memory: Option<u64>,
     ) -> TestWorker {
+        let any_port = "127.0.0.1:0".parse().expect("addr");
+        self.start_worker_at(data_dir, token, max_memory, any_port, None)
+    }
+
+    /// Starts a worker on `data_dir` whose data plane listens on `listen` and is dialed at
+    /// `advertise` (default: where it listens).
+    pub fn start_worker_at(
+        &self,
+        data_dir: PathBuf,
+        token: Option<String>,
+        max_memory: Option<u64>,
+        listen: std::net::SocketAddr,
+        advertise: Option<String>,
+    ) -> TestWorker {
         let config = WorkerConfig {
             coordinator: self.url.clone(),
             join_token: token,
             data_dir: data_dir.clone(),
-            listen: "127.0.0.1:0".parse().expect("addr"),
-            advertise: None,
+            listen,
+            advertise,
             max_memory,
             models_dir: None,
             batch_wait: self.worker_batch_wait,
             cpus: None,
+            probe_interval: Duration::from_secs(60),
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(agent::run(config, async {

@@ -2,6 +2,7 @@
 //! are, loading them, and [`federation::TestFederation`], a real coordinator with real workers.
 
 pub mod federation;
+pub mod relay;
 
 use std::path::PathBuf;
 

@@ -281,6 +281,7 @@ impl RogueWorker {
             models_dir: None,
             batch_wait: Duration::ZERO,
             cpus: None,
+            probe_interval: Duration::from_secs(60),
         };
         let creds = sovra_worker::agent::credentials(&config, "127.0.0.1:9")
             .await
@@ -487,5 +488,92 @@ async fn a_stage_that_breaks_the_session_protocol_fails_its_job_with_a_reason() 
         jobs.iter()
             .all(|j| j.state == "failed" && j.text.is_empty()),
         "{jobs:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_are_told_whom_to_probe_and_their_reports_are_checked() {
+    use pb::agent_message::Kind as Up;
+    use pb::coordinator_message::Kind as Down;
+    let fed = TestFederation::start().await;
+    fed.add_provider("one", "FR", &[]).await;
+    fed.add_provider("two", "DE", &[]).await;
+    let mut a = RogueWorker::join(&fed, "one").await;
+    worker_up(&fed, "one").await;
+    let mut b = RogueWorker::join(&fed, "two").await;
+    worker_up(&fed, "two").await;
+    // Each is sent the workers up, itself included, with their data-plane addresses.
+    for w in [&mut a, &mut b] {
+        let list = w
+            .next(|k| match k {
+                Down::ProbePeers(p) if p.peers.len() == 2 => Some(p),
+                _ => None,
+            })
+            .await;
+        for p in &list.peers {
+            assert_eq!(p.addr, "127.0.0.1:9");
+        }
+    }
+    let latency = |id: &str, rtt_us: u64, error: &str| pb::PeerLatency {
+        worker_id: id.into(),
+        rtt_us,
+        error: error.into(),
+    };
+    // About itself, about a worker that does not exist, a zero and an absurd round trip, and
+    // more entries than any federation has workers: none of it takes.
+    let mut flood: Vec<pb::PeerLatency> = (0..10_000)
+        .map(|i| latency(&format!("ghost-{i}"), 1_000, ""))
+        .collect();
+    flood.push(latency(&b.id, 1_000, ""));
+    a.send(Up::Latencies(pb::PeerLatencies { peers: flood }))
+        .await;
+    a.send(Up::Latencies(pb::PeerLatencies {
+        peers: vec![latency(&a.id, 5, ""), latency("ghost", 5, "")],
+    }))
+    .await;
+    b.send(Up::Latencies(pb::PeerLatencies {
+        peers: vec![latency(&a.id, 0, "")],
+    }))
+    .await;
+    let seen = eventually("b's report", WAIT, || async {
+        let l = fed.links().await;
+        (l.len() == 1).then_some(l)
+    })
+    .await;
+    assert_eq!(
+        (seen[0].from_worker.as_str(), seen[0].to_worker.as_str()),
+        (b.id.as_str(), a.id.as_str())
+    );
+    assert_eq!(seen[0].rtt_us, 0);
+    assert!(seen[0].error.contains("outside"), "{:?}", seen[0]);
+    // Sane reports are kept as they came.
+    b.send(Up::Latencies(pb::PeerLatencies {
+        peers: vec![latency(&a.id, 61_000_000, "")],
+    }))
+    .await;
+    a.send(Up::Latencies(pb::PeerLatencies {
+        peers: vec![latency(&b.id, 1_500, ""), latency(&b.id, 2_500, "")],
+    }))
+    .await;
+    let seen = eventually("a's report", WAIT, || async {
+        let l = fed.links().await;
+        (l.len() == 2 && l.iter().any(|x| x.from_worker == a.id)).then_some(l)
+    })
+    .await;
+    let from_a = seen.iter().find(|l| l.from_worker == a.id).unwrap();
+    assert_eq!((from_a.rtt_us, from_a.error.as_str()), (2_500, ""));
+    let from_b = seen.iter().find(|l| l.from_worker == b.id).unwrap();
+    assert_eq!(
+        from_b.rtt_us, 0,
+        "a round trip past a minute is unreachable: {from_b:?}"
+    );
+    // The coordinator still serves both.
+    assert_eq!(
+        fed.workers()
+            .await
+            .iter()
+            .filter(|w| w.state == "up")
+            .count(),
+        2
     );
 }

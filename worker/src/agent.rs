@@ -26,6 +26,7 @@ use tonic::Code;
 use tracing::{info, warn};
 
 use crate::dataplane::{DataPlane, Route};
+use crate::probe::Prober;
 use crate::quic::TlsIdentity;
 use crate::speed::{DeviceInfo, cpu_device, measure_speed_gflops};
 use crate::stage::{
@@ -59,6 +60,9 @@ pub struct WorkerConfig {
     /// Cores to pin the compute threads to, one thread per core (None: the scheduler places
     /// them); see [`crate::cpus`].
     pub cpus: Option<Vec<usize>>,
+    /// How often the round trips to the other workers' data planes are measured again (new
+    /// workers are measured as soon as the coordinator names them); see [`crate::probe`].
+    pub probe_interval: Duration,
 }
 
 impl WorkerConfig {
@@ -385,6 +389,13 @@ pub async fn run(
         DataPlane::start(socket, &identity, outputs_tx.clone())
             .map_err(|e| WorkerError::Io(e.to_string()))?
     };
+    let prober = Prober::new(
+        &identity,
+        &creds.identity.worker_id,
+        bound.ip(),
+        config.probe_interval,
+    )
+    .map_err(|e| WorkerError::Io(format!("the round-trip prober: {e}")))?;
     info!(worker = %creds.identity.worker_id, speed_gflops = speed, addr = %bound, "worker starting");
     let session = AgentSession {
         config: &config,
@@ -400,6 +411,7 @@ pub async fn run(
         outputs: outputs_tx,
         uplink: Arc::default(),
         net: net.handle.clone(),
+        prober,
     };
     net.handle.spawn(pump_outputs(
         outputs,
@@ -618,6 +630,7 @@ struct AgentSession<'a> {
     outputs: mpsc::UnboundedSender<EngineOutput>,
     uplink: Uplink,
     net: tokio::runtime::Handle,
+    prober: Arc<Prober>,
 }
 
 impl AgentSession<'_> {
@@ -669,6 +682,8 @@ impl AgentSession<'_> {
             .map_err(refusal)?
             .into_inner();
         *lock_any(&self.uplink) = Some(tx.clone());
+        // Probes for as long as this stream lasts (a new stream gets a new list).
+        let _probing = AbortOnDrop(tokio::spawn(self.prober.clone().run(tx.clone())));
         let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
         let mut seq = 0u64;
         loop {
@@ -765,6 +780,7 @@ impl AgentSession<'_> {
                 close_session(&self.sessions, &self.slices, &self.plane, c.session)
             }
             Some(Kind::PeersRevoked(r)) => self.plane.revoke(&r.worker_ids),
+            Some(Kind::ProbePeers(p)) => self.prober.set_peers(p.peers),
             None => {}
         }
     }
@@ -1142,3 +1158,12 @@ fn load_slice(
 #[cfg(test)]
 #[path = "agent_tests.rs"]
 mod tests;
+
+/// Aborts its task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -9,6 +9,7 @@ pub mod dataplane;
 pub mod frame;
 pub mod generate;
 pub mod pipeline;
+pub mod probe;
 pub mod quic;
 pub mod speed;
 pub mod stage;
