@@ -181,7 +181,7 @@ pub struct WorkerStartArgs {
     pub cpus: Option<CoreList>,
     /// How often to measure again the round trips to the other workers' data planes, which
     /// the coordinator's planner weighs (a worker that comes up is measured at once).
-    #[arg(long, env = "SOVRA_PROBE_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, env = "SOVRA_PROBE_INTERVAL", default_value = "60s", value_parser = parse_probe_interval)]
     pub probe_interval: Duration,
 }
 
@@ -193,6 +193,19 @@ fn parse_cpus(text: &str) -> Result<CoreList, String> {
     let cores = sovra_worker::cpus::parse_core_list(text)?;
     sovra_worker::cpus::check_available(&cores)?;
     Ok(CoreList(cores))
+}
+
+/// Shortest `--probe-interval`: each probe costs its peers three TLS handshakes.
+const MIN_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+fn parse_probe_interval(text: &str) -> Result<Duration, String> {
+    let interval = parse_duration(text)?;
+    if interval < MIN_PROBE_INTERVAL {
+        return Err(format!(
+            "probe interval `{text}` is shorter than {MIN_PROBE_INTERVAL:?}"
+        ));
+    }
+    Ok(interval)
 }
 
 /// Longest `--batch-wait`: a head waits this long on every step where a session lags, so a

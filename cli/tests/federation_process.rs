@@ -217,13 +217,14 @@ fn operator_workflow_survives_a_coordinator_sigkill() {
         speed("ionos-de")
     );
 
-    // Each worker measured its round trip to the other's data plane (loopback: under 50 ms).
+    // Each worker measured its round trip to the other's data plane (loopback: under a second
+    // even on a loaded machine).
     cluster.wait_for("both links measured", Duration::from_secs(60), |c| {
         c.json(&["worker", "links"]).as_array().unwrap().len() == 2
     });
     for link in links(&cluster) {
         let rtt = link["rtt_us"].as_u64().unwrap_or(0);
-        assert!(rtt > 0 && rtt < 50_000, "{link}");
+        assert!(rtt > 0 && rtt < 1_000_000, "{link}");
         assert_ne!(link["from"], link["to"]);
     }
 

@@ -114,8 +114,8 @@ pub enum AgentCommand {
     CloseSession(u64),
     /// Refuse data-plane connections from these workers.
     PeersRevoked(Vec<String>),
-    /// Measure round trips to these workers: (worker id, data-plane address).
-    ProbePeers(Vec<(String, String)>),
+    /// Measure round trips to these workers: (worker id, data-plane address, epoch).
+    ProbePeers(Vec<(String, String, u64)>),
 }
 
 /// A slice to load.

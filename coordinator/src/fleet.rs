@@ -120,6 +120,7 @@ impl Federation {
                     .send(AgentCommand::PeersRevoked(vec![id.to_string()]));
             }
         }
+        self.send_probe_lists();
         self.set_worker_state(id, WorkerState::Down)?;
         self.fail_jobs_on(id, "was revoked");
         // A placement waiting for it to come back no longer does.
@@ -209,7 +210,7 @@ impl Federation {
             },
         );
         drop(live);
-        self.send_probe_lists();
+        self.worker_came_up(&record.id);
         if replaced {
             // The worker resets its sessions on a new stream: move the jobs it ran.
             self.fail_jobs_on(&record.id, "reconnected and reset its sessions");
@@ -305,6 +306,7 @@ impl Federation {
             }
         };
         if removed {
+            self.send_probe_lists();
             self.set_worker_state(worker_id, WorkerState::Down)?;
             let why = if left {
                 "is stopping"
@@ -335,6 +337,9 @@ impl Federation {
             }
             ids
         };
+        if !expired.is_empty() {
+            self.send_probe_lists();
+        }
         for id in &expired {
             warn!(worker = %id, "lease expired, marked down");
             self.set_worker_state(id, WorkerState::Down)?;

@@ -40,19 +40,29 @@ pub struct LinkView {
 }
 
 impl Federation {
-    /// Sends every worker up the list of the workers up, to measure its round trips to, and
-    /// forgets the links of workers that are no longer up.
+    /// Forgets what was measured to and from `worker` (it has just connected anew: its peers
+    /// measure it again at once), then sends the lists (see [`Self::send_probe_lists`]).
+    pub(crate) fn worker_came_up(&self, worker: &str) {
+        self.live()
+            .links
+            .retain(|(from, to), _| from != worker && to != worker);
+        self.send_probe_lists();
+    }
+
+    /// Sends every worker up the list of the workers up (each with the number of its current
+    /// agent stream as its epoch), to measure its round trips to, and forgets the links of
+    /// workers that are no longer up.
     pub(crate) fn send_probe_lists(&self) {
         let mut live = self.live();
-        let peers: Vec<(String, String)> = live
+        let peers: Vec<(String, String, u64)> = live
             .workers
             .iter()
-            .map(|(id, w)| (id.clone(), w.addr.clone()))
+            .map(|(id, w)| (id.clone(), w.addr.clone(), w.stream))
             .collect();
         for w in live.workers.values() {
             let _ = w.commands.send(AgentCommand::ProbePeers(peers.clone()));
         }
-        let up = |id: &String| peers.iter().any(|(p, _)| p == id);
+        let up = |id: &String| peers.iter().any(|(p, ..)| p == id);
         live.links.retain(|(from, to), _| up(from) && up(to));
     }
 

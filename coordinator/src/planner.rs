@@ -86,9 +86,11 @@ pub struct PlannerConfig {
     pub hop_cost_s: f64,
     /// Most replica chains in a plan (0 is taken as 1).
     pub max_chains: usize,
-    /// Measured delays between workers: among chains of the same bottleneck and number of
-    /// stages, the one whose ring (each stage to the next, the tail back to the head) takes
-    /// least per token wins; a link not measured costs `hop_cost_s`.
+    /// Measured delays between workers. A link costs its one-way delay or `hop_cost_s`,
+    /// whichever is larger (`hop_cost_s` when not measured). A stage is charged, for its input,
+    /// the least cost from any other eligible worker (so a worker far from all is as slow as
+    /// that); among the chains within the slack, the one whose ring (each stage to the next,
+    /// the tail back to the head) costs least per token wins.
     pub links: Links,
 }
 

@@ -29,8 +29,13 @@ pub(super) struct Ctx<'a> {
     /// `prefix[i]`: bytes of layers `0..i`, KV reserve included.
     pub(super) prefix: Vec<u64>,
     hop: f64,
-    /// `delay[a * n + b]`: measured one-way delay from worker `a` to worker `b`, seconds.
+    /// `delay[a * n + b]`: what a frame from worker `a` to worker `b` is charged, seconds: the
+    /// measured one-way delay, at least `hop` (a hop costs more than the wire: the frame is
+    /// written, read and handed to the next forward).
     delay: Vec<Option<f64>>,
+    /// What each worker's stage is charged for receiving its input: the least delay from any
+    /// other worker (a link not measured costs `hop`); `hop` for all when nothing is measured.
+    hop_in: Vec<f64>,
 }
 
 impl<'a> Ctx<'a> {
@@ -52,21 +57,37 @@ impl<'a> Ctx<'a> {
         } else {
             let ids = || workers.iter().map(|w| w.worker_id.as_str());
             ids()
-                .flat_map(|a| ids().map(move |b| links.one_way_s(a, b)))
+                .flat_map(|a| ids().map(move |b| links.one_way_s(a, b).map(|d| d.max(hop))))
                 .collect()
         };
+        let n = workers.len();
+        let hop_in = (0..n)
+            .map(|b| {
+                let from = (0..n).filter(|&a| a != b);
+                let cost = |a: usize| delay.get(a * n + b).copied().flatten().unwrap_or(hop);
+                from.map(cost).reduce(f64::min).unwrap_or(hop)
+            })
+            .collect();
         Self {
             model,
             workers,
             prefix,
             hop,
             delay,
+            hop_in,
         }
     }
 
-    /// What the measured links of the ring `order` (each stage to the next, the tail back to
-    /// the head) add per token to the latency charged with the fixed hop cost: a link that was
-    /// measured costs its one-way delay instead of the hop. A chain of one stage has no link.
+    /// The least that any stage is charged for its input: the compute part of a stage time is
+    /// at most the time less this.
+    pub(super) fn hop_floor(&self) -> f64 {
+        self.hop_in.iter().copied().fold(self.hop, f64::min)
+    }
+
+    /// What the ring `order` (each stage to the next, the tail back to the head) adds per token
+    /// to the latency its stages were charged: each stage pays the delay of the link it gets its
+    /// input on (the fixed hop when not measured) instead of its least incoming delay. A chain
+    /// of one stage has no link.
     pub(super) fn ring_extra(&self, order: &[usize]) -> f64 {
         let n = self.workers.len();
         if order.len() < 2 || self.delay.is_empty() {
@@ -74,7 +95,7 @@ impl<'a> Ctx<'a> {
         }
         let from = order.iter().cycle().skip(order.len() - 1);
         from.zip(order)
-            .map(|(&a, &b)| self.delay[a * n + b].map_or(0.0, |d| d - self.hop))
+            .map(|(&a, &b)| self.delay[a * n + b].unwrap_or(self.hop) - self.hop_in[b])
             .sum()
     }
 
@@ -99,7 +120,7 @@ impl<'a> Ctx<'a> {
     pub(super) fn time(&self, w: usize, count: usize, tail: bool) -> f64 {
         let head = if tail { self.model.head_flops } else { 0.0 };
         let flops = count as f64 * self.model.layer_flops + head;
-        flops / (self.workers[w].speed_gflops * 1e9) + self.hop
+        flops / (self.workers[w].speed_gflops * 1e9) + self.hop_in[w]
     }
 
     /// Least memory any chain needs in total.
@@ -726,7 +747,7 @@ pub(super) fn best_chain(
         })
         .unwrap_or(lowest),
     };
-    let tight = slack_limit(floor, ctx.hop);
+    let tight = slack_limit(floor, ctx.hop_floor());
     if tight < loose {
         let reach = Reach::new(ctx, tight);
         if let Some(split) = choose(ctx, &reach, pool, Some(n), search) {

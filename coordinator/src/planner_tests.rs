@@ -840,7 +840,8 @@ fn measured_links_keep_a_far_worker_out_of_the_first_chain() {
     };
     assert!((ring(&linked.chains[0]) - 0.001).abs() < 1e-9);
     assert!(ring(&linked.chains[1]) > 0.080 - 1e-9);
-    // The bottleneck is the same: the links only choose among equal chains.
+    // Near links cost the fixed hop (a hop costs more than the wire): the bottleneck is the
+    // plan's without links.
     let slowest = |p: &Plan| p.chains[0].bottleneck_s();
     assert!((slowest(&linked) - slowest(&plain)).abs() < 1e-9);
     // An operator's `--stages 2` is held to the same rule.
@@ -856,7 +857,7 @@ fn unmeasured_or_even_links_change_nothing() {
     let (workers, model, plain) = four_halves();
     let (ids, policy) = (LINKED_IDS, Policy::default());
     let even = PlannerConfig {
-        links: links_around(&ids, "none", 0.001, 0.001),
+        links: links_around(&ids, "none", 0.001, 0.003),
         ..PlannerConfig::default()
     };
     let linked = plan(&workers, &model, &policy, &even).expect("plan");
@@ -882,4 +883,27 @@ fn unmeasured_or_even_links_change_nothing() {
         !worker_ids(&avoided.chains[0]).contains(&far.as_str()),
         "{avoided:?}"
     );
+}
+
+#[test]
+fn a_far_worker_is_left_out_even_when_it_is_the_fastest() {
+    // Compute dominates (10 ms a layer): without links all four workers make one chain, the
+    // fastest included; 100 ms to reach that one outweighs the layers it would take off the
+    // others (a stage is charged the delay of its input).
+    let mut workers: Vec<_> = LINKED_IDS
+        .iter()
+        .map(|id| worker(id, "FR", 8, 100.0))
+        .collect();
+    workers[3].speed_gflops = 130.0;
+    let model = uniform_model(12, 1);
+    let policy = Policy::default();
+    let plain = plan(&workers, &model, &policy, &PlannerConfig::default()).expect("plan");
+    assert!(worker_ids(&plain.chains[0]).contains(&"d"), "{plain:?}");
+    let cfg = PlannerConfig {
+        links: links_around(&LINKED_IDS, "d", 0.001, 0.200),
+        ..PlannerConfig::default()
+    };
+    let linked = plan(&workers, &model, &policy, &cfg).expect("plan");
+    assert_valid_plan(&linked, &workers, &model, &policy);
+    assert!(!worker_ids(&linked.chains[0]).contains(&"d"), "{linked:?}");
 }

@@ -494,7 +494,11 @@ fn command_pb(command: AgentCommand) -> pb::CoordinatorMessage {
         AgentCommand::ProbePeers(peers) => Kind::ProbePeers(pb::ProbePeers {
             peers: peers
                 .into_iter()
-                .map(|(worker_id, addr)| pb::Peer { worker_id, addr })
+                .map(|(worker_id, addr, epoch)| pb::ProbeTarget {
+                    worker_id,
+                    addr,
+                    epoch,
+                })
                 .collect(),
         }),
     };

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::UdpSocket;
@@ -14,11 +14,21 @@ pub struct DelayRelay {
     /// Where peers send to.
     pub addr: SocketAddr,
     task: JoinHandle<()>,
+    /// The tasks relaying answers back, one per sender.
+    back: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
 
 impl Drop for DelayRelay {
     fn drop(&mut self) {
         self.task.abort();
+        for task in self
+            .back
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            task.abort();
+        }
     }
 }
 
@@ -28,10 +38,11 @@ impl DelayRelay {
     pub async fn start(target: SocketAddr, delay: Duration) -> Self {
         let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("relay socket"));
         let addr = front.local_addr().expect("relay address");
+        let back = Arc::new(Mutex::new(Vec::new()));
+        let tasks = back.clone();
         let task = tokio::spawn(async move {
             // One upstream socket per sender, so the target's answers find their way back.
             let mut upstream: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
-            let mut tasks: Vec<JoinHandle<()>> = Vec::new();
             let mut buf = vec![0u8; 65536];
             loop {
                 let Ok((n, from)) = front.recv_from(&mut buf).await else {
@@ -43,7 +54,7 @@ impl DelayRelay {
                         let up = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("upstream"));
                         up.connect(target).await.expect("connect upstream");
                         let (back, front) = (up.clone(), front.clone());
-                        tasks.push(tokio::spawn(async move {
+                        let relay_back = tokio::spawn(async move {
                             let mut buf = vec![0u8; 65536];
                             while let Ok(n) = back.recv(&mut buf).await {
                                 let datagram = buf[..n].to_vec();
@@ -53,7 +64,11 @@ impl DelayRelay {
                                     let _ = front.send_to(&datagram, from).await;
                                 });
                             }
-                        }));
+                        });
+                        tasks
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push(relay_back);
                         upstream.insert(from, up.clone());
                         up
                     }
@@ -64,10 +79,7 @@ impl DelayRelay {
                     let _ = up.send(&datagram).await;
                 });
             }
-            for t in tasks {
-                t.abort();
-            }
         });
-        Self { addr, task }
+        Self { addr, task, back }
     }
 }

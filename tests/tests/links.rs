@@ -11,7 +11,7 @@ use sovra_tests::federation::{TestFederation, eventually, run_job, smollm2_model
 use sovra_tests::relay::DelayRelay;
 
 /// Each way through the relay.
-const DELAY: Duration = Duration::from_millis(40);
+const DELAY: Duration = Duration::from_millis(100);
 
 /// A free UDP port of the loopback interface.
 fn free_port() -> SocketAddr {
@@ -53,9 +53,9 @@ async fn a_far_worker_is_measured_and_left_out_of_the_first_chain() {
         assert!(link.error.is_empty(), "{link:?}");
         let rtt = Duration::from_micros(link.rtt_us);
         if link.to_worker == far.id {
-            // Through the relay: its delay both ways, and not much more.
+            // Through the relay: its delay both ways, and not seconds more.
             assert!(rtt >= 2 * DELAY, "{link:?}");
-            assert!(rtt < 2 * DELAY + Duration::from_millis(200), "{link:?}");
+            assert!(rtt < 2 * DELAY + Duration::from_secs(2), "{link:?}");
         } else {
             // Loopback (the far worker dials the others directly).
             assert!(rtt < DELAY, "{link:?}");
@@ -63,7 +63,8 @@ async fn a_far_worker_is_measured_and_left_out_of_the_first_chain() {
     }
 
     // Two stages a chain: the first chain (the one a lone job gets) keeps clear of the far
-    // worker, which serves in the replica.
+    // worker (every link into it costs 100 ms, far beyond what the workers' speeds differ
+    // by), which serves in the replica.
     pb::models_client::ModelsClient::new(fed.operator().await)
         .add_model(smollm2_model("q8_0"))
         .await

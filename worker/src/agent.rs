@@ -683,6 +683,7 @@ impl AgentSession<'_> {
             .into_inner();
         *lock_any(&self.uplink) = Some(tx.clone());
         // Probes for as long as this stream lasts (a new stream gets a new list).
+        self.prober.reset();
         let _probing = AbortOnDrop(tokio::spawn(self.prober.clone().run(tx.clone())));
         let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
         let mut seq = 0u64;

@@ -1,10 +1,12 @@
 //! Round trips to the data planes of the other workers, for the coordinator's planner: the
 //! coordinator sends the list of the workers up; each is dialed over QUIC with the worker's
 //! own certificate (mutual TLS, as a data link is) from an endpoint of its own, so the
-//! measurement never waits for a forward running on the data-plane thread. A probe opens a few
+//! measurement never waits for a forward running on this worker's data-plane thread. A probe opens a few
 //! connections one after the other and keeps the smallest round-trip time QUIC measured
-//! during their handshakes; nothing is sent on them. New peers are probed at once, the others
-//! again every interval.
+//! during their handshakes; nothing is sent on them. The peer answers a handshake on its
+//! data-plane thread, between forwards, so a round trip can include the rest of a forward the
+//! peer was running: the smallest of the tries, spaced apart, is kept. New peers are probed at
+//! once, the others again every interval.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -24,13 +26,17 @@ pub const PROBE_TRIES: usize = 3;
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a peer is probed again.
 pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(60);
+/// Pause between the connections of one probe, so that they do not all meet the same
+/// forward on the peer (its data-plane thread answers handshakes between forwards).
+const TRY_GAP: Duration = Duration::from_millis(25);
 /// Most peers of a list that are taken (a federation has fewer workers).
 const MAX_PEERS: usize = 4096;
 /// Peers probed at once.
 const CONCURRENCY: usize = 16;
 
-/// A peer: worker id and data-plane address (a worker back at another address is a new one).
-type PeerKey = (String, String);
+/// A peer: worker id, data-plane address and epoch (a worker that connected to the
+/// coordinator anew, at any address, is a new one).
+type PeerKey = (String, String, u64);
 
 /// Measures round trips to the peers the coordinator names.
 pub struct Prober {
@@ -69,16 +75,23 @@ impl Prober {
     }
 
     /// Replaces the list of peers (this worker is left out) and probes the new ones at once.
-    pub fn set_peers(&self, peers: Vec<pb::Peer>) {
+    pub fn set_peers(&self, peers: Vec<pb::ProbeTarget>) {
         let peers: Vec<PeerKey> = peers
             .into_iter()
             .filter(|p| p.worker_id != self.me)
             .take(MAX_PEERS)
-            .map(|p| (p.worker_id, p.addr))
+            .map(|p| (p.worker_id, p.addr, p.epoch))
             .collect();
         lock(&self.last).retain(|key, _| peers.contains(key));
         *lock(&self.peers) = peers;
         self.wake.notify_one();
+    }
+
+    /// Forgets the peers and what was measured: called as an agent stream opens (its
+    /// coordinator may have restarted and forgotten the measurements), before its list comes.
+    pub fn reset(&self) {
+        lock(&self.peers).clear();
+        lock(&self.last).clear();
     }
 
     /// Probes the peers that are due (new, or last probed an interval ago) and sends their
@@ -95,7 +108,9 @@ impl Prober {
                     .collect()
             };
             if !due.is_empty() {
-                let peers = self.measure_all(due).await;
+                let measured = self.measure_all(due).await;
+                let (keys, peers): (Vec<PeerKey>, Vec<pb::PeerLatency>) =
+                    measured.into_iter().unzip();
                 let message = pb::AgentMessage {
                     kind: Some(pb::agent_message::Kind::Latencies(pb::PeerLatencies {
                         peers,
@@ -103,6 +118,12 @@ impl Prober {
                 };
                 if tx.send(message).await.is_err() {
                     return;
+                }
+                // Done once reported; a peer dropped from the list meanwhile stays dropped.
+                let listed = lock(&self.peers).clone();
+                let mut last = lock(&self.last);
+                for key in keys.into_iter().filter(|k| listed.contains(k)) {
+                    last.insert(key, Instant::now());
                 }
             }
             let next = {
@@ -123,22 +144,21 @@ impl Prober {
     }
 
     /// Probes `due`, [`CONCURRENCY`] peers at a time.
-    async fn measure_all(&self, due: Vec<PeerKey>) -> Vec<pb::PeerLatency> {
+    async fn measure_all(&self, due: Vec<PeerKey>) -> Vec<(PeerKey, pb::PeerLatency)> {
         let mut out = Vec::with_capacity(due.len());
         for batch in due.chunks(CONCURRENCY) {
             let mut running = JoinSet::new();
-            for (worker_id, addr) in batch.iter().cloned() {
+            for key in batch.iter().cloned() {
                 let endpoint = self.endpoint.clone();
                 running.spawn(async move {
-                    let result = measure(&endpoint, &worker_id, &addr).await;
-                    ((worker_id, addr), result)
+                    let result = measure(&endpoint, &key.0, &key.1).await;
+                    (key, result)
                 });
             }
             while let Some(done) = running.join_next().await {
                 let Ok((key, result)) = done else { continue };
-                lock(&self.last).insert(key.clone(), Instant::now());
-                let (worker_id, addr) = key;
-                out.push(match result {
+                let (worker_id, addr) = (key.0.clone(), &key.1);
+                let latency = match result {
                     Ok(rtt) => {
                         debug!(peer = %worker_id, %addr, rtt_us = rtt.as_micros() as u64, "round trip measured");
                         pb::PeerLatency {
@@ -155,7 +175,8 @@ impl Prober {
                             error,
                         }
                     }
-                });
+                };
+                out.push((key, latency));
             }
         }
         out
@@ -169,13 +190,17 @@ pub async fn measure(
     worker_id: &str,
     addr: &str,
 ) -> Result<Duration, String> {
-    let resolved = tokio::net::lookup_host(addr)
+    let resolved = tokio::time::timeout(PROBE_TIMEOUT, tokio::net::lookup_host(addr))
         .await
+        .map_err(|_| format!("resolving {addr} took over {PROBE_TIMEOUT:?}"))?
         .map_err(|e| format!("resolving {addr}: {e}"))?
         .next()
         .ok_or_else(|| format!("{addr} resolves to no address"))?;
     let mut best: Option<Duration> = None;
-    for _ in 0..PROBE_TRIES {
+    for i in 0..PROBE_TRIES {
+        if i > 0 {
+            tokio::time::sleep(TRY_GAP).await;
+        }
         let conn = quic::connect(endpoint, resolved, worker_id, PROBE_TIMEOUT)
             .await
             .map_err(|e| e.to_string())?;
