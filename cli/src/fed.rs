@@ -762,7 +762,8 @@ pub fn print_placement(p: &pb::Placement, json_mode: bool) {
         .chains
         .iter()
         .map(|c| {
-            json!({"bottleneck_ms": c.bottleneck_ms, "stages": c.stages.iter().map(|s| json!({"worker": s.worker_id, "provider": s.provider, "country": s.country, "layers": format!("{}..{}", s.start_layer, s.end_layer), "start_layer": s.start_layer, "end_layer": s.end_layer, "memory_bytes": s.memory_bytes, "state": state_name(s.state), "message": s.message})).collect::<Vec<_>>()})
+            let ring = c.ring_measured.then_some(c.ring_ms);
+            json!({"bottleneck_ms": c.bottleneck_ms, "ring_ms": ring, "stages": c.stages.iter().map(|s| json!({"worker": s.worker_id, "provider": s.provider, "country": s.country, "layers": format!("{}..{}", s.start_layer, s.end_layer), "start_layer": s.start_layer, "end_layer": s.end_layer, "memory_bytes": s.memory_bytes, "state": state_name(s.state), "message": s.message})).collect::<Vec<_>>()})
         })
         .collect();
     let doc = json!({"model": p.model, "version": p.version, "requested": p.requested, "degraded": p.degraded, "not_as_asked": if p.not_as_asked.is_empty() { Value::Null } else { json!(p.not_as_asked) }, "chains": chains, "unplaced_reason": if p.unplaced_reason.is_empty() { Value::Null } else { json!(p.unplaced_reason) }});
@@ -810,5 +811,16 @@ pub fn print_placement(p: &pb::Placement, json_mode: bool) {
             ],
             &rows,
         );
+        for (i, c) in p.chains.iter().enumerate() {
+            let ring = if c.ring_measured {
+                format!("{:.2} ms", c.ring_ms)
+            } else {
+                "not measured yet".to_string()
+            };
+            println!(
+                "chain {i}: slowest stage {:.2} ms per token; links around the ring {ring}",
+                c.bottleneck_ms
+            );
+        }
     });
 }

@@ -698,11 +698,18 @@ pub fn placement_pb(
         .into_iter()
         .map(|(w, p)| (w.id.clone(), (w, p)))
         .collect();
+    let links = fed.planner_links();
     let chains = p
         .chains
         .iter()
-        .map(|chain| pb::PlacementChain {
+        .map(|chain| {
+            let ids: Vec<&str> = chain.iter().map(|s| s.worker_id.as_str()).collect();
+            (chain, links.ring_s(&ids))
+        })
+        .map(|(chain, ring)| pb::PlacementChain {
             bottleneck_ms: chain.iter().map(|s| s.time_s).fold(0.0, f64::max) * 1e3,
+            ring_ms: ring.map_or(0.0, |r| r * 1e3),
+            ring_measured: ring.is_some(),
             stages: chain
                 .iter()
                 .map(|s| {

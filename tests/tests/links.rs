@@ -79,6 +79,20 @@ async fn a_far_worker_is_measured_and_left_out_of_the_first_chain() {
         "{placement:?}"
     );
     assert!(ids(&placement.chains[1]).contains(&far.id), "{placement:?}");
+    // The placement shows what each chain's links take: the far worker's ring its delay.
+    let (near_ring, far_ring) = (&placement.chains[0], &placement.chains[1]);
+    assert!(
+        near_ring.ring_measured && far_ring.ring_measured,
+        "{placement:?}"
+    );
+    assert!(
+        near_ring.ring_ms < DELAY.as_secs_f64() * 1e3,
+        "{placement:?}"
+    );
+    assert!(
+        far_ring.ring_ms >= DELAY.as_secs_f64() * 1e3,
+        "{placement:?}"
+    );
 
     let tenant = fed.add_tenant("acme").await;
     let job = run_job(
