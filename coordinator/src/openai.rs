@@ -1,7 +1,9 @@
 //! An OpenAI-compatible HTTP API, over TLS with the coordinator's certificate: a tenant (or the
 //! operator) sends its API token as the bearer token. `GET /v1/models` lists the models;
-//! `POST /v1/chat/completions` runs a job and answers with the whole completion, or streams it
-//! as server-sent events (`"stream": true`), each token's text as it comes. Jobs started here
+//! `POST /v1/chat/completions` (a conversation, in the model's chat layout) and
+//! `POST /v1/completions` (a prompt taken as it is) run a job and answer with the whole
+//! completion, or stream it as server-sent events (`"stream": true`), each token's text as it
+//! comes. Jobs started here
 //! are jobs like any other: listed, audited, limited per tenant and moved when a stage fails.
 
 use std::convert::Infallible;
@@ -49,8 +51,10 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 streams at once on one connection.
 const MAX_STREAMS: u32 = 16;
-/// Tokens a completion generates when the request names no limit.
+/// Tokens a chat completion generates when the request names no limit.
 const DEFAULT_MAX_TOKENS: usize = 256;
+/// Tokens a text completion generates when the request names no limit (OpenAI's default).
+const DEFAULT_TEXT_MAX_TOKENS: usize = 16;
 /// Time a client has to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -321,18 +325,24 @@ async fn handle(fed: &Federation, bodies: &Bodies, req: Request<Incoming>) -> Re
         .map(|(_, t)| t.trim().to_string());
     let path = req.uri().path().to_string();
     let result = match (req.method(), path.as_str()) {
-        (&Method::GET, "/v1/models") | (&Method::POST, "/v1/chat/completions") => {
+        (&Method::GET, "/v1/models")
+        | (&Method::POST, "/v1/chat/completions" | "/v1/completions") => {
+            let endpoint = if path == "/v1/completions" {
+                Endpoint::Text
+            } else {
+                Endpoint::Chat
+            };
             match fed.authenticate(bearer.as_deref()) {
                 Err(e) => Err(e.into()),
                 Ok(_) if req.method() == Method::GET => models(fed),
-                Ok(caller) => chat(fed, &caller, bodies, req).await,
+                Ok(caller) => complete(fed, &caller, bodies, req, endpoint).await,
             }
         }
         (&Method::GET, path) if path.starts_with("/v1/models/") => fed
             .authenticate(bearer.as_deref())
             .map_err(ApiError::from)
             .and_then(|_| model(fed, &path["/v1/models/".len()..])),
-        (_, "/v1/models" | "/v1/chat/completions") => Err(ApiError::new(
+        (_, "/v1/models" | "/v1/chat/completions" | "/v1/completions") => Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "invalid_request_error",
             format!("{} is not allowed here", req.method()),
@@ -341,7 +351,7 @@ async fn handle(fed: &Federation, bodies: &Bodies, req: Request<Incoming>) -> Re
             StatusCode::NOT_FOUND,
             "invalid_request_error",
             format!(
-                "no such endpoint `{}`: this API serves GET /v1/models, GET /v1/models/{{id}} and POST /v1/chat/completions",
+                "no such endpoint `{}`: this API serves GET /v1/models, GET /v1/models/{{id}}, POST /v1/chat/completions and POST /v1/completions",
                 crate::error::shown(path, 200)
             ),
         )),
@@ -447,6 +457,16 @@ struct ChatRequest {
     max_tokens: Option<u64>,
     #[serde(default)]
     max_completion_tokens: Option<u64>,
+    #[serde(flatten)]
+    generation: Generation,
+    /// The other fields: checked against those this API cannot honour.
+    #[serde(flatten)]
+    rest: serde_json::Map<String, Value>,
+}
+
+/// What chat and text completion requests share: sampling, stopping, streaming.
+#[derive(Debug, Deserialize)]
+struct Generation {
     #[serde(default)]
     temperature: Option<f32>,
     #[serde(default)]
@@ -461,9 +481,101 @@ struct ChatRequest {
     stream_options: Option<StreamOptions>,
     #[serde(default)]
     n: Option<u32>,
+}
+
+impl Generation {
+    /// Refuses more than one choice.
+    fn one_choice(&self) -> Result<(), ApiError> {
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(ApiError::invalid("only one choice (`n`: 1) is generated"));
+        }
+        Ok(())
+    }
+
+    /// Sampling as OpenAI's fields ask: temperature 1 and top_p 1 (all tokens) by default;
+    /// without a seed, each request draws its own (a job moved after a failure keeps it).
+    fn sampling(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature.unwrap_or(1.0),
+            top_k: None,
+            top_p: self.top_p.filter(|&p| p != 1.0),
+            seed: self.seed.unwrap_or_else(|| {
+                u64::from_str_radix(&sovra_proto::token::random_hex(8), 16).unwrap_or(0)
+            }),
+        }
+    }
+
+    /// When to stop: at most `max_tokens` (`default` when absent), at a stop string, or at the
+    /// end of sequence.
+    fn stopping(self, max_tokens: Option<u64>, default: usize) -> Result<StopConditions, ApiError> {
+        let max_tokens = max_tokens.map_or(Ok(default), |n| {
+            usize::try_from(n).map_err(|_| ApiError::invalid("`max_tokens` is out of range"))
+        })?;
+        let stop = match self.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s],
+            Some(Stop::Many(v)) => v,
+        };
+        Ok(StopConditions {
+            max_tokens,
+            stop,
+            ignore_eos: false,
+        })
+    }
+
+    /// How the completion is answered.
+    fn answer(&self) -> Answer {
+        Answer {
+            stream: self.stream,
+            include_usage: self
+                .stream_options
+                .as_ref()
+                .is_some_and(|o| o.include_usage),
+        }
+    }
+}
+
+/// A text completion request: the prompt goes to the model as it is (no chat layout); fields
+/// this API does not use are ignored.
+#[derive(Debug, Deserialize)]
+struct CompletionRequest {
+    model: String,
+    prompt: Prompt,
+    #[serde(default)]
+    max_tokens: Option<u64>,
+    #[serde(flatten)]
+    generation: Generation,
+    #[serde(default)]
+    best_of: Option<u32>,
+    #[serde(default)]
+    echo: bool,
+    #[serde(default)]
+    suffix: Option<String>,
     /// The other fields: checked against those this API cannot honour.
     #[serde(flatten)]
     rest: serde_json::Map<String, Value>,
+}
+
+/// A text completion's prompt: text, or a list holding one text.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Prompt {
+    One(String),
+    Many(Vec<Value>),
+}
+
+impl Prompt {
+    fn text(self) -> Result<String, ApiError> {
+        match self {
+            Prompt::One(text) => Ok(text),
+            Prompt::Many(mut list) => match (list.len(), list.pop()) {
+                (1, Some(Value::String(text))) => Ok(text),
+                _ => Err(ApiError::invalid(
+                    "`prompt` must be one text (several prompts and token arrays are not supported)",
+                )),
+            },
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -583,23 +695,10 @@ struct Answer {
 
 /// The job a chat request asks for.
 fn job_spec(r: ChatRequest) -> Result<(JobSpec, Answer), ApiError> {
-    if r.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::invalid("only one choice (`n`: 1) is generated"));
-    }
+    r.generation.one_choice()?;
     refuse_unsupported(&r.rest)?;
-    let max_tokens = r
-        .max_completion_tokens
-        .or(r.max_tokens)
-        .map_or(Ok(DEFAULT_MAX_TOKENS), |n| {
-            usize::try_from(n).map_err(|_| ApiError::invalid("`max_tokens` is out of range"))
-        })?;
-    let stop = match r.stop {
-        None => Vec::new(),
-        Some(Stop::One(s)) => vec![s],
-        Some(Stop::Many(v)) => v,
-    };
-    // OpenAI's defaults: temperature 1, top_p 1 (all tokens).
-    let top_p = r.top_p.filter(|&p| p != 1.0);
+    let max_tokens = r.max_completion_tokens.or(r.max_tokens);
+    let answer = r.generation.answer();
     let spec = JobSpec {
         model: r.model,
         // The conversation goes as turns; a head that knew no turns would see an empty prompt
@@ -608,27 +707,107 @@ fn job_spec(r: ChatRequest) -> Result<(JobSpec, Answer), ApiError> {
         chat: false,
         system: None,
         turns: turns(r.messages)?,
-        sampling: SamplingParams {
-            temperature: r.temperature.unwrap_or(1.0),
-            top_k: None,
-            top_p,
-            // Without a seed, each request draws its own (a job moved after a failure keeps it).
-            seed: r.seed.unwrap_or_else(|| {
-                u64::from_str_radix(&sovra_proto::token::random_hex(8), 16).unwrap_or(0)
-            }),
-        },
-        stop: StopConditions {
-            max_tokens,
-            stop,
-            ignore_eos: false,
-        },
+        sampling: r.generation.sampling(),
+        stop: r.generation.stopping(max_tokens, DEFAULT_MAX_TOKENS)?,
         policy: PolicyRecord::default(),
     };
-    let answer = Answer {
-        stream: r.stream,
-        include_usage: r.stream_options.unwrap_or_default().include_usage,
+    Ok((spec, answer))
+}
+
+/// The job a text completion request asks for.
+fn text_job_spec(r: CompletionRequest) -> Result<(JobSpec, Answer), ApiError> {
+    r.generation.one_choice()?;
+    if r.best_of.is_some_and(|n| n != 1) {
+        return Err(ApiError::invalid(
+            "only one choice (`best_of`: 1) is generated",
+        ));
+    }
+    if r.echo {
+        return Err(ApiError::invalid("`echo` is not supported by this API"));
+    }
+    if r.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::invalid("`suffix` is not supported by this API"));
+    }
+    refuse_unsupported(&r.rest)?;
+    let answer = r.generation.answer();
+    let spec = JobSpec {
+        model: r.model,
+        prompt: r.prompt.text()?,
+        chat: false,
+        system: None,
+        turns: Vec::new(),
+        sampling: r.generation.sampling(),
+        stop: r
+            .generation
+            .stopping(r.max_tokens, DEFAULT_TEXT_MAX_TOKENS)?,
+        policy: PolicyRecord::default(),
     };
     Ok((spec, answer))
+}
+
+/// The endpoint a completion request came to, and the shapes of its answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    /// `/v1/chat/completions`.
+    Chat,
+    /// `/v1/completions`.
+    Text,
+}
+
+impl Endpoint {
+    fn id(self, job_id: &str) -> String {
+        match self {
+            Endpoint::Chat => format!("chatcmpl-{job_id}"),
+            Endpoint::Text => format!("cmpl-{job_id}"),
+        }
+    }
+
+    fn object(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "chat.completion",
+            Endpoint::Text => "text_completion",
+        }
+    }
+
+    fn chunk_object(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "chat.completion.chunk",
+            Endpoint::Text => "text_completion",
+        }
+    }
+
+    /// The one choice of a whole answer.
+    fn choice(self, text: String, finish: &str) -> Value {
+        match self {
+            Endpoint::Chat => json!({
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": finish,
+            }),
+            Endpoint::Text => json!({
+                "index": 0,
+                "text": text,
+                "logprobs": null,
+                "finish_reason": finish,
+            }),
+        }
+    }
+
+    /// The choices of a streamed chunk: some text, or the finish.
+    fn delta(self, text: Option<String>, finish: Option<&str>) -> Value {
+        match self {
+            Endpoint::Chat => {
+                let delta = text.map_or_else(|| json!({}), |t| json!({"content": t}));
+                json!([{"index": 0, "delta": delta, "finish_reason": finish}])
+            }
+            Endpoint::Text => json!([{
+                "index": 0,
+                "text": text.unwrap_or_default(),
+                "logprobs": null,
+                "finish_reason": finish,
+            }]),
+        }
+    }
 }
 
 /// OpenAI's name for why a generation ended.
@@ -639,11 +818,12 @@ fn finish_reason(reason: &str) -> &'static str {
     }
 }
 
-async fn chat(
+async fn complete(
     fed: &Federation,
     caller: &Caller,
     bodies: &Bodies,
     req: Request<Incoming>,
+    endpoint: Endpoint,
 ) -> Result<Response<Body>, ApiError> {
     let too_large = || {
         ApiError::new(
@@ -681,12 +861,20 @@ async fn chat(
         Ok(Ok(body)) => body.to_bytes(),
     };
     drop(share);
-    let request: ChatRequest = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::invalid(format!("the request is not a chat completion: {e}")))?;
-    let (spec, answer) = job_spec(request)?;
+    let not = |what: &str, e: serde_json::Error| {
+        ApiError::invalid(format!("the request is not a {what}: {e}"))
+    };
+    let (spec, answer) = match endpoint {
+        Endpoint::Chat => {
+            job_spec(serde_json::from_slice(&body).map_err(|e| not("chat completion", e))?)?
+        }
+        Endpoint::Text => {
+            text_job_spec(serde_json::from_slice(&body).map_err(|e| not("completion", e))?)?
+        }
+    };
     let model = spec.model.clone();
     let (job_id, mut events) = fed.run_job(caller, spec).await?;
-    let id = format!("chatcmpl-{job_id}");
+    let id = endpoint.id(&job_id);
     let created = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -701,14 +889,10 @@ async fn chat(
                         StatusCode::OK,
                         &json!({
                             "id": id,
-                            "object": "chat.completion",
+                            "object": endpoint.object(),
                             "created": created,
                             "model": model,
-                            "choices": [{
-                                "index": 0,
-                                "message": {"role": "assistant", "content": text},
-                                "finish_reason": finish_reason(&s.finish_reason),
-                            }],
+                            "choices": [endpoint.choice(text, finish_reason(&s.finish_reason))],
                             "usage": {
                                 "prompt_tokens": s.prompt_tokens,
                                 "completion_tokens": s.generated_tokens,
@@ -738,7 +922,7 @@ async fn chat(
     let chunk = move |choices: Value, usage: Option<Value>| {
         let mut chunk = json!({
             "id": id,
-            "object": "chat.completion.chunk",
+            "object": endpoint.chunk_object(),
             "created": created,
             "model": model,
             "choices": choices,
@@ -748,14 +932,12 @@ async fn chat(
         }
         Bytes::from(format!("data: {chunk}\n\n"))
     };
-    let delta = |delta: Value, finish: Option<&str>| json!([{"index": 0, "delta": delta, "finish_reason": finish}]);
     tokio::spawn(async move {
-        let first = chunk(
-            delta(json!({"role": "assistant", "content": ""}), None),
-            None,
-        );
-        if tx.send(first).await.is_err() {
-            return;
+        if endpoint == Endpoint::Chat {
+            let role = json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]);
+            if tx.send(chunk(role, None)).await.is_err() {
+                return;
+            }
         }
         loop {
             // A client that goes away ends this at once (its job's events are dropped: the
@@ -770,12 +952,10 @@ async fn chat(
             let out = match event {
                 JobEvent::Started { .. } => continue,
                 JobEvent::Token { text, .. } if text.is_empty() => continue,
-                JobEvent::Token { text, .. } => chunk(delta(json!({"content": text}), None), None),
+                JobEvent::Token { text, .. } => chunk(endpoint.delta(Some(text), None), None),
                 JobEvent::Summary(s) => {
-                    let mut last = vec![chunk(
-                        delta(json!({}), Some(finish_reason(&s.finish_reason))),
-                        None,
-                    )];
+                    let finish = Some(finish_reason(&s.finish_reason));
+                    let mut last = vec![chunk(endpoint.delta(None, finish), None)];
                     if answer.include_usage {
                         last.push(chunk(
                             json!([]),
@@ -850,6 +1030,46 @@ mod tests {
                 ChatTurn::new("assistant", "Hello.")
             ]
         );
+    }
+
+    fn text_request(extra: Value) -> Result<(JobSpec, Answer), ApiError> {
+        let mut body = json!({"model": "m", "prompt": "Once upon a time"});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        text_job_spec(serde_json::from_value(body).map_err(|e| ApiError::invalid(e.to_string()))?)
+    }
+
+    #[test]
+    fn text_completions_take_the_prompt_as_it_is() {
+        let (spec, answer) = text_request(json!({})).unwrap();
+        assert_eq!(spec.prompt, "Once upon a time");
+        assert!(!spec.chat && spec.turns.is_empty() && spec.system.is_none());
+        assert_eq!(spec.stop.max_tokens, DEFAULT_TEXT_MAX_TOKENS);
+        assert!(!answer.stream);
+        let (spec, _) =
+            text_request(json!({"prompt": ["<|im_start|>user"], "stop": "\n", "max_tokens": 3}))
+                .unwrap();
+        assert_eq!(spec.prompt, "<|im_start|>user");
+        assert_eq!(
+            (spec.stop.max_tokens, spec.stop.stop.clone()),
+            (3, vec!["\n".to_string()])
+        );
+        for refused in [
+            json!({"prompt": []}),
+            json!({"prompt": ["a", "b"]}),
+            json!({"prompt": [[1, 2]]}),
+            json!({"echo": true}),
+            json!({"suffix": "x"}),
+            json!({"best_of": 3}),
+            json!({"n": 2}),
+            json!({"logprobs": 0}),
+            json!({"logit_bias": {"1": 5}}),
+        ] {
+            assert!(text_request(refused.clone()).is_err(), "{refused}");
+        }
+        // Fields at their defaults pass.
+        text_request(json!({"echo": false, "suffix": null, "best_of": 1, "n": 1, "logprobs": null, "user": "u"})).unwrap();
     }
 
     #[test]

@@ -109,6 +109,19 @@ struct Api<'a> {
 }
 
 impl Api<'_> {
+    /// A text completion request as `token`.
+    async fn text(&self, token: &str, body: Value) -> (StatusCode, String) {
+        https(
+            self.fed,
+            &self.addr,
+            "POST",
+            "/v1/completions",
+            Some(token),
+            Some(body),
+        )
+        .await
+    }
+
     /// A chat completion request as `token`.
     async fn chat(&self, token: &str, body: Value) -> (StatusCode, String) {
         https(
@@ -294,13 +307,87 @@ async fn chat_completions_match_the_job_service_whole_and_streamed() {
         .unwrap();
     let answered: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(answered["usage"]["prompt_tokens"], expected.len() as u64);
+
+    // A text completion takes its prompt as it is: what `sovra run` without `--chat` gives.
+    let prompt = "The three primary colours are";
+    let plain = run_job(
+        fed.channel(Some(&tenant)).await,
+        pb::RunJobRequest {
+            model: "smollm2".into(),
+            prompt: prompt.into(),
+            sampling: Some(pb::Sampling {
+                max_tokens: 12,
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let completion = |stream: bool| {
+        json!({
+            "model": "smollm2",
+            "prompt": [prompt],
+            "max_tokens": 12,
+            "temperature": 0,
+            "stream": stream,
+            "stream_options": {"include_usage": true},
+            "echo": false,
+            "logprobs": null,
+        })
+    };
+    let (status, body) = api.text(&tenant, completion(false)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let whole: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(whole["object"], "text_completion");
+    assert!(
+        whole["id"].as_str().unwrap().starts_with("cmpl-job-"),
+        "{whole}"
+    );
+    assert_eq!(whole["choices"][0]["text"], plain.text.as_str());
+    assert_eq!(
+        whole["usage"]["prompt_tokens"],
+        plain.summary.prompt_tokens as u64
+    );
+    let (status, body) = api.text(&tenant, completion(true)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let chunks: Vec<Value> = body
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .filter(|e| *e != "[DONE]")
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+    assert!(chunks.iter().all(|c| c["object"] == "text_completion"));
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["text"].as_str())
+        .collect();
+    assert_eq!(text, plain.text);
+    assert_eq!(chunks.last().unwrap()["usage"], whole["usage"]);
+    // What a text completion cannot do is refused, not ignored.
+    for (field, value) in [
+        ("echo", json!(true)),
+        ("suffix", json!("end")),
+        ("best_of", json!(2)),
+        ("logprobs", json!(1)),
+        ("prompt", json!([1, 2, 3])),
+        ("prompt", json!(["one", "two"])),
+    ] {
+        let mut request = completion(false);
+        request[field] = value;
+        let (status, body) = api.text(&tenant, request).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{field}: {body}");
+        assert_eq!(error_of(&body).0, "invalid_request_error");
+    }
+
     let listed = pb::jobs_client::JobsClient::new(fed.channel(Some(&tenant)).await)
         .list_jobs(pb::ListJobsRequest::default())
         .await
         .unwrap()
         .into_inner()
         .jobs;
-    assert_eq!(listed.len(), 4);
+    assert_eq!(listed.len(), 7);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -399,10 +486,18 @@ async fn the_api_answers_errors_in_openais_shape() {
             StatusCode::BAD_REQUEST,
             "invalid_request_error",
         ),
+        // A chat body is not a text completion (it has no prompt).
         (
             Some(tenant.as_str()),
             "/v1/completions",
             Some(chat("smollm2")),
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+        ),
+        (
+            Some(tenant.as_str()),
+            "/v1/embeddings",
+            Some(json!({"model": "smollm2", "input": "Hi"})),
             StatusCode::NOT_FOUND,
             "invalid_request_error",
         ),
