@@ -812,10 +812,12 @@ pub fn print_placement(p: &pb::Placement, json_mode: bool) {
             &rows,
         );
         for (i, c) in p.chains.iter().enumerate() {
-            let ring = if c.ring_measured {
-                format!("{:.2} ms", c.ring_ms)
-            } else {
+            let ring = if !c.ring_measured {
                 "not measured yet".to_string()
+            } else if c.ring_ms >= 60_000.0 {
+                "unreachable (a link of it could not be reached)".to_string()
+            } else {
+                format!("{:.2} ms", c.ring_ms)
             };
             println!(
                 "chain {i}: slowest stage {:.2} ms per token; links around the ring {ring}",

@@ -543,6 +543,8 @@ struct CompletionRequest {
     prompt: Prompt,
     #[serde(default)]
     max_tokens: Option<u64>,
+    #[serde(default)]
+    max_completion_tokens: Option<u64>,
     #[serde(flatten)]
     generation: Generation,
     #[serde(default)]
@@ -737,9 +739,10 @@ fn text_job_spec(r: CompletionRequest) -> Result<(JobSpec, Answer), ApiError> {
         system: None,
         turns: Vec::new(),
         sampling: r.generation.sampling(),
-        stop: r
-            .generation
-            .stopping(r.max_tokens, DEFAULT_TEXT_MAX_TOKENS)?,
+        stop: r.generation.stopping(
+            r.max_completion_tokens.or(r.max_tokens),
+            DEFAULT_TEXT_MAX_TOKENS,
+        )?,
         policy: PolicyRecord::default(),
     };
     Ok((spec, answer))
@@ -1055,6 +1058,8 @@ mod tests {
             (spec.stop.max_tokens, spec.stop.stop.clone()),
             (3, vec!["\n".to_string()])
         );
+        let (spec, _) = text_request(json!({"max_completion_tokens": 5})).unwrap();
+        assert_eq!(spec.stop.max_tokens, 5);
         for refused in [
             json!({"prompt": []}),
             json!({"prompt": ["a", "b"]}),

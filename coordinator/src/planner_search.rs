@@ -33,8 +33,9 @@ pub(super) struct Ctx<'a> {
     /// measured one-way delay, at least `hop` (a hop costs more than the wire: the frame is
     /// written, read and handed to the next forward).
     delay: Vec<Option<f64>>,
-    /// What each worker's stage is charged for receiving its input: the least delay from any
-    /// other worker (a link not measured costs `hop`); `hop` for all when nothing is measured.
+    /// What each worker's stage is charged for receiving its input from another worker: the
+    /// least delay from any other worker (a link not measured costs `hop`); `hop` for all when
+    /// nothing is measured. A stage holding the whole model has no such input: it pays `hop`.
     hop_in: Vec<f64>,
 }
 
@@ -78,12 +79,6 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    /// The least that any stage is charged for its input: the compute part of a stage time is
-    /// at most the time less this.
-    pub(super) fn hop_floor(&self) -> f64 {
-        self.hop_in.iter().copied().fold(self.hop, f64::min)
-    }
-
     /// What the ring `order` (each stage to the next, the tail back to the head) adds per token
     /// to the latency its stages were charged: each stage pays the delay of the link it gets its
     /// input on (the fixed hop when not measured) instead of its least incoming delay. A chain
@@ -116,11 +111,31 @@ impl<'a> Ctx<'a> {
         bytes
     }
 
-    /// Per-token time of worker `w` running `count` layers (plus the head if `tail`).
-    pub(super) fn time(&self, w: usize, count: usize, tail: bool) -> f64 {
+    /// Per-token compute time of worker `w` running `count` layers (plus the head if `tail`).
+    fn compute(&self, w: usize, count: usize, tail: bool) -> f64 {
         let head = if tail { self.model.head_flops } else { 0.0 };
         let flops = count as f64 * self.model.layer_flops + head;
-        flops / (self.workers[w].speed_gflops * 1e9) + self.hop_in[w]
+        flops / (self.workers[w].speed_gflops * 1e9)
+    }
+
+    /// Per-token time of worker `w` running `count` layers (plus the head if `tail`) as one
+    /// stage of several: its compute and its input's delay.
+    pub(super) fn time(&self, w: usize, count: usize, tail: bool) -> f64 {
+        self.compute(w, count, tail) + self.hop_in[w]
+    }
+
+    /// Per-token time of worker `w` holding the whole model: no link, the fixed hop.
+    fn whole_time(&self, w: usize) -> f64 {
+        self.compute(w, self.layers(), true) + self.hop
+    }
+
+    /// Per-token time of worker `w` running layers `start..end`.
+    fn stage_time(&self, w: usize, start: usize, end: usize) -> f64 {
+        if start == 0 && end == self.layers() {
+            self.whole_time(w)
+        } else {
+            self.time(w, end - start, end == self.layers())
+        }
     }
 
     /// Least memory any chain needs in total.
@@ -141,7 +156,7 @@ impl<'a> Ctx<'a> {
             worker_id: self.workers[w].worker_id.clone(),
             range,
             memory_bytes: self.memory(range.start, range.end),
-            time_s: self.time(w, range.len(), range.end == self.layers()),
+            time_s: self.stage_time(w, range.start, range.end),
         };
         Chain {
             stages: assignment.iter().map(stage).collect(),
@@ -172,7 +187,8 @@ impl Reach {
         for w in 0..ctx.workers.len() {
             let mid_cap = time_cap(ctx, w, limit, false);
             let tail_cap = time_cap(ctx, w, limit, true);
-            let row = (0..width).map(|p| reach_from(ctx, w, p, mid_cap, tail_cap));
+            let whole = ctx.whole_time(w) <= limit;
+            let row = (0..width).map(|p| reach_from(ctx, w, p, mid_cap, tail_cap, whole));
             let start = table.len();
             table.extend(row);
             let row = &table[start..];
@@ -213,10 +229,21 @@ fn time_cap(ctx: &Ctx, w: usize, limit: f64, tail: bool) -> usize {
     lo
 }
 
-/// The largest `q` such that worker `w` can hold layers `p..q` (see [`Reach`]).
-fn reach_from(ctx: &Ctx, w: usize, p: usize, mid_cap: usize, tail_cap: usize) -> usize {
+/// The largest `q` such that worker `w` can hold layers `p..q` (see [`Reach`]); `whole`: it
+/// may hold the whole model within the limit.
+fn reach_from(
+    ctx: &Ctx,
+    w: usize,
+    p: usize,
+    mid_cap: usize,
+    tail_cap: usize,
+    whole: bool,
+) -> usize {
     let (layers, memory) = (ctx.layers(), ctx.workers[w].memory_bytes);
     if p >= layers || (layers - p <= tail_cap && ctx.memory(p, layers) <= memory) {
+        return layers;
+    }
+    if p == 0 && whole && ctx.memory(0, layers) <= memory {
         return layers;
     }
     let (mut lo, mut hi) = (p, (p + mid_cap).min(layers - 1));
@@ -231,17 +258,41 @@ fn reach_from(ctx: &Ctx, w: usize, p: usize, mid_cap: usize, tail_cap: usize) ->
     lo
 }
 
-/// Every stage time any worker of `pool` could have, ascending: the optimal
-/// bottleneck is one of them.
-fn candidates(ctx: &Ctx, pool: &[usize]) -> Vec<f64> {
+/// Every stage time any worker of `pool` could have, ascending (the optimal bottleneck is
+/// one of them), each with what such a stage is charged for its input (the largest, where
+/// stages of several workers take the same time).
+struct Candidates {
+    times: Vec<f64>,
+    inputs: Vec<f64>,
+}
+
+fn candidates(ctx: &Ctx, pool: &[usize]) -> Candidates {
     let layers = ctx.layers();
     let times = pool.iter().flat_map(|&w| {
-        (1..=layers).flat_map(move |c| [ctx.time(w, c, false), ctx.time(w, c, true)])
+        let input = ctx.hop_in[w];
+        let parts = (1..=layers).flat_map(move |c| {
+            [
+                (ctx.time(w, c, false), input),
+                (ctx.time(w, c, true), input),
+            ]
+        });
+        parts.chain([(ctx.whole_time(w), ctx.hop)])
     });
-    let mut out: Vec<f64> = times.filter(|t| t.is_finite()).collect();
-    out.sort_by(f64::total_cmp);
-    out.dedup();
-    out
+    let mut all: Vec<(f64, f64)> = times.filter(|(t, _)| t.is_finite()).collect();
+    all.sort_by(|a, b| a.0.total_cmp(&b.0).then(b.1.total_cmp(&a.1)));
+    all.dedup_by(|next, kept| next.0 == kept.0);
+    let (times, inputs) = all.into_iter().unzip();
+    Candidates { times, inputs }
+}
+
+impl Candidates {
+    /// What the stage whose time is `limit` is charged for its input (`hop` if none is).
+    fn input(&self, limit: f64, hop: f64) -> f64 {
+        match self.times.binary_search_by(|t| t.total_cmp(&limit)) {
+            Ok(i) => self.inputs[i],
+            Err(_) => hop,
+        }
+    }
 }
 
 /// The smallest candidate for which `ok` holds, assuming `ok` is monotone.
@@ -687,7 +738,7 @@ fn distribute(ctx: &Ctx, reach: &Reach, order: &[usize]) -> Option<(Score, Cuts)
                 continue;
             }
             for q in p + 1..=reach.get(w, p) {
-                let t = ctx.time(w, q - p, q == layers);
+                let t = ctx.stage_time(w, p, q);
                 let slot = (i + 1) * width + q;
                 if better((sum + t, worst.max(t)), score[slot]) {
                     score[slot] = (sum + t, worst.max(t));
@@ -730,8 +781,15 @@ pub(super) fn best_chain(
         let reach = Reach::new(ctx, limit);
         !covering_orders(&reach, pool, stages, search, 1).is_empty()
     };
-    let lowest = lowest_feasible(&cands, feasible)?;
-    let loose = lowest * (1.0 + SLACK);
+    let lowest = lowest_feasible(&cands.times, feasible)?;
+    // The slack is a share of the time without what the slowest stage's input costs beyond
+    // the fixed hop (a far link needed for memory does not widen it).
+    let excess = cands.input(lowest, ctx.hop) - ctx.hop;
+    let loose = if excess > 0.0 {
+        lowest + (lowest - excess) * SLACK
+    } else {
+        lowest * (1.0 + SLACK)
+    };
     let chosen = [loose, lowest].into_iter().find_map(|limit| {
         let reach = Reach::new(ctx, limit);
         choose(ctx, &reach, pool, stages, search)
@@ -741,13 +799,13 @@ pub(super) fn best_chain(
     let n = chosen.len();
     let floor = match stages {
         Some(_) => lowest,
-        None => lowest_feasible(&cands, |limit| {
+        None => lowest_feasible(&cands.times, |limit| {
             let reach = Reach::new(ctx, limit);
             !covering_orders(&reach, pool, Some(n), search, 1).is_empty()
         })
         .unwrap_or(lowest),
     };
-    let tight = slack_limit(floor, ctx.hop_floor());
+    let tight = slack_limit(floor, cands.input(floor, ctx.hop));
     if tight < loose {
         let reach = Reach::new(ctx, tight);
         if let Some(split) = choose(ctx, &reach, pool, Some(n), search) {

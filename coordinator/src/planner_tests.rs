@@ -907,3 +907,29 @@ fn a_far_worker_is_left_out_even_when_it_is_the_fastest() {
     assert_valid_plan(&linked, &workers, &model, &policy);
     assert!(!worker_ids(&linked.chains[0]).contains(&"d"), "{linked:?}");
 }
+
+#[test]
+fn a_worker_holding_the_whole_model_pays_no_link() {
+    // `a` alone takes 15 ms a token; `b` and `c` together 50 ms. `a` is 100 ms from both, which
+    // rules it out of any chain with them, but alone it sends nothing to anyone: its distance
+    // costs it nothing.
+    let workers = vec![
+        worker("a", "FR", 16, 1000.0),
+        worker("b", "FR", 8, 140.0),
+        worker("c", "FR", 8, 140.0),
+    ];
+    let model = uniform_model(12, 1);
+    let policy = Policy::default();
+    let cfg = PlannerConfig {
+        links: links_around(&["a", "b", "c"], "a", 0.001, 0.200),
+        ..PlannerConfig::default()
+    };
+    let p = plan(&workers, &model, &policy, &cfg).expect("plan");
+    assert_eq!(worker_ids(&p.chains[0]), ["a"], "{p:?}");
+    let whole = &p.chains[0].stages[0];
+    let expected = 13e9 / 1000e9 + DEFAULT_HOP_COST_S;
+    assert!((whole.time_s - expected).abs() < 1e-9, "{p:?}");
+    // The replica, of the other two, keeps its own near ring.
+    assert_eq!(p.chains.len(), 2, "{p:?}");
+    assert!(!worker_ids(&p.chains[1]).contains(&"a"), "{p:?}");
+}
