@@ -57,6 +57,9 @@ const DEFAULT_MAX_TOKENS: usize = 256;
 const DEFAULT_TEXT_MAX_TOKENS: usize = 16;
 /// Time a client has to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// On a stop, how long the responses under way have to end (the coordinator fails their
+/// jobs, so a streamed answer ends with an error event) before their connections are cut.
+const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
 type Body = BoxBody<Bytes, Infallible>;
 
@@ -82,7 +85,9 @@ pub fn tls_acceptor(fed: &Federation) -> Result<tokio_rustls::TlsAcceptor, Coord
 }
 
 /// Serves the API on `listener` with `acceptor` (see [`tls_acceptor`]) until `shutdown`
-/// resolves.
+/// resolves; then takes no new request and lets the responses under way end (within
+/// [`DRAIN_GRACE`]), so a streamed answer whose job the stop ended gets its last error event
+/// instead of a reset.
 pub async fn serve(
     fed: Arc<Federation>,
     acceptor: tokio_rustls::TlsAcceptor,
@@ -94,6 +99,7 @@ pub async fn serve(
     let mut connections = tokio::task::JoinSet::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let bodies = Arc::new(Bodies::default());
+    let (drain, draining) = tokio::sync::watch::channel(false);
     loop {
         let (tcp, peer) = tokio::select! {
             _ = &mut shutdown => break,
@@ -114,6 +120,7 @@ pub async fn serve(
         let acceptor = acceptor.clone();
         let fed = fed.clone();
         let bodies = bodies.clone();
+        let draining = draining.clone();
         connections.spawn(async move {
             let _slot = slot;
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
@@ -145,14 +152,14 @@ pub async fn serve(
                     .keep_alive_timeout(Duration::from_secs(20))
                     .max_concurrent_streams(MAX_STREAMS)
                     .serve_connection(io, service);
-                until_idle(conn, &activity).await
+                until_idle(conn, &activity, draining, |c| c.graceful_shutdown()).await
             } else {
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(HEADER_TIMEOUT)
                     .max_buf_size(64 << 10)
                     .serve_connection(io, service);
-                until_idle(conn, &activity).await
+                until_idle(conn, &activity, draining, |c| c.graceful_shutdown()).await
             };
             if let Err(e) = served {
                 debug!(%peer, cause = %e, "HTTP API connection ended");
@@ -160,6 +167,14 @@ pub async fn serve(
         });
         // Forget the connections that ended.
         while connections.try_join_next().is_some() {}
+    }
+    let _ = drain.send(true);
+    let drained = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(DRAIN_GRACE, drained).await.is_err() {
+        warn!(
+            left = connections.len(),
+            "HTTP API: responses still under way {DRAIN_GRACE:?} after the stop; cut"
+        );
     }
     connections.abort_all();
     Ok(())
@@ -239,17 +254,36 @@ impl hyper::body::Body for Tracked {
 }
 
 /// Serves `conn` until it ends, or drops it once it has been idle (see [`Activity::idle`]).
-async fn until_idle<C, E>(conn: C, activity: &Activity) -> Result<(), E>
+/// Once `draining` turns true, `graceful` tells the connection to take no new request and to
+/// close once the responses under way have been sent.
+async fn until_idle<C, E>(
+    conn: C,
+    activity: &Activity,
+    mut draining: tokio::sync::watch::Receiver<bool>,
+    graceful: impl FnOnce(std::pin::Pin<&mut C>),
+) -> Result<(), E>
 where
     C: std::future::Future<Output = Result<(), E>>,
 {
     tokio::pin!(conn);
+    let mut graceful = Some(graceful);
     loop {
+        if *draining.borrow()
+            && let Some(graceful) = graceful.take()
+        {
+            graceful(conn.as_mut());
+        }
         tokio::select! {
             served = conn.as_mut() => return served,
             _ = tokio::time::sleep(Duration::from_secs(1)) => {
                 if activity.idle() {
                     return Ok(());
+                }
+            }
+            changed = draining.changed(), if graceful.is_some() => {
+                if changed.is_err() {
+                    // The server is gone: nothing will ask for a graceful end any more.
+                    graceful = None;
                 }
             }
         }

@@ -118,6 +118,32 @@ impl TestFederation {
         addr
     }
 
+    /// Serves the OpenAI-compatible HTTP API on a free loopback port until the returned sender
+    /// is used (or dropped); returns its `host:port` and the server's task.
+    pub async fn start_http_api_until_stopped(
+        &self,
+    ) -> (
+        String,
+        oneshot::Sender<()>,
+        JoinHandle<Result<(), sovra_coordinator::error::CoordinatorError>>,
+    ) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let acceptor = sovra_coordinator::openai::tls_acceptor(&self.fed).expect("TLS");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(sovra_coordinator::openai::serve(
+            self.fed.clone(),
+            acceptor,
+            listener,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        (addr, stop, server)
+    }
+
     /// A channel carrying `token`.
     pub async fn channel(&self, token: Option<&str>) -> AuthChannel {
         connect(&self.url, &self.ca_pem, None, token)

@@ -652,4 +652,58 @@ async fn clients_that_go_silent_or_away_are_let_go() {
         },
     )
     .await;
+
+    // When the coordinator stops, a streamed answer ends with an error event saying so, and
+    // its body ends cleanly: it is not cut.
+    let (addr, stop, server) = fed.start_http_api_until_stopped().await;
+    let (response, _connection) = send(
+        &fed,
+        &addr,
+        "POST",
+        "/v1/completions",
+        Some(format!("Bearer {tenant}")),
+        Some(json!({
+            "model": "smollm2",
+            "prompt": "1, 2, 3, 4, 5, 6,",
+            "max_tokens": 100000,
+            "temperature": 0,
+            "stream": true,
+        })),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body();
+    let mut text = String::new();
+    let first = body.frame().await.unwrap().unwrap();
+    text.push_str(&String::from_utf8_lossy(first.data_ref().unwrap()));
+    // As the coordinator's own stop does: the API takes no new request, then the jobs end
+    // (a moment later here, so the answer must outlive the API's stop to get its last event).
+    stop.send(()).unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    fed.fed.shut_down();
+    let rest = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while let Some(frame) = body.frame().await {
+            let frame = frame.expect("the streamed answer was cut, not ended");
+            if let Some(data) = frame.data_ref() {
+                text.push_str(&String::from_utf8_lossy(data));
+            }
+        }
+    });
+    rest.await.expect("the streamed answer did not end");
+    let last = text
+        .split("\n\n")
+        .filter(|e| !e.is_empty())
+        .last()
+        .unwrap()
+        .strip_prefix("data: ")
+        .unwrap();
+    let (kind, message) = error_of(last);
+    assert_eq!(kind, "api_error", "{last}");
+    assert!(message.contains("coordinator stopped"), "{message}");
+    tokio::time::timeout(std::time::Duration::from_secs(10), server)
+        .await
+        .expect("the API did not stop")
+        .unwrap()
+        .unwrap();
 }
