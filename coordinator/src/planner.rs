@@ -144,12 +144,16 @@ impl Links {
     /// back to the head), seconds; None when a link of it was not measured. A chain of one
     /// stage has no link: zero.
     pub fn ring_s(&self, workers: &[&str]) -> Option<f64> {
-        if workers.len() < 2 {
-            return Some(0.0);
-        }
-        let from = workers.iter().cycle().skip(workers.len() - 1);
-        from.zip(workers).map(|(a, b)| self.one_way_s(a, b)).sum()
+        ring(workers).map(|(a, b)| self.one_way_s(a, b)).sum()
     }
+}
+
+/// The links of a chain's ring, in order: each stage to the next, then the tail back to the
+/// head; none for a single stage.
+pub(crate) fn ring<T>(stages: &[T]) -> impl Iterator<Item = (&T, &T)> {
+    let links = if stages.len() < 2 { 0 } else { stages.len() };
+    let from = stages.iter().cycle().skip(stages.len().saturating_sub(1));
+    from.zip(stages).take(links)
 }
 
 /// One worker's share of a chain.

@@ -85,11 +85,10 @@ impl<'a> Ctx<'a> {
     /// of one stage has no link.
     pub(super) fn ring_extra(&self, order: &[usize]) -> f64 {
         let n = self.workers.len();
-        if order.len() < 2 || self.delay.is_empty() {
+        if self.delay.is_empty() {
             return 0.0;
         }
-        let from = order.iter().cycle().skip(order.len() - 1);
-        from.zip(order)
+        super::ring(order)
             .map(|(&a, &b)| self.delay[a * n + b].unwrap_or(self.hop) - self.hop_in[b])
             .sum()
     }

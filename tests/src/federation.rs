@@ -104,18 +104,7 @@ impl TestFederation {
     /// Serves the OpenAI-compatible HTTP API on a free loopback port (until the test ends);
     /// returns its `host:port`.
     pub async fn start_http_api(&self) -> String {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr").to_string();
-        let acceptor = sovra_coordinator::openai::tls_acceptor(&self.fed).expect("TLS");
-        tokio::spawn(sovra_coordinator::openai::serve(
-            self.fed.clone(),
-            acceptor,
-            listener,
-            std::future::pending(),
-        ));
-        addr
+        self.serve_http_api(std::future::pending()).await.0
     }
 
     /// Serves the OpenAI-compatible HTTP API on a free loopback port until the returned sender
@@ -127,21 +116,35 @@ impl TestFederation {
         oneshot::Sender<()>,
         JoinHandle<Result<(), sovra_coordinator::error::CoordinatorError>>,
     ) {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let (addr, server) = self
+            .serve_http_api(async {
+                let _ = stopped.await;
+            })
+            .await;
+        (addr, stop, server)
+    }
+
+    /// Serves the OpenAI-compatible HTTP API on a free loopback port until `shutdown`.
+    async fn serve_http_api(
+        &self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> (
+        String,
+        JoinHandle<Result<(), sovra_coordinator::error::CoordinatorError>>,
+    ) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr").to_string();
         let acceptor = sovra_coordinator::openai::tls_acceptor(&self.fed).expect("TLS");
-        let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(sovra_coordinator::openai::serve(
             self.fed.clone(),
             acceptor,
             listener,
-            async {
-                let _ = stopped.await;
-            },
+            shutdown,
         ));
-        (addr, stop, server)
+        (addr, server)
     }
 
     /// A channel carrying `token`.

@@ -8,7 +8,7 @@
 //! peer was running: the smallest of the tries, spaced apart, is kept. New peers are probed at
 //! once, the others again every interval.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -82,7 +82,8 @@ impl Prober {
             .take(MAX_PEERS)
             .map(|p| (p.worker_id, p.addr, p.epoch))
             .collect();
-        lock(&self.last).retain(|key, _| peers.contains(key));
+        let listed: HashSet<&PeerKey> = peers.iter().collect();
+        lock(&self.last).retain(|key, _| listed.contains(key));
         *lock(&self.peers) = peers;
         self.wake.notify_one();
     }
@@ -120,7 +121,8 @@ impl Prober {
                     return;
                 }
                 // Done once reported; a peer dropped from the list meanwhile stays dropped.
-                let listed = lock(&self.peers).clone();
+                let peers = lock(&self.peers);
+                let listed: HashSet<&PeerKey> = peers.iter().collect();
                 let mut last = lock(&self.last);
                 for key in keys.into_iter().filter(|k| listed.contains(k)) {
                     last.insert(key, Instant::now());
